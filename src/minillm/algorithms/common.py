@@ -1,0 +1,130 @@
+"""Pieces shared by the training recipes: resumable sharded batch order, data loading, validation."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import torch
+
+from ..errors import DataError
+
+
+class EpochBatches:
+    """Deterministic, resumable order of batch indices, sharded over processes.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch); a global batch of
+    `batch_size * world_size` consecutive indices is split so that process r takes the r-th slice.
+    The incomplete last global batch of an epoch is dropped, so every process sees the same number of
+    batches. The state is just (epoch, position): resuming from it gives the identical stream.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.position = 0, 0
+        self._perm: list[int] | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def batches_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def _permutation(self) -> list[int]:
+        if self._perm is None:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            self._perm = torch.randperm(self.n, generator=g).tolist()
+        return self._perm
+
+    def next(self) -> list[int]:
+        if self.batches_per_epoch() == 0:
+            raise DataError(f"{self.n} examples are fewer than one global batch "
+                            f"({self.batch_size} per process x {self.world_size} processes).")
+        if self.position + self.global_batch > self.n:
+            self.epoch, self.position, self._perm = self.epoch + 1, 0, None
+        perm = self._permutation()
+        start = self.position + self.rank * self.batch_size
+        self.position += self.global_batch
+        return perm[start:start + self.batch_size]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self._perm = state["epoch"], state["position"], None
+
+
+def split_train_valid(examples: list, valid_examples: list | None, fraction: float, seed: int):
+    """Use the given validation examples, or hold out a fixed random fraction of the training data."""
+    if valid_examples:
+        return examples, valid_examples
+    if fraction <= 0:
+        return examples, []
+    idx = list(range(len(examples)))
+    random.Random(seed).shuffle(idx)
+    n_valid = max(1, int(round(len(examples) * fraction)))
+    if n_valid >= len(examples):
+        raise DataError(f"cannot hold out {n_valid} validation examples from {len(examples)} training "
+                        f"examples: provide valid_data=... or lower valid_fraction.")
+    valid_idx = set(idx[:n_valid])
+    return ([e for i, e in enumerate(examples) if i not in valid_idx],
+            [e for i, e in enumerate(examples) if i in valid_idx])
+
+
+def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def steps_for(num_batches_per_epoch: int, cfg) -> int:
+    """Optimiser steps for `epochs` passes (or max_steps when set)."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    return int(math.ceil(cfg.epochs * num_batches_per_epoch / cfg.gradient_accumulation_steps))
+
+
+@torch.no_grad()
+def generation_validation(trainer, prompt_dataset, *, num_prompts: int, seed: int = 1234) -> dict[str, float]:
+    """Sample (no teacher mixing) on validation prompts: Rouge-L vs references, reverse KL, length.
+
+    The reverse-KL estimate is sequence level: the mean over prompts of sum_t log q(y_t) - log p(y_t)
+    on the student's own samples (an unbiased Monte-Carlo estimate of KL[q || p] per response), also
+    reported per token.
+    """
+    from ..data import collate_prompts
+    from ..evaluation.metrics import rouge_l
+    from ..sampling import SamplingConfig, generate_rollouts
+
+    cfg = trainer.cfg
+    tok = trainer.tokenizer
+    n = min(num_prompts, len(prompt_dataset))
+    if n == 0:
+        return {}
+    gen = torch.Generator().manual_seed(seed)
+    scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                          top_p=cfg.top_p)
+    scores, seq_kl, tok_kl, lengths = [], [], [], []
+    bs = cfg.rollout_batch_size
+    for start in range(0, n, bs):
+        items = [prompt_dataset[i] for i in range(start, min(n, start + bs))]
+        batch = collate_prompts(items, tok.pad_token_id)
+        r = generate_rollouts(trainer.student, batch["input_ids"].to(trainer.device),
+                              batch["attention_mask"].to(trainer.device), config=scfg,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                              teacher=trainer.teacher, teacher_mix_alpha=0.0,
+                              shared_vocab_size=trainer.shared_vocab_size, generator=gen)
+        texts = tok.batch_decode((r.response_ids * r.response_mask.long()).tolist(), skip_special_tokens=True)
+        for i, text in enumerate(texts):
+            scores.append(rouge_l(text.strip(), items[i]["references"]))
+        lengths.extend(r.lengths.tolist())
+        if r.teacher_logprobs is not None:
+            diff = ((r.student_logprobs - r.teacher_logprobs) * r.response_mask).sum(-1)
+            seq_kl.extend(diff.tolist())
+            tok_kl.extend((diff / r.lengths.clamp(min=1)).tolist())
+    out = {"rougeL": sum(scores) / len(scores), "length": sum(lengths) / len(lengths)}
+    if seq_kl:
+        out["reverse_kl"] = sum(seq_kl) / len(seq_kl)
+        out["reverse_kl_per_token"] = sum(tok_kl) / len(tok_kl)
+    return out

@@ -1,0 +1,100 @@
+"""Python API: the functions behind the CLI commands.
+
+    from minillm import TrainConfig, train
+    best = train(TrainConfig(method="minillm", student="runs/sft/best", teacher="smollm2-135m-instruct",
+                             train_data="dolly.jsonl", output_dir="runs/minillm"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from .config import GenerateConfig, TrainConfig
+from .errors import ConfigError
+
+logger = logging.getLogger("minillm")
+
+
+
+def load_pair(cfg: TrainConfig):
+    """Student (+ teacher) and tokenizer, with the teacher/student compatibility check."""
+    from .models import check_compatibility, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.student)
+    student = load_model(cfg.student, dtype="float32")
+    teacher, shared = None, None
+    if cfg.teacher and cfg.method != "sft":
+        teacher = load_model(cfg.teacher, dtype=cfg.teacher_dtype)
+        teacher_tok = load_tokenizer(cfg.teacher)
+        shared = check_compatibility(teacher_tok, tokenizer, teacher, student)
+    return student, teacher, tokenizer, shared
+
+
+def seqkd_examples(cfg: TrainConfig, teacher, tokenizer, examples):
+    """Teacher samples for the training prompts (cached in output_dir), as SFT targets (spec §3.3)."""
+    from .data import InstructionExample
+    from .generation import generate_file
+    from .sampling import SamplingConfig
+
+    path = Path(cfg.seqkd_data) if cfg.seqkd_data else Path(cfg.output_dir) / "seqkd_teacher_data.jsonl"
+    if not path.exists():
+        if cfg.seqkd_data:
+            raise ConfigError(f"seqkd_data={cfg.seqkd_data} does not exist (create it with `minillm generate`).")
+        logger.info("SeqKD: sampling the teacher's responses for %d prompts into %s", len(examples), path)
+        generate_file(teacher, tokenizer, examples, path, template=cfg.template,
+                      max_prompt_length=cfg.max_prompt_length,
+                      sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0),
+                      batch_size=cfg.rollout_batch_size, seed=cfg.seed, model_name=cfg.teacher, desc="seqkd data")
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            out.append(InstructionExample(instruction=rec.get("instruction", ""), input=rec.get("input", ""),
+                                          outputs=[rec["response"]], id=str(rec.get("id", len(out))),
+                                          extra={"teacher_response": True}))
+    return out
+
+
+def train(cfg: TrainConfig, accelerator=None) -> Path:
+    """Run `cfg.method`; returns the folder of the selected model (a plain Hugging Face folder)."""
+    from .algorithms import build_algorithm
+    from .algorithms.common import split_train_valid
+    from .data import load_instructions
+    from .trainer import Trainer
+
+    cfg.validate()
+    student, teacher, tokenizer, shared = load_pair(cfg)
+    train_examples = load_instructions(cfg.train_data, limit=cfg.limit_train or None) if cfg.train_data else []
+    valid_examples = load_instructions(cfg.valid_data) if cfg.valid_data else None
+    train_examples, valid_examples = split_train_valid(train_examples, valid_examples, cfg.valid_fraction, cfg.seed)
+    if cfg.method == "seqkd":
+        train_examples = seqkd_examples(cfg, teacher, tokenizer, train_examples)
+    algorithm = build_algorithm(cfg.method, train_examples, valid_examples, cfg)
+    trainer = Trainer(cfg, student, tokenizer, algorithm, teacher=teacher, shared_vocab_size=shared,
+                      accelerator=accelerator)
+    return trainer.train()
+
+
+def generate(cfg: GenerateConfig) -> Path:
+    from .config import save_config
+    from .data import load_instructions
+    from .generation import generate_file
+    from .models import load_model, load_tokenizer
+    from .sampling import SamplingConfig
+
+    cfg.validate()
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, dtype=cfg.dtype)
+    examples = load_instructions(cfg.data, limit=cfg.limit or None)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                              top_p=cfg.top_p, no_repeat_ngram_size=cfg.no_repeat_ngram_size, greedy=cfg.greedy)
+    out = generate_file(model, tokenizer, examples, cfg.output, template=cfg.template,
+                        max_prompt_length=cfg.max_prompt_length, sampling=sampling, batch_size=cfg.batch_size,
+                        seed=cfg.seed, model_name=cfg.model)
+    save_config(cfg, Path(cfg.output).parent, name=Path(cfg.output).stem + ".config.yaml")
+    return out
+
+

@@ -1,0 +1,152 @@
+"""`minillm <command>`: the command-line interface.
+
+Every training/generation/evaluation command takes `--config FILE.yaml` and overrides as `key=value`
+(or `--key value`); `minillm <command> --help` lists every option with its documentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from . import __version__
+from .config import EvalConfig, GenerateConfig, TrainConfig, build_config
+from .errors import MiniLLMError
+
+COMMANDS = {
+    "sft": (TrainConfig, "Supervised fine-tuning without KD (teacher SFT, student initialisation; "
+                         "keeps the checkpoint with the lowest validation loss)."),
+    "distill": (TrainConfig, "Distil a teacher into a student: --method minillm (the paper), kd, seqkd, rkl, "
+                             "jsd, tvd, skl, srkl, onpolicy."),
+    "generate": (GenerateConfig, "Answer every prompt of an instruction file with a model (JSONL out)."),
+    "evaluate": (EvalConfig, "Generation-based evaluation over seeds: Rouge-L, exact match, length, Dist-4; "
+                             "optional exposure bias and calibration."),
+}
+
+
+def _add_config_args(parser: argparse.ArgumentParser, cls) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (overridden by the "
+                                                              "command line).")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. lr=1e-4")
+    group = parser.add_argument_group("options (also settable as key=value or in the YAML file)")
+    for f in dataclasses.fields(cls):
+        md = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        extra = f" Choices: {', '.join(md['choices'])}." if "choices" in md else ""
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        is_bool = f.type in (bool, "bool")
+        group.add_argument(*flags, dest=f"opt_{f.name}", default=argparse.SUPPRESS, metavar="V",
+                           **({"nargs": "?", "const": "true"} if is_bool else {}),
+                           help=f"{md.get('help', '')}{extra} (default: {default!r})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minillm",
+        description="MiniLLM: distil a large causal LM into a small one by minimising the reverse KL "
+                    "(Gu et al., ICLR 2024), with the SFT/KD/SeqKD baselines and the paper's evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"minillm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    for name, (cls, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_config_args(p, cls)
+    p = sub.add_parser("prune", help="Make a student by keeping K of a model's layers (embeddings, norms and "
+                                     "head copied), saved as a plain HF folder.")
+    p.add_argument("--model", required=True, help="model to prune (HF folder, .gguf, hub id, built-in name)")
+    p.add_argument("--layers", type=int, required=True, help="number of decoder layers to keep")
+    p.add_argument("--strategy", choices=("spread", "first"), default="spread",
+                   help="spread: evenly spaced layers incl. first and last; first: the first K layers")
+    p.add_argument("--out", required=True, help="output folder")
+    p = sub.add_parser("report", help="Put several evaluation runs side by side (markdown table + PNG chart).")
+    p.add_argument("runs", nargs="+", help="evaluation output folders (each with results.json)")
+    p.add_argument("--out", default="report", help="output path prefix (writes PREFIX.md and PREFIX.png)")
+    return parser
+
+
+def _resolve(cls, args) -> object:
+    overrides: dict[str, object] = {}
+    for item in args.overrides:
+        if "=" not in item:
+            raise MiniLLMError(f"expected key=value, got {item!r} (options: --help).")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = v
+    for k, v in vars(args).items():
+        if k.startswith("opt_"):
+            overrides[k[4:]] = v
+    return build_config(cls, args.config, overrides)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("transformers", "accelerate", "datasets", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (see minillm {args.command or ''} --help)")
+    if extra:
+        args.overrides = list(getattr(args, "overrides", [])) + extra
+    if not args.command:
+        parser.print_help()
+        return 0
+    _setup_logging()
+    from . import api
+
+    if args.command in ("sft", "distill"):
+        cfg = _resolve(TrainConfig, args)
+        if args.command == "sft":
+            if cfg.method != "sft":
+                raise MiniLLMError(f"`minillm sft` trains without a teacher; got method={cfg.method} "
+                                   f"(use `minillm distill --method {cfg.method}`).")
+        elif cfg.method == "sft":
+            raise MiniLLMError("`minillm distill` needs --method (minillm, kd, seqkd, rkl, jsd, tvd, skl, srkl, "
+                               "onpolicy); for plain fine-tuning use `minillm sft`.")
+        best = api.train(cfg)
+        print(f"model: {best}")
+    elif args.command == "generate":
+        print(f"wrote {api.generate(_resolve(GenerateConfig, args))}")
+    elif args.command == "evaluate":
+        out = api.evaluate(_resolve(EvalConfig, args))
+        print(f"results: {out}")
+    elif args.command == "prune":
+        from .models import prune_command
+
+        prune_command(args.model, args.layers, args.strategy, args.out)
+    elif args.command == "report":
+        from .evaluation.report import render_report
+
+        render_report(args.runs, args.out + ".md", args.out + ".png")
+        print(f"wrote {args.out}.md and {args.out}.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .trainer import TrainingInterrupted
+
+    try:
+        code = run(argv)
+    except MiniLLMError as e:
+        print(f"minillm: error: {e}", file=sys.stderr)
+        code = 2
+    except TrainingInterrupted as e:
+        print(f"minillm: {e}", file=sys.stderr)
+        code = 130
+    except KeyboardInterrupt:
+        print("minillm: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""Rollout engine: batched KV-cache decoding with teacher-mixed sampling (MiniLLM Eq. 4-5).
+
+Every policy-gradient quantity downstream is computed from what this module records, so it records
+the *behaviour* distributions exactly as they were sampled from:
+
+- q_old(y_t): the student's processed next-token distribution (temperature, n-gram ban, top-k/top-p),
+- p(y_t): the teacher's next-token distribution after the same processing,
+- p~(y_t) = alpha * p(y_t) + (1 - alpha) * q_old(y_t): the distribution the token was really drawn from,
+- w_t = q_old(y_t) / p~(y_t): the single-token importance weight of Eq. 5 (<= 1 / (1 - alpha)).
+
+Teacher and student decode in lockstep, each with its own KV cache, on left-padded prompts with explicit
+position ids (GPT-2's absolute positions must not count the padding). Tokens are drawn by inverse-CDF
+sampling (cumsum + searchsorted) because `torch.multinomial` over a ~50k vocabulary is ~28x slower on CPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import (
+    DynamicCache,
+    NoRepeatNGramLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.logits_process import LogitsProcessor
+
+from minillm.errors import ConfigError, DataError
+from minillm.models import lm_head_fn, position_ids_from_mask
+
+__all__ = [
+    "SamplingConfig",
+    "Rollout",
+    "check_teacher_sampling",
+    "generate_rollouts",
+    "generate_texts",
+    "sample_from_probs",
+]
+
+
+@dataclass
+class SamplingConfig:
+    """How tokens are drawn. The MiniLLM rollout setting is the default: plain sampling at temperature 1."""
+
+    max_new_tokens: int = field(default=256, metadata={"help": "Maximum number of generated tokens per prompt "
+                                                               "(the first EOS included)."})
+    temperature: float = field(default=1.0, metadata={"help": "Logits are divided by this before softmax, for the "
+                                                              "student and the teacher alike."})
+    top_k: int = field(default=0, metadata={"help": "Keep only the k most likely tokens; 0 disables. Not allowed "
+                                                    "when a teacher is stepped (see check_teacher_sampling)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass; 1.0 disables. Not allowed when a "
+                                                        "teacher is stepped (see check_teacher_sampling)."})
+    no_repeat_ngram_size: int = field(default=0, metadata={"help": "Ban any n-gram of this size (prompt included) "
+                                                                   "from repeating; 0 disables."})
+    greedy: bool = field(default=False, metadata={"help": "Take the argmax of the sampling distribution instead "
+                                                          "of sampling."})
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_new_tokens": (self.max_new_tokens >= 1, "an integer >= 1"),
+            "temperature": (math.isfinite(self.temperature) and self.temperature > 0,
+                            "a number > 0 (use greedy=true for argmax decoding)"),
+            "top_k": (self.top_k >= 0, "an integer >= 0 (0 disables top-k)"),
+            "top_p": (0.0 < self.top_p <= 1.0, "a number in (0, 1] (1.0 disables top-p)"),
+            "no_repeat_ngram_size": (self.no_repeat_ngram_size >= 0, "an integer >= 0 (0 disables it)"),
+        }
+        for key, (ok, expected) in checks.items():
+            if not ok:
+                raise ConfigError(f"sampling.{key} = {getattr(self, key)!r} is invalid: it must be {expected}.")
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses with everything the policy-gradient update needs.
+
+    All tensors are on CPU (the rollout buffer outlives the decoding batch). Per-token tensors are [B, T]
+    with T = the longest response; positions after a sequence's first EOS (response_mask = 0) hold
+    pad_token_id in `response_ids` and exactly 0 in every float tensor, importance weights included.
+    """
+
+    prompt_ids: Tensor                   # [B, P] long, left padded
+    prompt_mask: Tensor                  # [B, P] long
+    response_ids: Tensor                 # [B, T] long
+    response_mask: Tensor                # [B, T] float, 1 on generated tokens incl. the first EOS
+    lengths: Tensor                      # [B] long, number of generated tokens incl. EOS
+    student_logprobs: Tensor             # [B, T] fp32, log q_old(y_t) under the processed student distribution
+    teacher_logprobs: Tensor | None      # [B, T] fp32, log p(y_t) under the processed teacher distribution
+    mix_logprobs: Tensor | None          # [B, T] fp32, log p~(y_t); equals student_logprobs when alpha = 0
+    importance_weights: Tensor           # [B, T] fp32, q_old(y_t) / p~(y_t); 1 when alpha = 0
+    teacher_hidden: Tensor | None        # [B, T, Ht] fp32, teacher post-norm hidden state predicting y_t
+
+    def full_sequence(self) -> tuple[Tensor, Tensor]:
+        """(input_ids, attention_mask) of prompt + response, for the scoring forward passes.
+
+        Position t of the response is predicted at index P - 1 + t of the returned sequence.
+        """
+        ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
+        mask = torch.cat([self.prompt_mask.long(), self.response_mask.long()], dim=1)
+        return ids, mask
+
+
+def check_teacher_sampling(config: SamplingConfig, *, teacher_mix_alpha: float, with_teacher: bool) -> None:
+    """Refuse sampling setups whose log-probability ratios can be infinite.
+
+    Call it when a run is configured (before loading models) to fail early; generate_rollouts calls it too.
+    """
+    if not (0.0 <= teacher_mix_alpha < 1.0):
+        raise ConfigError(
+            f"teacher_mix_alpha = {teacher_mix_alpha!r} is invalid: it must be in [0, 1). It is the teacher's share "
+            "of the sampling mixture p~ = alpha*p + (1-alpha)*q; at alpha = 1 the student never samples, so every "
+            "importance weight q/p~ is 0 and the policy gradient vanishes. The MiniLLM paper uses 0.2."
+        )
+    if teacher_mix_alpha > 0 and not with_teacher:
+        raise ConfigError(f"teacher_mix_alpha = {teacher_mix_alpha} > 0 needs a teacher model to mix in; pass one "
+                          "or set teacher_mix_alpha = 0.")
+    if with_teacher and (config.top_k > 0 or config.top_p < 1.0):
+        raise ConfigError(
+            f"sampling.top_k = {config.top_k} / sampling.top_p = {config.top_p} cannot be used when the teacher is "
+            "stepped during sampling (teacher-mixed rollouts or teacher log-probs for rewards). Top-k and top-p "
+            "truncate each model's distribution to its *own* most likely tokens, so the two supports differ: a token "
+            "the teacher contributes to p~ = alpha*p + (1-alpha)*q can lie outside the student's truncated support "
+            "(log q_old = -inf, importance weight 0 and a -inf log-ratio in the reward), and a token the student "
+            "samples can lie outside the teacher's (log p = -inf, reward -inf). This is the assertion failure of "
+            "MiniLLM issue #287 (spec §5.2). Set sampling.top_k = 0 and sampling.top_p = 1.0 for rollouts, as the "
+            "paper does; temperature and no_repeat_ngram_size are fine (the n-gram ban removes the same tokens "
+            "from both models)."
+        )
+
+
+def sample_from_probs(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Draw one index per row of `probs` [B, V] (non-negative, need not sum to 1) by inverse-CDF sampling.
+
+    A single uniform per row and a binary search replace `torch.multinomial`, which is ~28x slower over a
+    49k vocabulary on CPU. Zero-probability entries are never drawn: `right=True` skips the flat stretches
+    of the CDF, and a uniform that rounding pushes past the last CDF value is clamped to the last token
+    with positive probability rather than to index V - 1.
+    """
+    cdf = probs.float().cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    u = torch.rand(total.shape, generator=generator, device=cdf.device) * total
+    index = torch.searchsorted(cdf, u, right=True)
+    last_positive = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(index, last_positive).squeeze(-1)
+
+
+def _build_processors(config: SamplingConfig) -> list[LogitsProcessor]:
+    """Transformers' own processors, in the order `generate` applies them (processors, then warpers)."""
+    processors: list[LogitsProcessor] = []
+    if config.no_repeat_ngram_size > 0:
+        processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    if config.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(float(config.temperature)))
+    if config.top_k > 0:
+        processors.append(TopKLogitsWarper(config.top_k))
+    if config.top_p < 1.0:
+        processors.append(TopPLogitsWarper(config.top_p))
+    return processors
+
+
+def _draw_next(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    history: Tensor,
+    processors: list[LogitsProcessor],
+    *,
+    alpha: float,
+    greedy: bool,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One step's draw from p~: (tokens [B], log q(y), log p(y) | None, log p~(y) | None), all fp32.
+
+    Logits arrive sliced to the shared vocabulary; softmax and the CDF run in fp32 whatever the model dtype.
+    log p~(y) is formed from the two token log-probs with logaddexp rather than from the mixed probability,
+    so it stays exact for tokens far in either model's tail.
+    """
+    batch = student_logits.shape[0]
+    scores = student_logits.float()
+    if teacher_logits is not None:
+        # Processors act row by row, so one call on the stacked batch processes both models identically.
+        scores = torch.cat([scores, teacher_logits.float()])
+        history = history.repeat(2, 1)
+    for processor in processors:
+        scores = processor(history, scores)
+    logprobs = torch.log_softmax(scores, dim=-1)
+    logq, logp = logprobs[:batch], (logprobs[batch:] if teacher_logits is not None else None)
+    # p~ = q + alpha * (p - q) in one fused pass (this step's cost is dominated by full-vocabulary passes).
+    probs = logq.exp() if alpha == 0 else torch.lerp(logq.exp(), logp.exp(), alpha)
+    if greedy:
+        # At alpha = 0 the argmax of the processed logits, exactly as generate(do_sample=False) takes it.
+        token = (scores[:batch] if alpha == 0 else probs).argmax(dim=-1)
+    else:
+        token = sample_from_probs(probs, generator)
+    tok_logq = logq.gather(1, token[:, None]).squeeze(1)
+    if logp is None:
+        return token, tok_logq, None, None
+    tok_logp = logp.gather(1, token[:, None]).squeeze(1)
+    tok_logmix = tok_logq if alpha == 0 else torch.logaddexp(math.log(alpha) + tok_logp,
+                                                            math.log1p(-alpha) + tok_logq)
+    return token, tok_logq, tok_logp, tok_logmix
+
+
+class _Decoder:
+    """One model's incremental decoding state: KV cache plus the head that turns its last hidden state into logits.
+
+    The backbone (`base_model`) is called directly and only the last position is projected, so the prompt
+    forward never materialises [B, P, V] logits, and the teacher's recorded hidden state is by construction
+    the one its logits came from (`lm_head_fn` is what the losses use as well).
+    """
+
+    def __init__(self, model) -> None:
+        self.backbone = model.base_model
+        self.head = lm_head_fn(model)
+        self.device = next(model.parameters()).device
+        self.cache = DynamicCache(config=model.config)
+        # transformers renamed `past_key_values` to `cache` during 5.x; support both spellings.
+        params = inspect.signature(self.backbone.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def step(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Feed new tokens; return (logits [B, V], post-norm hidden [B, H]) at the last fed position."""
+        out = self.backbone(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            position_ids=position_ids.to(self.device),
+            use_cache=True,
+            **{self.cache_kwarg: self.cache},
+        )
+        hidden = out.last_hidden_state[:, -1]
+        return self.head(hidden), hidden
+
+
+class _EvalMode:
+    """Put models in eval mode (no dropout while sampling) and restore their previous mode afterwards."""
+
+    def __init__(self, *models) -> None:
+        self.models = [m for m in models if m is not None]
+
+    def __enter__(self) -> None:
+        self.was_training = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
+
+    def __exit__(self, *exc) -> None:
+        for m, training in zip(self.models, self.was_training):
+            m.train(training)
+
+
+def generate_rollouts(
+    student,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    *,
+    config: SamplingConfig,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int,
+    teacher=None,
+    teacher_mix_alpha: float = 0.0,
+    shared_vocab_size: int | None = None,
+    generator: torch.Generator | None = None,
+    return_teacher_hidden: bool = False,
+) -> Rollout:
+    """Sample responses from p~ = alpha * teacher + (1 - alpha) * student and record the behaviour log-probs.
+
+    Args:
+        student, teacher: causal LMs sharing the token ids. When `teacher` is given it is stepped in lockstep
+            (its own KV cache) even at alpha = 0, so that teacher log-probs (and hidden states) come back.
+        prompt_ids, prompt_mask: [B, P], LEFT padded; every row needs at least one real token.
+        eos_token_id: one id or several; a sequence stops after its first EOS, which is part of the response.
+        shared_vocab_size: both models' logits are sliced to this width before anything else; by default
+            the smaller of the two logit widths.
+        generator: source of the uniforms (on the student's device) for reproducible sampling.
+        return_teacher_hidden: also return the teacher's post-norm hidden state at each predicting position,
+            so the loss can recompute teacher logits with `lm_head_fn(teacher)` instead of storing [B, T, V].
+
+    Greedy decoding takes the argmax of p~ (of the processed student logits when alpha = 0, as
+    `generate(do_sample=False)` does); the recorded log-probs are still those of the processed distributions.
+    """
+    check_teacher_sampling(config, teacher_mix_alpha=teacher_mix_alpha, with_teacher=teacher is not None)
+    if return_teacher_hidden and teacher is None:
+        raise ConfigError("return_teacher_hidden=True needs a teacher model.")
+    if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} must "
+                         "be the same [batch, prompt_length] shape.")
+    if not bool((prompt_mask != 0).any(dim=1).all()):
+        raise DataError("A prompt in the batch is empty (its attention mask is all 0); every prompt needs at "
+                        "least one token to condition on. Drop empty prompts before generating.")
+    alpha = float(teacher_mix_alpha)
+
+    with torch.no_grad(), _EvalMode(student, teacher):
+        student_dec = _Decoder(student)
+        teacher_dec = _Decoder(teacher) if teacher is not None else None
+        device = student_dec.device
+        eos_ids = torch.tensor(eos_token_id, device=device).reshape(-1)
+        processors = _build_processors(config)
+        batch = prompt_ids.shape[0]
+
+        attention_mask = (prompt_mask != 0).long().to(device)
+        position_ids = position_ids_from_mask(attention_mask)
+        # The n-gram ban sees left padding as an id no token can match, so a padded prompt bans exactly what
+        # the unpadded prompt would (with pad = EOS, padding would otherwise form n-grams of its own).
+        history = prompt_ids.to(device).masked_fill(attention_mask == 0, torch.iinfo(torch.long).max)
+
+        s_logits, _ = student_dec.step(prompt_ids, attention_mask, position_ids)
+        t_logits = t_hidden = None
+        if teacher_dec is not None:
+            t_logits, t_hidden = teacher_dec.step(prompt_ids, attention_mask, position_ids)
+        widths = [s_logits.shape[-1]] + ([t_logits.shape[-1]] if t_logits is not None else [])
+        vocab = shared_vocab_size or min(widths)
+        if vocab > min(widths):
+            raise ValueError(f"shared_vocab_size = {vocab} exceeds the logit widths {widths}.")
+
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        steps: list[tuple[Tensor, ...]] = []
+        for t in range(config.max_new_tokens):
+            token, tok_logq, tok_logp, tok_logmix = _draw_next(
+                s_logits[:, :vocab], None if t_logits is None else t_logits[:, :vocab].to(device), history,
+                processors, alpha=alpha, greedy=config.greedy, generator=generator)
+            active = ~finished
+            token = token.masked_fill(finished, pad_token_id)
+            record = [token, active, tok_logq]
+            if teacher_dec is not None:
+                record += [tok_logp, tok_logmix]
+                if return_teacher_hidden:
+                    record.append(t_hidden.to(device))
+            steps.append(tuple(record))
+
+            finished = finished | torch.isin(token, eos_ids)
+            if t == config.max_new_tokens - 1 or bool(finished.all()):
+                break
+            # Finished rows keep decoding a pad token with attention mask 0: the cache stays rectangular and
+            # nothing attends to it; their outputs are discarded.
+            attention_mask = torch.cat([attention_mask, active.long()[:, None]], dim=1)
+            position_ids = position_ids_from_mask(attention_mask)[:, -1:]
+            history = torch.cat([history, token[:, None]], dim=1)
+            s_logits, _ = student_dec.step(token[:, None], attention_mask, position_ids)
+            if teacher_dec is not None:
+                t_logits, t_hidden = teacher_dec.step(token[:, None], attention_mask, position_ids)
+
+    return _assemble_rollout(steps, prompt_ids, prompt_mask, alpha=alpha, with_teacher=teacher is not None,
+                             with_hidden=return_teacher_hidden)
+
+
+def _assemble_rollout(steps: list[tuple[Tensor, ...]], prompt_ids: Tensor, prompt_mask: Tensor, *, alpha: float,
+                      with_teacher: bool, with_hidden: bool) -> Rollout:
+    """Stack the per-step records into [B, T] CPU tensors, zeroing every float after a sequence's EOS."""
+    columns = [torch.stack(list(col), dim=1).cpu() for col in zip(*steps)]
+    response_ids, active, student_logprobs = columns[:3]
+    mask = active.float()
+    student_logprobs = student_logprobs.float() * mask
+    teacher_logprobs = mix_logprobs = teacher_hidden = None
+    weights = mask.clone()
+    if with_teacher:
+        teacher_logprobs = columns[3].float() * mask
+        mix_logprobs = columns[4].float() * mask
+        if alpha > 0:
+            weights = torch.exp(student_logprobs - mix_logprobs) * mask
+        if with_hidden:
+            teacher_hidden = columns[5].float() * mask[..., None]
+    return Rollout(
+        prompt_ids=prompt_ids.cpu(),
+        prompt_mask=prompt_mask.long().cpu(),
+        response_ids=response_ids,
+        response_mask=mask,
+        lengths=active.long().sum(dim=1),
+        student_logprobs=student_logprobs,
+        teacher_logprobs=teacher_logprobs,
+        mix_logprobs=mix_logprobs,
+        importance_weights=weights,
+        teacher_hidden=teacher_hidden,
+    )
+
+
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    config: SamplingConfig,
+    *,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[str]:
+    """Sample one response string per prompt (evaluation, SeqKD pseudo-targets).
+
+    Prompts are encoded without special tokens (MiniLLM adds no BOS), left padded, decoded with special
+    tokens skipped and stripped. One generator seeded with `seed` drives all batches, so a (seed,
+    batch_size) pair reproduces the same texts.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("The tokenizer has no eos_token; generation cannot know where a response ends.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts[start:start + batch_size]]
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise DataError(f"Prompt {start + i} encodes to no tokens; every prompt needs some text.")
+        width = max(len(ids) for ids in encoded)
+        prompt_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+        prompt_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+        rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=config, eos_token_id=eos,
+                                    pad_token_id=pad, generator=generator)
+        for ids, n in zip(rollout.response_ids, rollout.lengths.tolist()):
+            texts.append(tokenizer.decode(ids[:n], skip_special_tokens=True).strip())
+    return texts

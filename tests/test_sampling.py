@@ -1,0 +1,299 @@
+"""Rollout engine: KV-cache decoding must reproduce full forwards, sampling must follow p~ exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minillm import sampling
+from minillm.errors import ConfigError, DataError
+from minillm.models import final_hidden, position_ids_from_mask
+from minillm.sampling import Rollout, SamplingConfig, generate_rollouts, generate_texts, sample_from_probs
+from minillm.testing import tiny_gpt2, tiny_llama, tiny_tokenizer
+
+PROMPTS = ["the cat is", "what is the capital of france and why is it paris", "one two"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def left_pad(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = [tok.encode(t, add_special_tokens=False) for t in texts]
+    width = max(map(len, encoded))
+    pad = tok.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    return ids, mask
+
+
+def reference_logprobs(model, rollout: Rollout, temperature: float, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-incremental forward over prompt + response: (log-probs of the response tokens [B, T], logits [B, T, V])."""
+    ids, mask = rollout.full_sequence()
+    prompt_len = rollout.prompt_ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    logits = logits[:, prompt_len - 1:-1, :vocab].float() / temperature
+    logprobs = logits.log_softmax(-1).gather(2, rollout.response_ids[..., None]).squeeze(-1)
+    return logprobs * rollout.response_mask, logits
+
+
+def eos_scripted_sampler(monkeypatch, script: torch.Tensor) -> None:
+    """Replace the draw by a fixed token table [B, steps] so that EOS positions are known in advance."""
+    step = iter(range(script.shape[1]))
+    monkeypatch.setattr(sampling, "sample_from_probs", lambda probs, generator=None: script[:, next(step)].clone())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_kv_cache_logprobs_and_hidden_match_full_forward(tok, family):
+    make = tiny_llama if family == "llama" else tiny_gpt2
+    student = make(tok, seed=1)
+    # A wider (padded) teacher vocabulary: both must be sliced to the shared width.
+    teacher = make(tok, seed=2, hidden_size=48, vocab_size=len(tok) + 16)
+    prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
+    config = SamplingConfig(max_new_tokens=10, temperature=0.7)
+    rollout = generate_rollouts(student, prompt_ids, prompt_mask, config=config, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id, teacher=teacher, teacher_mix_alpha=0.3,
+                                generator=torch.Generator().manual_seed(0), return_teacher_hidden=True)
+    vocab = len(tok)
+    assert int(rollout.response_ids.max()) < vocab
+    logq, _ = reference_logprobs(student, rollout, config.temperature, vocab)
+    logp, _ = reference_logprobs(teacher, rollout, config.temperature, vocab)
+    torch.testing.assert_close(rollout.student_logprobs, logq, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rollout.teacher_logprobs, logp, atol=1e-5, rtol=0)
+
+    ids, mask = rollout.full_sequence()
+    with torch.no_grad():
+        hidden = final_hidden(teacher, ids, mask)[:, prompt_ids.shape[1] - 1:-1]
+    torch.testing.assert_close(rollout.teacher_hidden, hidden * rollout.response_mask[..., None], atol=1e-5, rtol=0)
+    for tensor in (rollout.student_logprobs, rollout.teacher_logprobs, rollout.mix_logprobs,
+                   rollout.importance_weights, rollout.teacher_hidden):
+        assert tensor.dtype == torch.float32 and tensor.device.type == "cpu"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_matches_hf_generate(tok, family):
+    model = (tiny_llama if family == "llama" else tiny_gpt2)(tok, seed=3)
+    prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
+    rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=12, greedy=True),
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    expected = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, max_new_tokens=12,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    expected = expected[:, prompt_ids.shape[1]:]
+    assert torch.equal(rollout.response_ids, expected[:, :rollout.response_ids.shape[1]])
+
+
+def test_no_repeat_ngram_matches_hf_and_ignores_padding(tok):
+    model = tiny_llama(tok, seed=4)
+    config = SamplingConfig(max_new_tokens=16, greedy=True, no_repeat_ngram_size=2)
+    kwargs = dict(config=config, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    batch = generate_rollouts(model, *left_pad(tok, PROMPTS), **kwargs)
+    for row, text in enumerate(PROMPTS):
+        ids, mask = left_pad(tok, [text])
+        alone = generate_rollouts(model, ids, mask, **kwargs)
+        hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=16,
+                            no_repeat_ngram_size=2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        n = int(alone.lengths[0])
+        assert torch.equal(alone.response_ids[0, :n], hf[0, ids.shape[1]:ids.shape[1] + n])
+        assert torch.equal(batch.response_ids[row, :n], alone.response_ids[0, :n])
+        sequence = ids[0].tolist() + alone.response_ids[0, :n].tolist()
+        bigrams = list(zip(sequence, sequence[1:]))
+        for j in range(ids.shape[1] - 1, len(bigrams)):  # every bigram a generated token completes is new
+            assert bigrams[j] not in bigrams[:j]
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit; bins with expected count < 5 are pooled into one."""
+    expected = probs.double() * counts.sum()
+    small = expected < 5
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    df = int(keep.sum()) - 1
+    return float(1 - torch.distributions.Chi2(torch.tensor(float(df), dtype=torch.float64)).cdf(stat))
+
+
+def test_mixed_sampling_follows_the_mixture_and_weights(tok):
+    student = tiny_llama(tok, seed=5)
+    teacher = tiny_llama(tok, seed=6)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(8.0)  # a peaked teacher, far from the near-uniform student
+    ids, mask = left_pad(tok, ["the"])  # a short prompt keeps the forward over all rows cheap
+    n = 12_000
+    ids, mask = ids.expand(n, -1).contiguous(), mask.expand(n, -1).contiguous()
+    with torch.no_grad():
+        q = student(input_ids=ids[:1], attention_mask=mask[:1]).logits[0, -1].softmax(-1)
+        p = teacher(input_ids=ids[:1], attention_mask=mask[:1]).logits[0, -1].softmax(-1)
+    samples = {}
+    for alpha in (0.0, 0.2, 0.5):
+        rollout = generate_rollouts(student, ids, mask, config=SamplingConfig(max_new_tokens=1),
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, teacher=teacher,
+                                    teacher_mix_alpha=alpha, generator=torch.Generator().manual_seed(123))
+        y = rollout.response_ids[:, 0]
+        counts = torch.bincount(y, minlength=len(tok))
+        mix = alpha * p + (1 - alpha) * q
+        assert chi2_pvalue(counts, mix) > 1e-3
+        torch.testing.assert_close(rollout.importance_weights[:, 0], q[y] / mix[y], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rollout.mix_logprobs[:, 0], mix[y].log(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rollout.teacher_logprobs[:, 0], p[y].log(), atol=1e-5, rtol=1e-5)
+        samples[alpha] = counts
+    assert torch.all(generate_rollouts(student, ids[:4], mask[:4], config=SamplingConfig(max_new_tokens=3),
+                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, teacher=teacher,
+                                       ).importance_weights == 1)
+    # The test has power: the alpha = 0.5 sample is rejected against the pure student distribution.
+    assert chi2_pvalue(samples[0.5], q) < 1e-6
+
+
+def test_sample_from_probs_never_draws_zero_probability_tokens(monkeypatch):
+    probs = torch.zeros(4000, 7)
+    probs[:, 2] = 0.3
+    probs[:, 4] = 0.7 + 1e-7  # unnormalised on purpose
+    draws = sample_from_probs(probs, torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {2, 4}
+    assert abs((draws == 4).float().mean().item() - 0.7) < 0.03
+    # A uniform that rounding pushes onto the CDF's end selects the last positive token, not index V - 1.
+    ones = torch.ones
+    monkeypatch.setattr(torch, "rand", lambda shape, generator=None, device=None: ones(shape, device=device))
+    assert sample_from_probs(probs[:3]).tolist() == [4, 4, 4]
+
+
+def test_eos_stopping_masks_and_padding(tok, monkeypatch):
+    student, teacher = tiny_gpt2(tok, seed=7), tiny_gpt2(tok, seed=8)
+    prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
+    eos, pad, other = tok.eos_token_id, 5, 17
+    script = torch.full((3, 8), other)
+    script[0, 2] = eos  # row 0: EOS is its 3rd token
+    script[1, 4] = eos  # row 1: 5th token; row 2 never stops
+    eos_scripted_sampler(monkeypatch, script)
+    rollout = generate_rollouts(student, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=6),
+                                eos_token_id=eos, pad_token_id=pad, teacher=teacher, teacher_mix_alpha=0.2,
+                                return_teacher_hidden=True)
+    assert rollout.lengths.tolist() == [3, 5, 6]
+    assert rollout.response_ids.shape == (3, 6)
+    expected_mask = (torch.arange(6)[None] < rollout.lengths[:, None]).float()
+    assert torch.equal(rollout.response_mask, expected_mask)
+    assert rollout.response_ids[0].tolist() == [other, other, eos, pad, pad, pad]
+    assert rollout.response_ids[1].tolist() == [other] * 4 + [eos, pad]
+    off = rollout.response_mask == 0
+    for tensor in (rollout.student_logprobs, rollout.teacher_logprobs, rollout.mix_logprobs,
+                   rollout.importance_weights):
+        assert torch.all(tensor[off] == 0) and torch.all(tensor[~off] != 0)
+    assert torch.all(rollout.teacher_hidden[off] == 0)
+    # Rows that finished early keep decoding pads without disturbing the others' caches.
+    logq, _ = reference_logprobs(student, rollout, 1.0, len(tok))
+    torch.testing.assert_close(rollout.student_logprobs, logq, atol=1e-5, rtol=0)
+
+
+def test_stops_when_all_sequences_finished_and_trims(tok, monkeypatch):
+    model = tiny_llama(tok, seed=9)
+    prompt_ids, prompt_mask = left_pad(tok, PROMPTS[:2])
+    script = torch.tensor([[11, tok.eos_token_id, 0, 0], [tok.eos_token_id, 0, 0, 0]])
+    eos_scripted_sampler(monkeypatch, script)
+    calls = []
+    monkeypatch.setattr(sampling._Decoder, "step", _counting(sampling._Decoder.step, calls))
+    rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=50),
+                                eos_token_id=[tok.eos_token_id, 999], pad_token_id=tok.pad_token_id)
+    assert rollout.lengths.tolist() == [2, 1]
+    assert rollout.response_ids.shape == (2, 2)
+    assert len(calls) == 2  # prompt forward + one decode step; no forward after everything finished
+    assert rollout.teacher_logprobs is None and rollout.mix_logprobs is None and rollout.teacher_hidden is None
+
+
+def _counting(fn, calls):
+    def wrapped(self, *args, **kwargs):
+        calls.append(1)
+        return fn(self, *args, **kwargs)
+    return wrapped
+
+
+def test_refuses_truncation_with_teacher_and_bad_alpha(tok):
+    student, teacher = tiny_llama(tok, seed=1), tiny_llama(tok, seed=2)
+    ids, mask = left_pad(tok, PROMPTS[:1])
+    kwargs = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with pytest.raises(ConfigError, match="#287"):
+        generate_rollouts(student, ids, mask, config=SamplingConfig(top_k=20), teacher=teacher,
+                          teacher_mix_alpha=0.2, **kwargs)
+    with pytest.raises(ConfigError, match="top_p"):
+        generate_rollouts(student, ids, mask, config=SamplingConfig(top_p=0.9), teacher=teacher, **kwargs)
+    for alpha in (1.0, -0.1):
+        with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+            generate_rollouts(student, ids, mask, config=SamplingConfig(), teacher=teacher,
+                              teacher_mix_alpha=alpha, **kwargs)
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        generate_rollouts(student, ids, mask, config=SamplingConfig(), teacher_mix_alpha=0.2, **kwargs)
+    with pytest.raises(ConfigError, match="sampling.top_p"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ConfigError, match="sampling.temperature"):
+        SamplingConfig(temperature=0.0)
+    with pytest.raises(DataError, match="empty"):
+        generate_rollouts(student, ids, torch.zeros_like(mask), config=SamplingConfig(), **kwargs)
+    # Allowed: the n-gram ban removes the same tokens from both models; truncation without a teacher.
+    rollout = generate_rollouts(student, ids, mask, config=SamplingConfig(max_new_tokens=4, no_repeat_ngram_size=2),
+                                teacher=teacher, teacher_mix_alpha=0.2, **kwargs)
+    assert torch.isfinite(rollout.importance_weights).all()
+    rollout = generate_rollouts(student, ids, mask, config=SamplingConfig(max_new_tokens=4, top_k=5, top_p=0.9),
+                                **kwargs)
+    assert torch.isfinite(rollout.student_logprobs).all()
+
+
+def test_top_k_top_p_logprobs_are_of_the_truncated_distribution(tok):
+    model = tiny_llama(tok, seed=10)
+    ids, mask = left_pad(tok, PROMPTS)
+    config = SamplingConfig(max_new_tokens=6, top_k=12, top_p=0.5, temperature=0.5)
+    rollout = generate_rollouts(model, ids, mask, config=config, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(1))
+    untruncated, logits = reference_logprobs(model, rollout, config.temperature, len(tok))
+    kth = logits.topk(12, dim=-1).values[..., -1:]
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    sorted_logits, order = logits.sort(dim=-1)
+    removed = sorted_logits.softmax(-1).cumsum(-1) <= 1 - config.top_p
+    removed[..., -1] = False
+    logits = logits.masked_fill(removed.scatter(-1, order, removed), float("-inf"))
+    expected = logits.log_softmax(-1).gather(2, rollout.response_ids[..., None]).squeeze(-1) * rollout.response_mask
+    torch.testing.assert_close(rollout.student_logprobs, expected, atol=1e-5, rtol=0)
+    assert (rollout.student_logprobs > untruncated + 1.0).all()  # truncation really changed the distribution
+
+
+def test_never_uses_multinomial_and_keeps_model_mode(tok, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.multinomial called")
+
+    monkeypatch.setattr(torch, "multinomial", forbidden)
+    monkeypatch.setattr(torch.Tensor, "multinomial", forbidden)
+    student, teacher = tiny_llama(tok, seed=1), tiny_llama(tok, seed=2)
+    student.train()
+    ids, mask = left_pad(tok, PROMPTS)
+    generate_rollouts(student, ids, mask, config=SamplingConfig(max_new_tokens=4), eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, teacher=teacher, teacher_mix_alpha=0.2)
+    assert student.training and not teacher.training
+
+
+def test_bf16_models(tok):
+    student = tiny_llama(tok, seed=1).to(torch.bfloat16)
+    teacher = tiny_gpt2(tok, seed=2).to(torch.bfloat16)
+    ids, mask = left_pad(tok, PROMPTS)
+    rollout = generate_rollouts(student, ids, mask, config=SamplingConfig(max_new_tokens=5),
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, teacher=teacher,
+                                teacher_mix_alpha=0.2, return_teacher_hidden=True,
+                                generator=torch.Generator().manual_seed(0))
+    valid = rollout.response_mask.bool()
+    assert rollout.teacher_hidden.dtype == torch.float32
+    assert torch.isfinite(rollout.student_logprobs[valid]).all() and torch.isfinite(rollout.teacher_logprobs).all()
+    assert (rollout.importance_weights[valid] <= 1 / 0.8 + 1e-5).all()
+
+
+def test_generate_texts(tok):
+    model = tiny_llama(tok, seed=11)
+    config = SamplingConfig(max_new_tokens=8)
+    texts = generate_texts(model, tok, PROMPTS, config, batch_size=2, seed=3)
+    assert len(texts) == len(PROMPTS) and all(isinstance(t, str) and t == t.strip() for t in texts)
+    assert texts == generate_texts(model, tok, PROMPTS, config, batch_size=2, seed=3)
+    greedy = generate_texts(model, tok, PROMPTS[:1], SamplingConfig(max_new_tokens=8, greedy=True))
+    ids, mask = left_pad(tok, PROMPTS[:1])
+    hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert greedy == [tok.decode(hf[0, ids.shape[1]:], skip_special_tokens=True).strip()]
+    with pytest.raises(DataError, match="Prompt 1"):
+        generate_texts(model, tok, ["the cat", ""], config)

@@ -1,0 +1,160 @@
+"""The shared training loop: exact resume, atomic checkpoints, signals, NaN guard, multi-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minillm.config import TrainConfig, build_config
+from minillm.errors import TrainingError
+from minillm import api
+from minillm.trainer import Trainer, TrainingInterrupted
+
+
+def _cfg(tiny_dirs, instruction_file, out, **kw) -> TrainConfig:
+    base = dict(method="sft", student=tiny_dirs["student"], train_data=instruction_file, output_dir=str(out),
+                batch_size=4, learning_rate=1e-2, max_steps=6, warmup_steps=2, lr_scheduler="cosine",
+                valid_fraction=0.2, max_length=96, max_prompt_length=80, seed=3)
+    base.update(kw)
+    return build_config(TrainConfig, None, base)
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _interrupt_at(monkeypatch, step: int):
+    original = Trainer._stop_everywhere
+
+    def stop(self):
+        return True if self.step == step else original(self)
+
+    monkeypatch.setattr(Trainer, "_stop_everywhere", stop)
+
+
+@pytest.mark.parametrize("method", ["sft", "kd"])
+def test_resume_is_exact(tiny_dirs, instruction_file, tmp_path, monkeypatch, method):
+    teacher = tiny_dirs["teacher"] if method == "kd" else ""
+    straight = api.train(_cfg(tiny_dirs, instruction_file, tmp_path / "a", method=method, teacher=teacher))
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 3)
+        with pytest.raises(TrainingInterrupted):
+            api.train(_cfg(tiny_dirs, instruction_file, tmp_path / "b", method=method, teacher=teacher))
+    assert (tmp_path / "b" / "checkpoints" / "step-0000003" / "COMPLETE").exists()
+    api.train(_cfg(tiny_dirs, instruction_file, tmp_path / "b", method=method, teacher=teacher, resume=True))
+    a, b = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
+    assert _max_diff(a, b) <= 1e-6
+    # the run really trained: weights moved away from the initialisation
+    init = {k: v for k, v in _weights(Path(tiny_dirs["student"])).items()}
+    assert _max_diff(a, init) > 1e-3
+    assert straight.name in ("best", "final")
+
+
+def test_minillm_resume_mid_round_is_exact(tiny_dirs, instruction_file, tmp_path, monkeypatch):
+    kw = dict(method="minillm", teacher=tiny_dirs["teacher"], num_rollouts=8, batch_size=4, ppo_epochs=2,
+              max_new_tokens=8, rollout_batch_size=4, max_steps=6, learning_rate=1e-3, eval_num_prompts=4)
+    api.train(_cfg(tiny_dirs, instruction_file, tmp_path / "a", **kw))
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 3)  # 4 micro-batches per round: step 3 is in the middle of round 1
+        with pytest.raises(TrainingInterrupted):
+            api.train(_cfg(tiny_dirs, instruction_file, tmp_path / "b", **kw))
+    api.train(_cfg(tiny_dirs, instruction_file, tmp_path / "b", resume=True, **kw))
+    assert _max_diff(_weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")) <= 1e-6
+
+
+def test_kill_during_checkpoint_keeps_previous(tiny_dirs, instruction_file, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_dirs, instruction_file, tmp_path / "run", save_every=2, max_steps=4)
+    real_save = torch.save
+
+    def dying_save(obj, path, *a, **k):
+        if "step-0000004" in str(path) and str(path).endswith("optimizer.pt"):
+            raise SystemExit("killed while writing the checkpoint")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(SystemExit):
+        api.train(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    root = tmp_path / "run" / "checkpoints"
+    complete = sorted(p.name for p in root.iterdir() if (p / "COMPLETE").exists())
+    assert complete == ["step-0000002"]
+    # resuming picks the complete checkpoint and finishes
+    api.train(_cfg(tiny_dirs, instruction_file, tmp_path / "run", save_every=2, max_steps=4, resume=True))
+    state = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert state["steps"] == 4
+
+
+def test_nan_loss_stops_with_step_and_term(tiny_dirs, instruction_file, tmp_path, monkeypatch):
+    from minillm.algorithms.supervised import Supervised
+
+    original = Supervised.loss_terms
+
+    def poisoned(self, batch):
+        terms, extra = original(self, batch)
+        if self.trainer.step == 1:
+            terms["ce"] = terms["ce"] * float("nan")
+        return terms, extra
+
+    monkeypatch.setattr(Supervised, "loss_terms", poisoned)
+    with pytest.raises(TrainingError, match=r"step 2.*`ce`"):
+        api.train(_cfg(tiny_dirs, instruction_file, tmp_path / "nan"))
+
+
+def test_outputs_logs_and_reload(tiny_dirs, instruction_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    best = api.train(_cfg(tiny_dirs, instruction_file, tmp_path / "run", eval_every=3))
+    out = tmp_path / "run"
+    assert (out / "config.yaml").exists()
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("valid_loss" in r for r in recs) and any("ce" in r for r in recs)
+    assert any(p.name.startswith("events") for p in (out / "tensorboard").iterdir())
+    model = AutoModelForCausalLM.from_pretrained(best)
+    tok = AutoTokenizer.from_pretrained(best)
+    ids = tok("Tell me about the cat", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+
+def test_two_process_training_keeps_ranks_identical(tiny_dirs, instruction_file, tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(f"""
+        import torch, sys
+        from accelerate import Accelerator
+        from minillm import api
+        from minillm.config import TrainConfig, build_config
+        from minillm.trainer import Trainer
+        captured = {{}}
+        orig_finish = Trainer.finish
+        def finish(self):
+            sd = self.student.state_dict()
+            torch.save({{k: v.clone() for k, v in sd.items()}}, "{tmp_path}/rank%d.pt" % self.accelerator.process_index)
+            return orig_finish(self)
+        Trainer.finish = finish
+        cfg = build_config(TrainConfig, None, dict(method="kd", student="{tiny_dirs['student']}",
+            teacher="{tiny_dirs['teacher']}", train_data="{instruction_file}", output_dir="{tmp_path}/out",
+            batch_size=2, max_steps=3, learning_rate=1e-2, max_length=96, max_prompt_length=80, valid_fraction=0.2))
+        api.train(cfg)
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    assert _max_diff(r0, r1) == 0.0
+    init = load_file(str(Path(tiny_dirs["student"]) / "model.safetensors"))
+    assert max(float((r0[k] - init[k]).abs().max()) for k in init) > 1e-4
