@@ -96,3 +96,16 @@ def test_distill_requires_a_method():
 
     with pytest.raises(MiniLLMError, match="needs --method"):
         run(["distill", "student=s", "train_data=d", "teacher=t"])
+
+
+def test_every_shipped_config_parses():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    assert files
+    for path in files:
+        data = yaml.safe_load(path.read_text())
+        cls = TrainConfig if "method" in data else EvalConfig
+        cfg = build_config(cls, str(path))
+        assert cfg is not None, path

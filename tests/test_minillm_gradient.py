@@ -134,7 +134,9 @@ def problem() -> Problem:
 
 def sequence_logprobs(table: Tensor, prob: Problem) -> Tensor:
     """log π(y) = Σ_t log π(y_t | y_<t) for every response, from a table of per-prefix logits."""
-    token_lp = torch.log_softmax(table[prob.prefix_ids], -1).gather(-1, prob.response_ids.unsqueeze(-1)).squeeze(-1)
+    token_lp = (
+        torch.log_softmax(table[prob.prefix_ids], -1).gather(-1, prob.response_ids.unsqueeze(-1)).squeeze(-1)
+    )
     return (token_lp * prob.mask).sum(-1)
 
 
@@ -158,7 +160,9 @@ class Estimator:
     whiten: bool = False
     whiten_shift_mean: bool = True
     ratio_weight: str = "prefix"  # "prefix" (W_t) | "token" (w_t)
-    single_step_weight: str = "prefix_prev"  # "prefix_prev" (W_{t-1}) | "prefix" (W_t) | "token" (w_t) | "none"
+    single_step_weight: str = (
+        "prefix_prev"  # "prefix_prev" (W_{t-1}) | "prefix" (W_t) | "token" (w_t) | "none"
+    )
     per_decision: bool = True  # weight future rewards by Π w (needed for unbiasedness with α > 0)
     clip_eps: float | None = None
     long_term: bool = True  # False: single-step term only
@@ -166,10 +170,25 @@ class Estimator:
 
 EXACT = Estimator()
 MIXED_EXACT = Estimator(alpha=0.2)
-RELEASED = Estimator(alpha=0.2, variant="lmops", gamma=0.95, length_norm=True, whiten=True, ratio_weight="token",
-                     single_step_weight="none", per_decision=False, clip_eps=0.2)
-PAPER_EQ7 = Estimator(alpha=0.2, length_norm=True, ratio_weight="token", single_step_weight="token",
-                      per_decision=False, clip_eps=0.2)
+RELEASED = Estimator(
+    alpha=0.2,
+    variant="lmops",
+    gamma=0.95,
+    length_norm=True,
+    whiten=True,
+    ratio_weight="token",
+    single_step_weight="none",
+    per_decision=False,
+    clip_eps=0.2,
+)
+PAPER_EQ7 = Estimator(
+    alpha=0.2,
+    length_norm=True,
+    ratio_weight="token",
+    single_step_weight="token",
+    per_decision=False,
+    clip_eps=0.2,
+)
 
 
 def sampling_probs(prob: Problem, alpha: float) -> tuple[Tensor, Tensor]:
@@ -179,8 +198,10 @@ def sampling_probs(prob: Problem, alpha: float) -> tuple[Tensor, Tensor]:
     return mix, torch.where(prob.mask > 0, token, 1.0).prod(-1)
 
 
-def expected_estimator_gradient(prob: Problem, est: Estimator, response_probs: Tensor | None = None) -> Tensor:
-    """Σ_y P(y) ∇S(y) at θ = θ_old, P = p̃ unless `response_probs` (e.g. Monte-Carlo frequencies) is given.
+def expected_estimator_gradient(
+    prob: Problem, est: Estimator, response_probs: Tensor | None = None
+) -> Tensor:
+    """Σ_y P(y) ∇S(y) at θ = θ_old, with P = p̃ or the given `response_probs` (Monte-Carlo frequencies).
 
     Advantages and whitening only use the rollout's constants, so S(y) depends on the sample only
     through y and an average of per-sample gradients equals this frequency-weighted sum.
@@ -189,8 +210,12 @@ def expected_estimator_gradient(prob: Problem, est: Estimator, response_probs: T
     valid = prob.mask > 0
     hidden = torch.nn.functional.one_hot(prob.prefix_ids[valid], theta.shape[0]).to(DTYPE)
     terms = chunked_token_terms(
-        hidden, lambda h: h @ theta, targets=prob.response_ids[valid],
-        teacher_logits=prob.teacher_table[prob.prefix_ids[valid]], divergence="rkl", chunk_size=16,
+        hidden,
+        lambda h: h @ theta,
+        targets=prob.response_ids[valid],
+        teacher_logits=prob.teacher_table[prob.prefix_ids[valid]],
+        divergence="rkl",
+        chunk_size=16,
     )
 
     def to_batch(flat: Tensor) -> Tensor:
@@ -198,7 +223,11 @@ def expected_estimator_gradient(prob: Problem, est: Estimator, response_probs: T
         out[valid] = flat
         return out
 
-    logprobs, divergence, teacher_lp = to_batch(terms.logprobs), to_batch(terms.divergence), to_batch(terms.teacher_logprobs)
+    logprobs, divergence, teacher_lp = (
+        to_batch(terms.logprobs),
+        to_batch(terms.divergence),
+        to_batch(terms.teacher_logprobs),
+    )
     old = logprobs.detach()
     if est.alpha > 0:
         mix_lp = torch.logaddexp(math.log(est.alpha) + teacher_lp, math.log1p(-est.alpha) + old)
@@ -215,8 +244,14 @@ def expected_estimator_gradient(prob: Problem, est: Estimator, response_probs: T
     }
 
     rewards = per_token_rewards(teacher_lp, old, prob.mask)
-    adv = advantages(rewards, prob.mask, gamma=est.gamma, length_norm=est.length_norm, variant=est.variant,
-                     per_decision_weights=token_w if est.per_decision else None)
+    adv = advantages(
+        rewards,
+        prob.mask,
+        gamma=est.gamma,
+        length_norm=est.length_norm,
+        variant=est.variant,
+        per_decision_weights=token_w if est.per_decision else None,
+    )
     if est.whiten:
         # Population statistics: the limit of whitening over an infinitely large batch.
         adv = whiten(adv, prob.mask * behaviour[:, None], shift_mean=est.whiten_shift_mean)
@@ -225,10 +260,12 @@ def expected_estimator_gradient(prob: Problem, est: Estimator, response_probs: T
 
     objective = theta.new_zeros(())
     for b in range(len(prob.responses)):
-        single = single_step_loss(divergence[b], prob.mask[b], None if single_w is None else single_w[b],
-                                  reduction="sum")
-        long_term, _ = ppo_clipped_loss(logprobs[b], old[b], adv[b], ratio_w[b], prob.mask[b],
-                                        clip_eps=est.clip_eps, reduction="sum")
+        single = single_step_loss(
+            divergence[b], prob.mask[b], None if single_w is None else single_w[b], reduction="sum"
+        )
+        long_term, _ = ppo_clipped_loss(
+            logprobs[b], old[b], adv[b], ratio_w[b], prob.mask[b], clip_eps=est.clip_eps, reduction="sum"
+        )
         objective = objective + behaviour[b] * (single + long_term if est.long_term else single)
     return torch.autograd.grad(objective, theta)[0]
 
@@ -295,7 +332,9 @@ def test_whitening_mean_shift_is_a_baseline():
     prob = problem()
     for alpha in (0.0, 0.2):
         shifted = expected_estimator_gradient(prob, Estimator(alpha=alpha, whiten=True))
-        scaled_only = expected_estimator_gradient(prob, Estimator(alpha=alpha, whiten=True, whiten_shift_mean=False))
+        scaled_only = expected_estimator_gradient(
+            prob, Estimator(alpha=alpha, whiten=True, whiten_shift_mean=False)
+        )
         torch.testing.assert_close(shifted, scaled_only, rtol=1e-9, atol=1e-12)
 
 
@@ -309,11 +348,13 @@ def test_clipping_is_inactive_on_policy_but_not_under_teacher_mixing():
 
 
 def test_monte_carlo_estimate_matches_exact_gradient():
-    """20k responses sampled token by token from p̃ (α = 0.2); exact weights; average of surrogate gradients."""
+    """20k responses sampled token by token from p̃ (α = 0.2), exact weights, surrogate gradients averaged."""
     prob = problem()
     alpha, num_samples = 0.2, 20_000
     mix_table, _ = sampling_probs(prob, alpha)
-    row = {tuple(r[:t]): int(prob.prefix_ids[b, t]) for b, r in enumerate(prob.responses) for t in range(len(r))}
+    row = {
+        tuple(r[:t]): int(prob.prefix_ids[b, t]) for b, r in enumerate(prob.responses) for t in range(len(r))
+    }
     index = {r: b for b, r in enumerate(prob.responses)}
     gen = torch.Generator().manual_seed(0)
     sampled: list[tuple[int, ...]] = [()] * num_samples
@@ -349,4 +390,6 @@ def test_documented_cosines(name):
     """Keeps the table in the module docstring honest."""
     prob = problem()
     est, documented = DOCUMENTED[name]
-    assert cosine(expected_estimator_gradient(prob, est), exact_gradient(prob)) == pytest.approx(documented, abs=1e-3)
+    assert cosine(expected_estimator_gradient(prob, est), exact_gradient(prob)) == pytest.approx(
+        documented, abs=1e-3
+    )

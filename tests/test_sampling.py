@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -87,7 +89,7 @@ def test_greedy_matches_hf_generate(tok, family):
 def test_no_repeat_ngram_matches_hf_and_ignores_padding(tok):
     model = tiny_llama(tok, seed=4)
     config = SamplingConfig(max_new_tokens=16, greedy=True, no_repeat_ngram_size=2)
-    kwargs = dict(config=config, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    kwargs = {"config": config, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     batch = generate_rollouts(model, *left_pad(tok, PROMPTS), **kwargs)
     for row, text in enumerate(PROMPTS):
         ids, mask = left_pad(tok, [text])
@@ -98,7 +100,7 @@ def test_no_repeat_ngram_matches_hf_and_ignores_padding(tok):
         assert torch.equal(alone.response_ids[0, :n], hf[0, ids.shape[1]:ids.shape[1] + n])
         assert torch.equal(batch.response_ids[row, :n], alone.response_ids[0, :n])
         sequence = ids[0].tolist() + alone.response_ids[0, :n].tolist()
-        bigrams = list(zip(sequence, sequence[1:]))
+        bigrams = list(itertools.pairwise(sequence))
         for j in range(ids.shape[1] - 1, len(bigrams)):  # every bigram a generated token completes is new
             assert bigrams[j] not in bigrams[:j]
 
@@ -211,7 +213,7 @@ def _counting(fn, calls):
 def test_refuses_truncation_with_teacher_and_bad_alpha(tok):
     student, teacher = tiny_llama(tok, seed=1), tiny_llama(tok, seed=2)
     ids, mask = left_pad(tok, PROMPTS[:1])
-    kwargs = dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    kwargs = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     with pytest.raises(ConfigError, match="#287"):
         generate_rollouts(student, ids, mask, config=SamplingConfig(top_k=20), teacher=teacher,
                           teacher_mix_alpha=0.2, **kwargs)

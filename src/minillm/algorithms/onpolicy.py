@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..losses import chunked_token_terms
-from .common import EpochBatches, generation_validation, to_device
+from .common import EpochBatches, to_device
 from .supervised import Supervised
 
 
@@ -26,9 +26,8 @@ class OnPolicy(Supervised):
 
         super().setup(trainer)
         cfg, acc = trainer.cfg, trainer.accelerator
-        kw = dict(template=cfg.template, max_prompt_length=cfg.max_prompt_length)
-        self.prompts = PromptDataset(self.train_examples, trainer.tokenizer, **kw)
-        self.valid_prompts = PromptDataset(self.valid_examples, trainer.tokenizer, **kw) if self.valid_examples else None
+        self.prompts = PromptDataset(self.train_examples, trainer.tokenizer, template=cfg.template,
+                                     max_prompt_length=cfg.max_prompt_length)
         self.prompt_order = EpochBatches(len(self.prompts), cfg.batch_size, cfg.seed + 2, acc.process_index,
                                          acc.num_processes)
         # the same coin on every process (seeded identically) so DDP ranks stay in step
@@ -83,13 +82,6 @@ class OnPolicy(Supervised):
                                 chunk_size=cfg.chunk_size, beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha)
         return {self.divergence: t.divergence.mean()}, {"tokens": int(valid.sum()),
                                                          "onpolicy_batch": float(batch["kind"] == "student")}
-
-    def evaluate(self) -> dict[str, float]:
-        out = super().evaluate()
-        if self.valid_prompts:
-            out.update(generation_validation(self.trainer, self.valid_prompts,
-                                             num_prompts=self.trainer.cfg.eval_num_prompts))
-        return out
 
     def state_dict(self) -> dict:
         return {"order": self.order.state_dict(), "prompt_order": self.prompt_order.state_dict(),

@@ -16,7 +16,7 @@ import torch
 
 from ..losses import chunked_token_terms
 from ..trainer import Algorithm
-from .common import EpochBatches, steps_for, to_device
+from .common import EpochBatches, generation_validation, steps_for, to_device
 
 
 class Supervised(Algorithm):
@@ -30,13 +30,16 @@ class Supervised(Algorithm):
         self.divergence = divergence
 
     def setup(self, trainer) -> None:
-        from ..data import SFTDataset
+        from ..data import PromptDataset, SFTDataset
 
         super().setup(trainer)
         cfg, tok = trainer.cfg, trainer.tokenizer
         kw = dict(template=cfg.template, max_prompt_length=cfg.max_prompt_length, max_length=cfg.max_length)
         self.train_set = SFTDataset(self.train_examples, tok, **kw)
         self.valid_set = SFTDataset(self.valid_examples, tok, **kw) if self.valid_examples else None
+        self.valid_prompts = (PromptDataset(self.valid_examples, tok, template=cfg.template,
+                                            max_prompt_length=cfg.max_prompt_length)
+                              if self.valid_examples else None)
         acc = trainer.accelerator
         self.order = EpochBatches(len(self.train_set), cfg.batch_size, cfg.seed, acc.process_index,
                                   acc.num_processes)
@@ -108,4 +111,6 @@ class Supervised(Algorithm):
         out["loss"] = out["ce"]  # selection by the reference CE, as the paper selects SFT inits
         if self.divergence is not None and r > 0:
             out[self.divergence] = out[self.divergence] / r
+        if tr.selection_metric() == "valid_rougeL" and self.valid_prompts:
+            out.update(generation_validation(tr, self.valid_prompts, num_prompts=tr.cfg.eval_num_prompts))
         return out

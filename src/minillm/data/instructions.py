@@ -10,9 +10,10 @@ Every other field (category, task, id-like metadata, a teacher's generated answe
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from minillm.errors import DataError
 

@@ -8,7 +8,8 @@ LLaMA); the response ends with EOS, which is a trained token; examples whose pro
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from minillm.data import InstructionExample, build_prompt, encode_prompt
 from minillm.errors import DataError, ModelError
+from minillm.models import final_hidden, lm_head_fn, logit_width
 
 
 def _bins(confidences: Tensor, correct: Tensor, n_bins: int) -> list[tuple[int, float, float]]:
@@ -117,70 +119,73 @@ def label_token_ids(tokenizer, label_words: Sequence[str]) -> list[int]:
 
 @torch.no_grad()
 def label_word_probabilities(model, tokenizer, prompts: Sequence[str], label_words: Sequence[str], *,
-                             batch_size: int = 8, max_prompt_length: int = 256) -> Tensor:
+                             batch_size: int = 8) -> Tensor:
     """P(label | prompt) [N, L]: next-token probabilities of the label words' first tokens, renormalised.
 
-    Prompts are left-padded so the last position of every row is the one that predicts the answer;
-    over-long prompts keep their *last* `max_prompt_length` tokens, because the answer cue
-    ("### Response:") is at the end.
+    Prompts are encoded without special tokens (as for generation) and left-padded, so the last
+    position of every row is the one that predicts the answer.
     """
-    from minillm.models import position_ids_from_mask
-
     ids = label_token_ids(tokenizer, label_words)
-    if max(ids) >= model.get_output_embeddings().weight.shape[0]:
-        raise ModelError("a label word's token id is outside the model's vocabulary; the tokenizer does "
-                         "not belong to this model")
+    if max(ids) >= logit_width(model):
+        raise ModelError(f"label token id {max(ids)} is outside the model's {logit_width(model)} logits; the "
+                         "tokenizer does not belong to this model")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [tokenizer.encode(p, add_special_tokens=False)[-max_prompt_length:]
-                   for p in prompts[start:start + batch_size]]
+        encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts[start:start + batch_size]]
         width = max(len(e) for e in encoded)
         input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                       use_cache=False).logits[:, -1].float()
+        hidden = final_hidden(model, input_ids, mask)[:, -1]
+        logits = lm_head_fn(model)(hidden).float()
         out.append(torch.softmax(logits[:, ids], dim=-1).cpu())
     return torch.cat(out) if out else torch.zeros(0, len(ids))
 
 
-def evaluate_calibration(model, tokenizer, examples: Sequence, label_words: Sequence[str] | None = None, *,
-                         template: str = "minillm", batch_size: int = 8, max_prompt_length: int = 256,
-                         n_bins: int = 10) -> dict:
-    """Accuracy and ECE of zero-shot classification over `examples` (InstructionExample records).
+def evaluate_calibration(model, tokenizer, examples: Sequence[InstructionExample],
+                         label_words: Sequence[str] | None = None, *, template: str = "minillm",
+                         batch_size: int = 8, max_prompt_length: int = 256, n_bins: int = 10) -> dict:
+    """Accuracy and ECE of zero-shot classification over `examples`.
 
     `label_words` defaults to the records' `labels` field (see the module docstring for the format).
-    Renormalising over the label set (rather than the whole vocabulary) follows the usual zero-shot
-    classification protocol: confidence is then the probability of the chosen label among labels.
-    Returns {"ece", "accuracy" (0–100), "n", "label_words", "confidences", "correct", "predictions"}.
+    Renormalising over the label set (rather than the whole vocabulary) is the usual zero-shot
+    classification protocol: the confidence is the probability of the chosen label among the labels.
+    Prompts longer than `max_prompt_length` tokens are dropped, as everywhere in minillm (`n_dropped`).
+    Returns {"ece" (0-1), "accuracy" (0-100), "n", "n_dropped", "label_words", "ids", "confidences",
+    "correct", "predictions"}.
     """
-    from minillm.data import build_prompt
-
     if label_words is None:
         found = {tuple(ex.extra.get("labels") or ()) for ex in examples}
         if len(found) != 1 or not next(iter(found)):
             raise DataError(f"calibration data need the same non-empty `labels` list on every record "
-                            f"(found {sorted(found)[:3]}); add it or pass label_words")
+                            f"(found {sorted(found)[:3]}); add it to the file or pass label_words")
         label_words = list(next(iter(found)))
     normalised = [w.strip().lower() for w in label_words]
-    gold = []
+    kept, prompts, gold = [], [], []
     for ex in examples:
         answer = ex.outputs[0].strip().lower()
         if answer not in normalised:
             raise DataError(f"record {ex.id}: gold output {ex.outputs[0]!r} is not one of the label words "
                             f"{list(label_words)}; the output must be exactly one label word")
-        gold.append(normalised.index(answer))
-    prompts = [build_prompt(ex, template, tokenizer) for ex in examples]
-    probs = label_word_probabilities(model, tokenizer, prompts, label_words, batch_size=batch_size,
-                                     max_prompt_length=max_prompt_length)
+        prompt = build_prompt(ex, template, tokenizer)
+        if encode_prompt(tokenizer, prompt, max_prompt_length) is not None:
+            kept.append(ex.id)
+            prompts.append(prompt)
+            gold.append(normalised.index(answer))
+    if not prompts:
+        raise DataError(f"no calibration example has a prompt within max_prompt_length={max_prompt_length} "
+                        "tokens; raise max_prompt_length")
+    probs = label_word_probabilities(model, tokenizer, prompts, label_words, batch_size=batch_size)
     confidences, predictions = probs.max(dim=-1)
     correct = predictions == torch.tensor(gold, dtype=torch.long)
     return {
         "ece": expected_calibration_error(confidences, correct, n_bins),
-        "accuracy": 100.0 * float(correct.float().mean()) if len(gold) else 0.0,
+        "accuracy": 100.0 * float(correct.float().mean()),
         "n": len(gold),
+        "n_dropped": len(examples) - len(gold),
         "label_words": list(label_words),
+        "ids": kept,
         "confidences": confidences.tolist(),
         "correct": correct.tolist(),
         "predictions": [label_words[i] for i in predictions.tolist()],

@@ -1,0 +1,300 @@
+"""Generation-based evaluation over seeds: the protocol behind the paper's Table 1 (spec §4.2, §7 item 11).
+
+For every model × test set × seed the runner samples one response per prompt, scores it against the
+references (Rouge-L, exact match), and writes the generations; `results.json` / `results.md` then
+aggregate the per-seed averages as mean ± std over seeds.
+
+Protocol defaults (all overridable): seeds 10, 20, 30, 40, 50; temperature 1, top-k 0, top-p 1
+(pure sampling); ≤ 256 new tokens; prompts ≤ 256 tokens; the MiniLLM prompt template.
+
+`no_repeat_ngram_size` defaults to 0. The released LMOps scripts pass 6, but until the transformers
+fork's fix of 2024-09-30 the non-model-parallel sampling path silently ignored logits *processors*
+(spec §5.5), so every number in the paper was produced WITHOUT the 6-gram block. 0 reproduces the
+published protocol; pass 6 to match the post-Sep-2024 scripts. The value is recorded in results.json.
+
+Runs are resumable at the granularity of one (model, set, seed) file: each file is written atomically
+(temporary file + os.replace), and a re-run skips every file that is complete for the same examples.
+Settings that change generations are pinned in `eval_config.json`; re-running into the same output
+directory with different settings is refused instead of mixing incomparable files.
+
+Sampling uses one torch.Generator per (model, set, seed), seeded with the seed and consumed batch
+after batch, so a (seed, batch_size) pair reproduces the same generations on the same device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from minillm.data import PromptDataset, collate_prompts, load_instructions
+from minillm.errors import ConfigError, DataError
+from minillm.evaluation.metrics import distinct_n, exact_match, mean_and_std, rouge_l
+from minillm.models import load_model, load_tokenizer
+from minillm.sampling import SamplingConfig, generate_rollouts
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    ModelSpec = Union[str, os.PathLike, tuple[PreTrainedModel, PreTrainedTokenizerBase]]
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+
+
+@dataclass
+class _Job:
+    """One (model, set, seed) unit: the file it writes and the prompts it needs."""
+
+    set_name: str
+    seed: int
+    path: Path
+    dataset: PromptDataset
+    num_batches: int
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` so that `path` is either absent, the old file, or complete — never half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_complete(path: Path, ids: list[str]) -> list[dict] | None:
+    """The records of a finished generation file, or None if it is missing or not for exactly `ids`."""
+    if not path.is_file():
+        return None
+    try:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        return None
+    return records if [str(r.get("id")) for r in records] == ids else None
+
+
+def _check_names(models: dict, data_files: Sequence[str]) -> dict[str, str]:
+    """Validate model labels (used as folder names) and map set name (file stem) -> data file."""
+    if not models:
+        raise ConfigError("evaluate_models needs at least one model ({name: path or (model, tokenizer)})")
+    for name, spec in models.items():
+        if not _SAFE_NAME.match(name):
+            raise ConfigError(f"model name {name!r} cannot be used as a folder name; use letters, digits and "
+                              "._=+- only (e.g. 'gpt2-sft')")
+        if not isinstance(spec, (str, os.PathLike, tuple)):
+            raise ConfigError(f"model {name!r}: pass a path / hub id / built-in name, or a (model, tokenizer) "
+                              f"pair, not a bare {type(spec).__name__} (its tokenizer is needed to decode)")
+    sets: dict[str, str] = {}
+    for source in data_files:
+        stem = Path(str(source)).stem
+        if stem in sets:
+            raise ConfigError(f"data files {sets[stem]!r} and {source!r} have the same set name {stem!r} (the "
+                              "file stem); rename one so their results do not overwrite each other")
+        sets[stem] = str(source)
+    if not sets:
+        raise ConfigError("evaluate_models needs at least one data file")
+    return sets
+
+
+def _pin_settings(out_dir: Path, settings: dict, sources: dict[str, str]) -> None:
+    """Record the generation settings and model sources; refuse to mix with files made differently."""
+    path = out_dir / "eval_config.json"
+    pinned = {"settings": settings, "models": sources}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [f"{k}: {old['settings'].get(k)!r} -> {v!r}" for k, v in settings.items()
+                   if old["settings"].get(k) != v]
+        changed += [f"model {m}: {old['models'][m]!r} -> {s!r}" for m, s in sources.items()
+                    if m in old["models"] and old["models"][m] != s]
+        if changed:
+            raise ConfigError(f"{out_dir} holds generations made with other settings ({'; '.join(changed)}); "
+                              "use a new output directory, or delete the old one to regenerate")
+        pinned["models"] = {**old["models"], **sources}
+    _write_atomic(path, json.dumps(pinned, indent=2) + "\n")
+
+
+def _response_texts(rollout, tokenizer, eos_ids: set[int]) -> tuple[list[str], list[int]]:
+    """Decoded responses and their lengths in tokens, both without the terminating EOS.
+
+    Decoding follows LMOps: special tokens skipped, cut at a literal "<|endoftext|>", stripped.
+    """
+    texts, lengths = [], []
+    for ids, n in zip(rollout.response_ids.tolist(), rollout.lengths.tolist()):
+        ids = ids[:n]
+        if ids and ids[-1] in eos_ids:
+            ids = ids[:-1]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        texts.append(text.split("<|endoftext|>")[0].strip())
+        lengths.append(len(ids))
+    return texts, lengths
+
+
+@torch.no_grad()
+def _generate_job(job: _Job, model, tokenizer, sampling: SamplingConfig, batch_size: int, bar: tqdm) -> None:
+    """Sample, score and atomically write the generation file of one (model, set, seed)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(job.seed)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    lines = []
+    for start in range(0, len(job.dataset), batch_size):
+        items = [job.dataset[i] for i in range(start, min(len(job.dataset), start + batch_size))]
+        batch = collate_prompts(items, pad)
+        rollout = generate_rollouts(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                    config=sampling, eos_token_id=eos, pad_token_id=pad, generator=generator)
+        texts, lengths = _response_texts(rollout, tokenizer, {eos})
+        for item, text, length in zip(items, texts, lengths):
+            refs = list(item["references"])
+            lines.append(json.dumps({"id": item["id"], "prompt": item["prompt"], "response": text,
+                                     "references": refs, "rougeL": rouge_l(text, refs),
+                                     "exact_match": exact_match(text, refs), "length": length},
+                                    ensure_ascii=False))
+        bar.update(1)
+    _write_atomic(job.path, "".join(line + "\n" for line in lines))
+
+
+def _summary(values: Iterable[float]) -> dict:
+    values = list(values)
+    mean, std = mean_and_std(values)
+    return {"mean": mean, "std": std, "per_seed": values}
+
+
+def _aggregate(per_seed: dict[int, list[dict]], num_dropped: int) -> dict:
+    """Per-set numbers: mean ± std over seeds of the per-seed averages (Dist-4 pooled within a seed)."""
+    seeds = sorted(per_seed)
+    n = len(per_seed[seeds[0]])
+
+    def avg(key: str, seed: int) -> float:
+        records = per_seed[seed]
+        return sum(r[key] for r in records) / len(records) if records else 0.0
+
+    return {
+        "n": n,
+        "n_dropped": num_dropped,
+        "seeds": seeds,
+        "rougeL": _summary(avg("rougeL", s) for s in seeds),
+        "exact_match": _summary(avg("exact_match", s) for s in seeds),
+        "length": _summary(avg("length", s) for s in seeds),
+        "dist4": _summary(distinct_n((r["response"] for r in per_seed[s]), 4) for s in seeds),
+    }
+
+
+def _markdown(results: dict, settings: dict) -> str:
+    """Table 1 layout (Rouge-L, rows = models, columns = sets) and a per-set detail table."""
+    sets = list(dict.fromkeys(s for per_set in results.values() for s in per_set))
+    out = ["# Evaluation results", "",
+           "Rouge-L (F, stemmed, max over references, ×100): mean ± std over seeds.", "",
+           f"| model | {' | '.join(sets)} |", "|---|" + "---|" * len(sets)]
+    for model, per_set in results.items():
+        cells = [f"{per_set[s]['rougeL']['mean']:.2f} ± {per_set[s]['rougeL']['std']:.2f}" if s in per_set else "–"
+                 for s in sets]
+        out.append(f"| {model} | {' | '.join(cells)} |")
+    out += ["", "| model | set | n (dropped) | Rouge-L | exact match | length (tokens) | Dist-4 |",
+            "|---|---|---|---|---|---|---|"]
+    for model, per_set in results.items():
+        for s, r in per_set.items():
+            cells = [f"{r[k]['mean']:.2f} ± {r[k]['std']:.2f}" for k in ("rougeL", "exact_match", "length", "dist4")]
+            out.append(f"| {model} | {s} | {r['n']} ({r['n_dropped']}) | {' | '.join(cells)} |")
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+    out += ["", f"Settings: {shown}.",
+            "no_repeat_ngram_size=0 matches the paper's published numbers (the fork bug disabled the 6-gram "
+            "block until Sep 2024; spec §5.5).", ""]
+    return "\n".join(out)
+
+
+def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir: str | os.PathLike, *,
+                    seeds: Sequence[int] = (10, 20, 30, 40, 50), max_new_tokens: int = 256,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, no_repeat_ngram_size: int = 0,
+                    batch_size: int = 8, limit: int | None = None, template: str = "minillm",
+                    max_prompt_length: int = 256, dtype: str = "float32", device: str | None = None) -> dict:
+    """Evaluate every model on every data file for every seed; write generations and aggregates.
+
+    Args:
+        models: label -> model path / hub id / built-in name (loaded with minillm.models, one at a time,
+            only when it has unfinished work), or a (model, tokenizer) pair already in memory. Labels
+            name the output folders.
+        data_files: instruction JSONL files or hub names; the set name is the file stem.
+        out_dir: receives `{model}/{set}/seed{seed}.jsonl` (id, prompt, response, references, rougeL,
+            exact_match, length), `results.json`, `results.md` and `eval_config.json`.
+        limit: only the first `limit` examples of each set (None or 0: all).
+        max_prompt_length: prompts longer than this many tokens are dropped (counted in `n_dropped`).
+        dtype, device: for models loaded from a path (device default: CUDA when available).
+
+    Returns the content of results.json: {"settings": ..., "results": {model: {set: {"n", "n_dropped",
+    "seeds", "rougeL", "exact_match", "length", "dist4"}}}}, each metric {"mean", "std", "per_seed"}.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {seeds}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    sets = _check_names(models, data_files)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              no_repeat_ngram_size=no_repeat_ngram_size)
+    # Everything that changes generations; pinned against the files already in out_dir.
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                "no_repeat_ngram_size": no_repeat_ngram_size, "batch_size": batch_size, "limit": limit or None,
+                "template": template, "max_prompt_length": max_prompt_length, "dtype": dtype}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = {name: str(spec) if not isinstance(spec, tuple) else "<in-memory model>"
+               for name, spec in models.items()}
+    _pin_settings(out, settings, sources)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    examples = {name: load_instructions(source, limit=limit or None) for name, source in sets.items()}
+    tokenizers = {name: spec[1] if isinstance(spec, tuple) else load_tokenizer(str(spec))
+                  for name, spec in models.items()}
+    jobs: dict[str, list[_Job]] = {}
+    dropped: dict[tuple[str, str], int] = {}
+    for name, tokenizer in tokenizers.items():
+        jobs[name] = []
+        for set_name, exs in examples.items():
+            dataset = PromptDataset(exs, tokenizer, template=template, max_prompt_length=max_prompt_length)
+            if not len(dataset):
+                raise DataError(f"{sets[set_name]}: all {len(exs)} prompts are longer than max_prompt_length="
+                                f"{max_prompt_length} tokens for model {name!r}'s tokenizer; raise "
+                                "max_prompt_length")
+            dropped[name, set_name] = dataset.num_dropped
+            batches = -(-len(dataset) // batch_size)
+            jobs[name] += [_Job(set_name, seed, out / name / set_name / f"seed{seed}.jsonl", dataset, batches)
+                           for seed in seeds]
+
+    records: dict[tuple[str, str, int], list[dict]] = {}
+    total = sum(job.num_batches for js in jobs.values() for job in js)
+    with tqdm(total=total, unit="batch", desc="evaluate", dynamic_ncols=True) as bar:
+        for name, model_jobs in jobs.items():
+            pending = []
+            for job in model_jobs:
+                ids = [str(job.dataset[i]["id"]) for i in range(len(job.dataset))]
+                done = _read_complete(job.path, ids)
+                if done is None:
+                    pending.append((job, ids))
+                else:
+                    records[name, job.set_name, job.seed] = done
+                    bar.update(job.num_batches)
+            if not pending:
+                continue
+            spec = models[name]
+            model = spec[0] if isinstance(spec, tuple) else load_model(str(spec), dtype=dtype).to(device)
+            for job, ids in pending:
+                bar.set_description(f"{name}/{job.set_name}/seed{job.seed}")
+                _generate_job(job, model, tokenizers[name], sampling, batch_size, bar)
+                records[name, job.set_name, job.seed] = _read_complete(job.path, ids)
+            del model
+
+    results = {name: {set_name: _aggregate({s: records[name, set_name, s] for s in seeds}, dropped[name, set_name])
+                      for set_name in sets}
+               for name in models}
+    summary = {"settings": settings, "results": results}
+    _write_atomic(out / "results.json", json.dumps(summary, indent=2) + "\n")
+    _write_atomic(out / "results.md", _markdown(results, settings))
+    return summary

@@ -1,0 +1,282 @@
+"""Evaluation: metrics against their reference implementations, ExAccErr, ECE, the seed runner, reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from minillm.data import load_instructions
+from minillm.errors import ConfigError, DataError
+from minillm.evaluation import runner
+from minillm.evaluation.calibration import (
+    evaluate_calibration,
+    expected_calibration_error,
+    label_word_probabilities,
+    reliability_diagram,
+)
+from minillm.evaluation.exposure_bias import (
+    exacc_err_curve,
+    measure_exposure_bias,
+    plot_exposure_bias,
+    prefix_forward_kl,
+)
+from minillm.evaluation.metrics import distinct_n, exact_match, mean_and_std, normalize_answer, rouge_l
+from minillm.evaluation.report import render_report
+from minillm.sampling import SamplingConfig, generate_rollouts
+from minillm.testing import tiny_llama, tiny_tokenizer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared/data folder not available")
+
+PROMPTS = ["### Instruction:\nwrite a story about the cat.\n\n### Response:\n", "Tell me about paris france.",
+           "one two three", "the river and the mountain"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def _reference_rouge_l(prediction, references):
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return 100 * max(scorer.score(r, prediction)["rougeL"].fmeasure for r in references)
+
+
+@needs_data
+def test_rouge_l_matches_rouge_score_including_multi_reference_sni():
+    cases = [("The cats are running quickly.", ["the cat runs quickly"]),
+             ("Paris is the capital of France", ["The capital of France is Paris.", "Paris"]),
+             ("", ["something"]),
+             ("completely unrelated words", ["nothing shared here"])]
+    multi = next(ex for ex in load_instructions(str(DATA / "sni_test_minillm_11plus.jsonl"))
+                 if len(ex.outputs) > 1)
+    cases.append((multi.outputs[1][: len(multi.outputs[1]) // 2], multi.outputs))
+    for prediction, references in cases:
+        assert rouge_l(prediction, references) == pytest.approx(_reference_rouge_l(prediction, references), abs=1e-12)
+    # max over references, not the first one: the truncated second reference scores best against itself
+    assert rouge_l(cases[-1][0], multi.outputs) > rouge_l(cases[-1][0], multi.outputs[:1])
+    assert rouge_l("the cat", "the cat") == 100.0
+
+
+def test_exact_match_squad_normalisation():
+    assert normalize_answer("  The Eiffel   Tower!! ") == "eiffel tower"
+    assert exact_match("the Eiffel tower.", ["Louvre", "Eiffel Tower"]) == 100.0
+    assert exact_match("An apple", "apple") == 100.0
+    assert exact_match("apples", "apple") == 0.0
+    with pytest.raises(ValueError):
+        exact_match("x", [])
+
+
+def test_distinct_n_hand_counted():
+    # 4-grams: "a b c d", "b c d e" | "a b c d" | (too short) -> 3 total, 2 distinct
+    assert distinct_n(["a b c d e", "a b c d", "x y"], n=4) == pytest.approx(100 * 2 / 3)
+    assert distinct_n(["a a a a a a"], n=4) == pytest.approx(100 / 3)
+    assert distinct_n(["one two"], n=4) == 0.0
+    assert distinct_n(["a b", "a c"], n=1) == pytest.approx(75.0)
+
+
+def test_mean_and_std():
+    assert mean_and_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_and_std([5.0]) == (5.0, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- exposure bias
+
+def test_exacc_err_curve_alive_samples_and_cumsum():
+    curve = exacc_err_curve([torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0])], [torch.tensor([1.0, 1.0])])
+    # t=1: mean(1, 3) = 2; t=2: only the first sample is alive -> 2. Teacher side: 1, 1.
+    assert curve["R"] == [2.0, 4.0]
+    assert curve["epsilon"] == [1.0, 2.0]
+    assert curve["exacc_err"] == [100.0, 100.0]
+    assert curve["student_alive"] == [2, 1] and curve["length"] == [1, 2]
+    assert exacc_err_curve([torch.zeros(3)], [torch.zeros(4)])["exacc_err"] == [0.0, 0.0, 0.0]
+
+
+def test_prefix_forward_kl_matches_full_forward(tok):
+    teacher, student = tiny_llama(tok, seed=0), tiny_llama(tok, seed=1)
+    ids = [tok.encode(p) for p in PROMPTS[:3]]
+    width = max(map(len, ids))
+    prompt_ids = torch.tensor([[tok.eos_token_id] * (width - len(i)) + i for i in ids])
+    prompt_mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    rollout = generate_rollouts(student, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=12),
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                                generator=torch.Generator().manual_seed(0))
+    kls = prefix_forward_kl(student, teacher, rollout, shared_vocab_size=len(tok), chunk_size=5)
+    full, mask = rollout.full_sequence()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        lp = torch.log_softmax(teacher(full, attention_mask=mask, position_ids=pos).logits.double(), -1)
+        lq = torch.log_softmax(student(full, attention_mask=mask, position_ids=pos).logits.double(), -1)
+    expected = (lp.exp() * (lp - lq)).sum(-1)[:, width - 1:-1]
+    for b, kl in enumerate(kls):
+        assert len(kl) == int(rollout.lengths[b]) > 0
+        torch.testing.assert_close(kl.double(), expected[b, :len(kl)], atol=1e-5, rtol=1e-4)
+
+
+def test_exposure_bias_identical_student_is_zero(tok):
+    model = tiny_llama(tok, seed=0)
+    curve = measure_exposure_bias(model, tiny_llama(tok, seed=0), tok, PROMPTS, max_new_tokens=16,
+                                  samples_per_prompt=2, seed=1)
+    assert max(abs(v) for v in curve["exacc_err"]) < 1e-6
+    assert curve["num_prompts"] == 4 and len(curve["length"]) >= 2
+
+
+def test_exposure_bias_prefix_independent_noise_is_small(tok):
+    """Head noise changes q everywhere alike, so own vs teacher prefixes make no systematic difference."""
+    student = tiny_llama(tok, seed=0)
+    with torch.no_grad():
+        w = student.lm_head.weight
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.std())
+    curve = measure_exposure_bias(student, tiny_llama(tok, seed=0), tok, PROMPTS, max_new_tokens=24,
+                                  samples_per_prompt=8, seed=1)
+    assert max(abs(v) for v in curve["exacc_err"]) < 5.0
+
+
+def test_exposure_bias_self_reinforcing_student_grows(tok, tmp_path):
+    """A student that, once it emits token X, keeps emitting X (degenerate repetition): the error lives
+    on prefixes the student itself produces, the textbook case of exposure bias."""
+    teacher, student = tiny_llama(tok, seed=0), tiny_llama(tok, seed=0)
+    x = tok.convert_tokens_to_ids("Z")
+    with torch.no_grad():
+        v = torch.randn(student.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        v /= v.norm()
+        student.model.embed_tokens.weight[x] = 10 * v  # dominates the residual stream after X ...
+        student.lm_head.weight[x] = 2 * v              # ... so X is predicted again after X
+    curve = measure_exposure_bias(student, teacher, tok, PROMPTS, max_new_tokens=32, samples_per_prompt=8, seed=1)
+    err = curve["exacc_err"]
+    half = len(err) // 2
+    assert err[0] == pytest.approx(0.0, abs=1e-6)  # the first step conditions on the prompt only
+    assert min(err[half:]) > 100.0
+    assert sum(err[half:]) / (len(err) - half) > sum(err[:half]) / half  # grows with length
+    assert plot_exposure_bias(curve, tmp_path / "eb.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+
+def test_ece_calibrated_and_overconfident():
+    gen = torch.Generator().manual_seed(0)
+    conf = torch.rand(200_000, generator=gen)
+    correct = torch.rand(200_000, generator=gen) < conf
+    assert expected_calibration_error(conf, correct) < 0.01
+    assert expected_calibration_error([0.9] * 10, [1] * 6 + [0] * 4) == pytest.approx(0.3)
+    assert expected_calibration_error([1.0, 0.0], [1, 0]) == pytest.approx(0.0)  # edges fall in bins
+
+
+def test_label_word_probabilities_and_evaluate_calibration(tok, tmp_path):
+    model = tiny_llama(tok, seed=0)
+    records = [{"instruction": "Is the sentence good or bad?", "input": text, "output": gold,
+                "labels": ["good", "bad"], "id": f"s{i}"}
+               for i, (text, gold) in enumerate([("the cat is good.", "good"), ("fire and water", "bad"),
+                                                 ("a red flower", "good")])]
+    path = tmp_path / "cls.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    examples = load_instructions(str(path))
+    result = evaluate_calibration(model, tok, examples, batch_size=2)
+    assert result["n"] == 3 and result["label_words"] == ["good", "bad"]
+    assert 0.0 <= result["ece"] <= 1.0 and all(0.5 <= c <= 1.0 for c in result["confidences"])
+
+    prompt = "### Response:\n"
+    probs = label_word_probabilities(model, tok, [prompt, "one two three " + prompt], ["good", "bad"], batch_size=2)
+    ids = [tok.encode(w)[0] for w in ("good", "bad")]
+    with torch.no_grad():
+        last = model(torch.tensor([tok.encode(prompt)])).logits[0, -1]
+    torch.testing.assert_close(probs[0], torch.softmax(last[ids], -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+    reliability_diagram(result["confidences"], result["correct"], tmp_path / "rd.png")
+    assert (tmp_path / "rd.png").stat().st_size > 0
+    with pytest.raises(DataError, match="not one of the label words"):
+        evaluate_calibration(model, tok, examples, ["yes", "no"])
+
+
+# ---------------------------------------------------------------------------------------------- runner + report
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tok):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama(tok, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+EVAL_KW = dict(seeds=(10, 20), max_new_tokens=16, batch_size=8, limit=20, max_prompt_length=512)
+
+
+@pytest.fixture(scope="module")
+def eval_run(tmp_path_factory, tiny_model_dir):
+    if not DATA.is_dir():
+        pytest.skip("shared/data folder not available")
+    out = tmp_path_factory.mktemp("eval")
+    summary = runner.evaluate_models({"tiny": str(tiny_model_dir)}, [str(DATA / "dolly_eval500.jsonl")], out,
+                                     **EVAL_KW)
+    return out, summary
+
+
+def test_evaluate_models_writes_results(eval_run):
+    out, summary = eval_run
+    r = summary["results"]["tiny"]["dolly_eval500"]
+    assert r["seeds"] == [10, 20] and r["n"] + r["n_dropped"] == 20 and r["n"] > 0
+    files = [out / "tiny" / "dolly_eval500" / f"seed{s}.jsonl" for s in (10, 20)]
+    per_seed = [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
+    assert all(len(rows) == r["n"] for rows in per_seed)
+    row = per_seed[0][0]
+    assert set(row) >= {"id", "prompt", "response", "references", "rougeL", "length"}
+    assert row["rougeL"] == pytest.approx(rouge_l(row["response"], row["references"]))
+    assert 0 <= row["length"] <= 16
+    means = [sum(x["rougeL"] for x in rows) / len(rows) for rows in per_seed]
+    assert r["rougeL"]["per_seed"] == pytest.approx(means)
+    assert r["rougeL"]["mean"] == pytest.approx(sum(means) / 2)
+    assert [x["response"] for x in per_seed[0]] != [x["response"] for x in per_seed[1]]  # seeds differ
+    assert json.loads((out / "results.json").read_text()) == summary
+    md = (out / "results.md").read_text()
+    assert "| tiny |" in md and "dolly_eval500" in md and "no_repeat_ngram_size=0" in md
+
+
+def test_evaluate_models_resumes_without_regenerating(eval_run, tiny_model_dir, monkeypatch):
+    out, summary = eval_run
+    calls = []
+    real = runner.generate_rollouts
+    monkeypatch.setattr(runner, "generate_rollouts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    seed10 = out / "tiny" / "dolly_eval500" / "seed10.jsonl"
+    mtime = seed10.stat().st_mtime_ns
+    again = runner.evaluate_models({"tiny": str(tiny_model_dir)}, [str(DATA / "dolly_eval500.jsonl")], out,
+                                   **EVAL_KW)
+    assert calls == [] and seed10.stat().st_mtime_ns == mtime and again == summary
+
+    seed10.unlink()  # only the missing (model, set, seed) is regenerated, identically
+    third = runner.evaluate_models({"tiny": str(tiny_model_dir)}, [str(DATA / "dolly_eval500.jsonl")], out,
+                                   **EVAL_KW)
+    n = summary["results"]["tiny"]["dolly_eval500"]["n"]
+    assert len(calls) == -(-n // 8) and third == summary
+
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        runner.evaluate_models({"tiny": str(tiny_model_dir)}, [str(DATA / "dolly_eval500.jsonl")], out,
+                               **{**EVAL_KW, "max_new_tokens": 8})
+
+
+def test_evaluate_models_rejects_bad_names(tmp_path, tiny_model_dir):
+    with pytest.raises(ConfigError, match="folder name"):
+        runner.evaluate_models({"a/b": str(tiny_model_dir)}, ["x.jsonl"], tmp_path)
+    with pytest.raises(ConfigError, match="same set name"):
+        runner.evaluate_models({"m": str(tiny_model_dir)}, ["a/x.jsonl", "b/x.jsonl"], tmp_path)
+
+
+def test_render_report_from_two_runs(eval_run, tmp_path, tok):
+    out, summary = eval_run
+    second = tmp_path / "run2"
+    runner.evaluate_models({"other": (tiny_llama(tok, seed=3), tok)}, [str(DATA / "dolly_eval500.jsonl")],
+                           second, **{**EVAL_KW, "seeds": (10,), "limit": 8})
+    rows = render_report([out, second], tmp_path / "report.md", tmp_path / "report.png")
+    assert set(rows) == {"tiny", "other"}
+    md = (tmp_path / "report.md").read_text()
+    mean = summary["results"]["tiny"]["dolly_eval500"]["rougeL"]["mean"]
+    assert f"| tiny | {mean:.2f} ± " in md and "| other |" in md
+    assert (tmp_path / "report.png").stat().st_size > 0
+    with pytest.raises(DataError, match="results.json"):
+        render_report([tmp_path / "missing"], tmp_path / "r.md", tmp_path / "r.png")
