@@ -59,7 +59,8 @@ def test_rouge_l_matches_rouge_score_including_multi_reference_sni():
                  if len(ex.outputs) > 1)
     cases.append((multi.outputs[1][: len(multi.outputs[1]) // 2], multi.outputs))
     for prediction, references in cases:
-        assert rouge_l(prediction, references) == pytest.approx(_reference_rouge_l(prediction, references), abs=1e-12)
+        expected = _reference_rouge_l(prediction, references)
+        assert rouge_l(prediction, references) == pytest.approx(expected, abs=1e-12)
     # max over references, not the first one: the truncated second reference scores best against itself
     assert rouge_l(cases[-1][0], multi.outputs) > rouge_l(cases[-1][0], multi.outputs[:1])
     assert rouge_l("the cat", "the cat") == 100.0
@@ -149,7 +150,8 @@ def test_exposure_bias_self_reinforcing_student_grows(tok, tmp_path):
         v /= v.norm()
         student.model.embed_tokens.weight[x] = 10 * v  # dominates the residual stream after X ...
         student.lm_head.weight[x] = 2 * v              # ... so X is predicted again after X
-    curve = measure_exposure_bias(student, teacher, tok, PROMPTS, max_new_tokens=32, samples_per_prompt=8, seed=1)
+    curve = measure_exposure_bias(student, teacher, tok, PROMPTS, max_new_tokens=32, samples_per_prompt=8,
+                                  seed=1)
     err = curve["exacc_err"]
     half = len(err) // 2
     assert err[0] == pytest.approx(0.0, abs=1e-6)  # the first step conditions on the prompt only
@@ -183,7 +185,8 @@ def test_label_word_probabilities_and_evaluate_calibration(tok, tmp_path):
     assert 0.0 <= result["ece"] <= 1.0 and all(0.5 <= c <= 1.0 for c in result["confidences"])
 
     prompt = "### Response:\n"
-    probs = label_word_probabilities(model, tok, [prompt, "one two three " + prompt], ["good", "bad"], batch_size=2)
+    probs = label_word_probabilities(model, tok, [prompt, "one two three " + prompt], ["good", "bad"],
+                                     batch_size=2)
     ids = [tok.encode(w)[0] for w in ("good", "bad")]
     with torch.no_grad():
         last = model(torch.tensor([tok.encode(prompt)])).logits[0, -1]
@@ -195,7 +198,7 @@ def test_label_word_probabilities_and_evaluate_calibration(tok, tmp_path):
         evaluate_calibration(model, tok, examples, ["yes", "no"])
 
 
-# ---------------------------------------------------------------------------------------------- runner + report
+# ------------------------------------------------------------------------------------------ runner + report
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tok):
@@ -205,7 +208,7 @@ def tiny_model_dir(tmp_path_factory, tok):
     return path
 
 
-EVAL_KW = dict(seeds=(10, 20), max_new_tokens=16, batch_size=8, limit=20, max_prompt_length=512)
+EVAL_KW = {"seeds": (10, 20), "max_new_tokens": 16, "batch_size": 8, "limit": 20, "max_prompt_length": 512}
 
 
 @pytest.fixture(scope="module")

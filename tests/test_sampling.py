@@ -203,6 +203,26 @@ def test_stops_when_all_sequences_finished_and_trims(tok, monkeypatch):
     assert rollout.teacher_logprobs is None and rollout.mix_logprobs is None and rollout.teacher_hidden is None
 
 
+def test_masked_positions_are_zero_even_when_the_pad_is_truncated_away(tok, monkeypatch):
+    # With top-k the pad fed to a finished row can have log q = -inf; the buffer must hold 0, not NaN.
+    model = tiny_llama(tok, seed=12)
+    prompt_ids, prompt_mask = left_pad(tok, PROMPTS[:2])
+    eos = tok.eos_token_id
+    real_draw = sampling._draw_next
+
+    def draw_then_force_eos(*args, **kwargs):
+        token, logq, logp, logmix = real_draw(*args, **kwargs)
+        return token.index_fill(0, torch.tensor([1]), eos), logq.index_fill(0, torch.tensor([1]), -torch.inf), \
+            logp, logmix
+
+    monkeypatch.setattr(sampling, "_draw_next", draw_then_force_eos)
+    rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=3, top_k=1),
+                                eos_token_id=eos, pad_token_id=eos)
+    assert rollout.lengths.tolist() == [3, 1]
+    assert rollout.student_logprobs[1, 1:].tolist() == [0.0, 0.0]
+    assert torch.isfinite(rollout.student_logprobs[0]).all()
+
+
 def _counting(fn, calls):
     def wrapped(self, *args, **kwargs):
         calls.append(1)

@@ -155,10 +155,12 @@ class TrainConfig:
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                               f"({self.max_length}) so that responses have room.")
-        if self.method == "minillm" and self.teacher_mix_alpha > 0 and (self.top_k > 0 or self.top_p < 1.0):
-            raise ConfigError("teacher_mix_alpha > 0 cannot be combined with top_k > 0 or top_p < 1: a token "
-                              "drawn from the teacher part of the mixture could have zero student probability "
-                              "(infinite importance weight). Use top_k=0 top_p=1 (the paper's setting).")
+        if self.method in ("minillm", "onpolicy") and (self.top_k > 0 or self.top_p < 1.0):
+            raise ConfigError(f"method={self.method} samples with the teacher in the loop, so top_k > 0 / top_p < 1 "
+                              "are refused: a token drawn from the teacher part of the mixture could have zero "
+                              "student probability (infinite importance weight), and a student token outside the "
+                              "teacher's truncated support gets log p = -inf. Use top_k=0 top_p=1 (the paper's "
+                              "rollout setting).")
         if self.method == "minillm" and self.num_rollouts < self.batch_size:
             raise ConfigError(f"num_rollouts ({self.num_rollouts}) must be at least batch_size "
                               f"({self.batch_size}).")

@@ -56,11 +56,18 @@ def lm_head_fn(model) -> Callable[[Tensor], Tensor]:
     return fn
 
 
+def backbone(model):
+    """The transformer body (embeddings -> blocks -> final norm) of a causal LM, also under PEFT."""
+    if hasattr(model, "get_base_model"):  # peft.PeftModel: its .base_model is a LoraModel returning logits
+        model = model.get_base_model()
+    return model.base_model
+
+
 def final_hidden(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
     """Post-norm last-layer hidden states [B, T, H] (what the LM head consumes)."""
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=False)
     return out.last_hidden_state
 

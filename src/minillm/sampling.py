@@ -32,7 +32,7 @@ from transformers import (
 from transformers.generation.logits_process import LogitsProcessor
 
 from minillm.errors import ConfigError, DataError
-from minillm.models import lm_head_fn, position_ids_from_mask
+from minillm.models import backbone, lm_head_fn, position_ids_from_mask
 
 __all__ = [
     "Rollout",
@@ -237,7 +237,7 @@ class _Decoder:
     """
 
     def __init__(self, model) -> None:
-        self.backbone = model.base_model
+        self.backbone = backbone(model)
         self.head = lm_head_fn(model)
         self.device = next(model.parameters()).device
         self.cache = DynamicCache(config=model.config)
@@ -371,25 +371,32 @@ def generate_rollouts(
 
 def _assemble_rollout(steps: list[tuple[Tensor, ...]], prompt_ids: Tensor, prompt_mask: Tensor, *, alpha: float,
                       with_teacher: bool, with_hidden: bool) -> Rollout:
-    """Stack the per-step records into [B, T] CPU tensors, zeroing every float after a sequence's EOS."""
+    """Stack the per-step records into [B, T] CPU tensors, zeroing every float after a sequence's EOS.
+
+    Zeroing selects rather than multiplies: the pad fed to a finished row can be outside a truncated
+    distribution, and -inf * 0 would leave NaN in the buffer.
+    """
     columns = [torch.stack(list(col), dim=1).cpu() for col in zip(*steps)]
-    response_ids, active, student_logprobs = columns[:3]
-    mask = active.float()
-    student_logprobs = student_logprobs.float() * mask
+    response_ids, active = columns[:2]
+
+    def masked(x: Tensor) -> Tensor:
+        keep = active if x.dim() == 2 else active[..., None]
+        return torch.where(keep, x.float(), torch.zeros((), dtype=torch.float32))
+
+    student_logprobs = masked(columns[2])
     teacher_logprobs = mix_logprobs = teacher_hidden = None
-    weights = mask.clone()
+    weights = active.float()
     if with_teacher:
-        teacher_logprobs = columns[3].float() * mask
-        mix_logprobs = columns[4].float() * mask
+        teacher_logprobs, mix_logprobs = masked(columns[3]), masked(columns[4])
         if alpha > 0:
-            weights = torch.exp(student_logprobs - mix_logprobs) * mask
+            weights = masked(torch.exp(student_logprobs - mix_logprobs))
         if with_hidden:
-            teacher_hidden = columns[5].float() * mask[..., None]
+            teacher_hidden = masked(columns[5])
     return Rollout(
         prompt_ids=prompt_ids.cpu(),
         prompt_mask=prompt_mask.long().cpu(),
         response_ids=response_ids,
-        response_mask=mask,
+        response_mask=active.float(),
         lengths=active.long().sum(dim=1),
         student_logprobs=student_logprobs,
         teacher_logprobs=teacher_logprobs,

@@ -144,6 +144,9 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(
             mixed_precision="bf16" if cfg.precision == "bf16" else "no",
             step_scheduler_with_optimizer=False,
+            # without a GPU, processes started by `accelerate launch --multi_gpu` / torchrun form a gloo
+            # (MULTI_CPU) group instead of each running alone
+            cpu=not torch.cuda.is_available(),
         )
         acc = self.accelerator
         seed_everything(cfg.seed + acc.process_index)
@@ -325,11 +328,11 @@ class Trainer:
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
         try:
             self._loop()
+            return self.finish()
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             self._close_logs()
-        return self.finish()
 
     def _loop(self) -> None:
         from tqdm.auto import tqdm

@@ -74,6 +74,14 @@ def split_train_valid(examples: list, valid_examples: list | None, fraction: flo
             [e for i, e in enumerate(examples) if i in valid_idx])
 
 
+def require_examples(dataset, what: str, cfg) -> None:
+    """Fail early, with the fix, when filtering left too few examples to form one batch."""
+    if len(dataset) == 0:
+        raise DataError(f"no usable {what}: every example was dropped because its prompt is longer than "
+                        f"max_prompt_length={cfg.max_prompt_length} tokens (or leaves no room within "
+                        f"max_length={cfg.max_length}). Raise max_prompt_length / max_length.")
+
+
 def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 

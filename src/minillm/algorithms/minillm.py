@@ -28,7 +28,7 @@ from ..errors import ConfigError, TrainingError
 from ..losses import (advantages, chunked_token_terms, per_token_rewards, ppo_clipped_loss,
                       prefix_importance_weights, single_step_loss, whiten)
 from ..trainer import Algorithm
-from .common import EpochBatches, generation_validation, to_device
+from .common import EpochBatches, generation_validation, require_examples, to_device
 
 ROLLOUT_KEYS = ("input_ids", "attention_mask", "response_ids", "response_mask", "old_logprobs",
                 "weights", "single_step_weights", "advantages", "teacher_hidden")
@@ -117,6 +117,7 @@ class MiniLLM(Algorithm):
         self.steps_per_round = micro_per_round // cfg.gradient_accumulation_steps
         kw = dict(template=cfg.template, max_prompt_length=cfg.max_prompt_length)
         self.prompts = PromptDataset(self.train_examples, tok, **kw)
+        require_examples(self.prompts, "training prompts", cfg)
         self.valid_prompts = PromptDataset(self.valid_examples, tok, **kw) if self.valid_examples else None
         self.prompt_order = EpochBatches(len(self.prompts), self.rollouts_per_process, cfg.seed, rank, world)
         self.pt = PackedCorpus(cfg.pt_data, tok, seq_len=cfg.pt_seq_len) if cfg.pt_data else None

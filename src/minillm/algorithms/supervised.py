@@ -16,7 +16,7 @@ import torch
 
 from ..losses import chunked_token_terms
 from ..trainer import Algorithm
-from .common import EpochBatches, generation_validation, steps_for, to_device
+from .common import EpochBatches, generation_validation, require_examples, steps_for, to_device
 
 
 class Supervised(Algorithm):
@@ -40,6 +40,7 @@ class Supervised(Algorithm):
         self.valid_prompts = (PromptDataset(self.valid_examples, tok, template=cfg.template,
                                             max_prompt_length=cfg.max_prompt_length)
                               if self.valid_examples else None)
+        require_examples(self.train_set, "training examples", cfg)
         acc = trainer.accelerator
         self.order = EpochBatches(len(self.train_set), cfg.batch_size, cfg.seed, acc.process_index,
                                   acc.num_processes)

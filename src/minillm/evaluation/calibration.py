@@ -50,7 +50,8 @@ def _bins(confidences: Tensor, correct: Tensor, n_bins: int) -> list[tuple[int, 
     return out
 
 
-def _as_tensors(confidences: Sequence[float] | Tensor, correct: Sequence[bool] | Tensor) -> tuple[Tensor, Tensor]:
+def _as_tensors(confidences: Sequence[float] | Tensor,
+                correct: Sequence[bool] | Tensor) -> tuple[Tensor, Tensor]:
     return (torch.as_tensor(confidences, dtype=torch.float64).flatten(),
             torch.as_tensor(correct, dtype=torch.float64).flatten())
 

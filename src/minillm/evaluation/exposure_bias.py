@@ -140,8 +140,8 @@ def measure_exposure_bias(student, teacher, tokenizer, prompts: Sequence[str], *
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0)
-    common = dict(pad_token_id=pad, eos_token_id=eos, config=config, seed=seed, shared_vocab_size=vocab,
-                  batch_size=batch_size)
+    common = {"pad_token_id": pad, "eos_token_id": eos, "config": config, "seed": seed,
+              "shared_vocab_size": vocab, "batch_size": batch_size}
     student_prefix_kl = _sample_and_score(student, student, teacher, repeated, **common)
     teacher_prefix_kl = _sample_and_score(teacher, student, teacher, repeated, **common)
     curve = exacc_err_curve(student_prefix_kl, teacher_prefix_kl)

@@ -23,7 +23,13 @@ def load_results(run_dir: str | Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); re-run the evaluation to rewrite it") from e
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); re-run the evaluation to "
+                        "rewrite it") from e
+
+
+def format_mean_std(stat: dict) -> str:
+    """A table cell "mean ± std" (two decimals, as the paper's tables)."""
+    return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
 
 
 def _collect(run_dirs: list[str | Path], metric: str) -> tuple[dict[str, dict[str, dict]], list[str]]:
@@ -59,7 +65,7 @@ def render_report(run_dirs: list[str | Path], out_path_md: str | Path, out_path_
     rows, sets = _collect(run_dirs, metric)
     lines = [f"| model | {' | '.join(sets)} |", "|---|" + "---|" * len(sets)]
     for name, cells in rows.items():
-        shown = [f"{cells[s]['mean']:.2f} ± {cells[s]['std']:.2f}" if s in cells else "–" for s in sets]
+        shown = [format_mean_std(cells[s]) if s in cells else "–" for s in sets]
         lines.append(f"| {name} | {' | '.join(shown)} |")
     title = f"{metric}: mean ± std over seeds"
     out_md = Path(out_path_md)

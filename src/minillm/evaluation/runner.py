@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -37,13 +37,14 @@ from tqdm.auto import tqdm
 from minillm.data import PromptDataset, collate_prompts, load_instructions
 from minillm.errors import ConfigError, DataError
 from minillm.evaluation.metrics import distinct_n, exact_match, mean_and_std, rouge_l
+from minillm.evaluation.report import format_mean_std
 from minillm.models import load_model, load_tokenizer
 from minillm.sampling import SamplingConfig, generate_rollouts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    ModelSpec = Union[str, os.PathLike, tuple[PreTrainedModel, PreTrainedTokenizerBase]]
+    ModelSpec = str | os.PathLike | tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
@@ -90,14 +91,15 @@ def _check_names(models: dict, data_files: Sequence[str]) -> dict[str, str]:
             raise ConfigError(f"model name {name!r} cannot be used as a folder name; use letters, digits and "
                               "._=+- only (e.g. 'gpt2-sft')")
         if not isinstance(spec, (str, os.PathLike, tuple)):
-            raise ConfigError(f"model {name!r}: pass a path / hub id / built-in name, or a (model, tokenizer) "
-                              f"pair, not a bare {type(spec).__name__} (its tokenizer is needed to decode)")
+            raise ConfigError(f"model {name!r}: pass a path / hub id / built-in name, or a (model, "
+                              f"tokenizer) pair, not a bare {type(spec).__name__} (its tokenizer is needed "
+                              "to decode)")
     sets: dict[str, str] = {}
     for source in data_files:
         stem = Path(str(source)).stem
         if stem in sets:
-            raise ConfigError(f"data files {sets[stem]!r} and {source!r} have the same set name {stem!r} (the "
-                              "file stem); rename one so their results do not overwrite each other")
+            raise ConfigError(f"data files {sets[stem]!r} and {source!r} have the same set name {stem!r} "
+                              "(the file stem); rename one so their results do not overwrite each other")
         sets[stem] = str(source)
     if not sets:
         raise ConfigError("evaluate_models needs at least one data file")
@@ -194,27 +196,27 @@ def _markdown(results: dict, settings: dict) -> str:
            "Rouge-L (F, stemmed, max over references, ×100): mean ± std over seeds.", "",
            f"| model | {' | '.join(sets)} |", "|---|" + "---|" * len(sets)]
     for model, per_set in results.items():
-        cells = [f"{per_set[s]['rougeL']['mean']:.2f} ± {per_set[s]['rougeL']['std']:.2f}" if s in per_set else "–"
-                 for s in sets]
+        cells = [format_mean_std(per_set[s]["rougeL"]) if s in per_set else "–" for s in sets]
         out.append(f"| {model} | {' | '.join(cells)} |")
     out += ["", "| model | set | n (dropped) | Rouge-L | exact match | length (tokens) | Dist-4 |",
             "|---|---|---|---|---|---|---|"]
     for model, per_set in results.items():
         for s, r in per_set.items():
-            cells = [f"{r[k]['mean']:.2f} ± {r[k]['std']:.2f}" for k in ("rougeL", "exact_match", "length", "dist4")]
+            cells = [format_mean_std(r[k]) for k in ("rougeL", "exact_match", "length", "dist4")]
             out.append(f"| {model} | {s} | {r['n']} ({r['n_dropped']}) | {' | '.join(cells)} |")
     shown = ", ".join(f"{k}={v}" for k, v in settings.items())
-    out += ["", f"Settings: {shown}.",
-            "no_repeat_ngram_size=0 matches the paper's published numbers (the fork bug disabled the 6-gram "
-            "block until Sep 2024; spec §5.5).", ""]
+    note = ("no_repeat_ngram_size=0 matches the paper's published numbers (the fork bug disabled the 6-gram "
+            "block until Sep 2024; spec §5.5).")
+    out += ["", f"Settings: {shown}.", note, ""]
     return "\n".join(out)
 
 
 def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir: str | os.PathLike, *,
                     seeds: Sequence[int] = (10, 20, 30, 40, 50), max_new_tokens: int = 256,
-                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, no_repeat_ngram_size: int = 0,
-                    batch_size: int = 8, limit: int | None = None, template: str = "minillm",
-                    max_prompt_length: int = 256, dtype: str = "float32", device: str | None = None) -> dict:
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    no_repeat_ngram_size: int = 0, batch_size: int = 8, limit: int | None = None,
+                    template: str = "minillm", max_prompt_length: int = 256, dtype: str = "float32",
+                    device: str | None = None) -> dict:
     """Evaluate every model on every data file for every seed; write generations and aggregates.
 
     Args:
@@ -237,12 +239,13 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     sets = _check_names(models, data_files)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              no_repeat_ngram_size=no_repeat_ngram_size)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, no_repeat_ngram_size=no_repeat_ngram_size)
     # Everything that changes generations; pinned against the files already in out_dir.
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                "no_repeat_ngram_size": no_repeat_ngram_size, "batch_size": batch_size, "limit": limit or None,
-                "template": template, "max_prompt_length": max_prompt_length, "dtype": dtype}
+                "no_repeat_ngram_size": no_repeat_ngram_size, "batch_size": batch_size,
+                "limit": limit or None, "template": template, "max_prompt_length": max_prompt_length,
+                "dtype": dtype}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sources = {name: str(spec) if not isinstance(spec, tuple) else "<in-memory model>"
@@ -291,7 +294,8 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
                 records[name, job.set_name, job.seed] = _read_complete(job.path, ids)
             del model
 
-    results = {name: {set_name: _aggregate({s: records[name, set_name, s] for s in seeds}, dropped[name, set_name])
+    results = {name: {set_name: _aggregate({s: records[name, set_name, s] for s in seeds},
+                                           dropped[name, set_name])
                       for set_name in sets}
                for name in models}
     summary = {"settings": settings, "results": results}
