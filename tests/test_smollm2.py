@@ -39,3 +39,32 @@ def test_prune_sft_save_reload_generate(tmp_path):
     ids = tok("What is the capital of France?", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 5 or tok.eos_token_id in out[0, ids.shape[1]:].tolist()
+
+
+@needs_smollm2
+def test_minillm_smoke_on_real_teacher(tmp_path):
+    """2 MiniLLM rounds with the real SmolLM2 teacher and a 2-layer pruned student: runs, logs, saves."""
+    from minillm import api
+    from minillm.cli import run
+    from minillm.config import TrainConfig, build_config
+
+    dolly = shared_data("dolly_dev1000.jsonl")
+    rows = [json.loads(x) for x in dolly.read_text().splitlines()[:12]]
+    data = tmp_path / "dolly12.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    student_dir = tmp_path / "student2"
+    assert run(["prune", "--model", "smollm2-135m-instruct", "--layers", "2", "--out", str(student_dir)]) == 0
+    corpus = tmp_path / "pt.txt"
+    corpus.write_text("The Sun is a star at the center of the solar system.\n\nWater boils at 100 degrees "
+                      "Celsius at sea level, and freezes at zero degrees.\n")
+    cfg = build_config(TrainConfig, None, dict(
+        method="minillm", student=str(student_dir), teacher="smollm2-135m-instruct", train_data=str(data),
+        valid_fraction=0.2, output_dir=str(tmp_path / "run"), batch_size=2, num_rollouts=2, rollout_batch_size=2,
+        ppo_epochs=1, max_steps=2, max_new_tokens=12, learning_rate=1e-5, max_length=512, max_prompt_length=384,
+        pt_data=str(corpus), pt_seq_len=16, eval_num_prompts=2))
+    api.train(cfg)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "pg" in r]
+    assert len(steps) == 2 and all("single_step" in r and "pt" in r for r in steps)
+    assert sum(1 for r in recs if "rollout/round" in r) == 2
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()

@@ -133,3 +133,47 @@ def evaluate(cfg) -> Path:
     if cfg.calibration:
         _calibration(cfg, models, out)
     return out
+
+
+def _exposure_bias(cfg, models: dict[str, str], out: Path) -> None:
+    """ExAccErr (spec §4.3) of each model against the teacher on the first data file's prompts."""
+    from .data import build_prompt, load_instructions
+    from .evaluation.exposure_bias import measure_exposure_bias, plot_exposure_bias
+    from .models import check_compatibility, load_model, load_tokenizer
+
+    teacher = load_model(cfg.teacher, dtype=cfg.dtype)
+    teacher_tok = load_tokenizer(cfg.teacher)
+    examples = load_instructions(str(cfg.data[0]), limit=cfg.limit or None)
+    results = {}
+    for label, path in models.items():
+        tok = load_tokenizer(path)
+        student = load_model(path, dtype=cfg.dtype)
+        shared = check_compatibility(teacher_tok, tok, teacher, student)
+        prompts = [build_prompt(ex, cfg.template, tok) for ex in examples]
+        curve = measure_exposure_bias(student, teacher, tok, prompts, max_new_tokens=cfg.max_new_tokens,
+                                      samples_per_prompt=cfg.exposure_bias_samples, seed=int(cfg.seeds[0]),
+                                      shared_vocab_size=shared, batch_size=cfg.batch_size,
+                                      max_prompt_length=cfg.max_prompt_length)
+        plot_exposure_bias(curve, out / f"exposure_bias_{label}.png", label=label)
+        results[label] = curve
+    (out / "exposure_bias.json").write_text(json.dumps(results))
+
+
+def _calibration(cfg, models: dict[str, str], out: Path) -> None:
+    """ECE and reliability diagrams on classification-style files (records with `labels`)."""
+    from .data import load_instructions
+    from .evaluation.calibration import evaluate_calibration, reliability_diagram
+    from .models import load_model, load_tokenizer
+
+    results: dict[str, dict] = {}
+    for label, path in models.items():
+        tok = load_tokenizer(path)
+        model = load_model(path, dtype=cfg.dtype)
+        for data in cfg.calibration:
+            name = Path(str(data)).stem
+            r = evaluate_calibration(model, tok, load_instructions(str(data), limit=cfg.limit or None),
+                                     template=cfg.template, batch_size=cfg.batch_size,
+                                     max_prompt_length=cfg.max_prompt_length)
+            reliability_diagram(r["confidences"], r["correct"], out / f"reliability_{label}_{name}.png")
+            results.setdefault(label, {})[name] = {k: r[k] for k in ("ece", "accuracy", "n", "n_dropped")}
+    (out / "calibration.json").write_text(json.dumps(results, indent=1))

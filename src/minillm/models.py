@@ -210,10 +210,36 @@ def _hub_error(model_id: str, error: Exception) -> ModelError:
     )
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so that a machine without internet fails in seconds, not after ~90 s of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _from_hub(loader: Callable, model_id: str, **kwargs):
     from huggingface_hub.errors import HFValidationError
 
     try:
+        if not _hub_offline():
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = any(isinstance(try_to_load_from_cache(model_id, f), str)
+                         for f in ("config.json", "tokenizer_config.json"))
+            if cached:  # already in the local Hugging Face cache: no network needed
+                try:
+                    return loader(model_id, local_files_only=True, **kwargs)
+                except (OSError, HFValidationError):
+                    pass
+            if not _hub_reachable():
+                raise OSError("no connection to the Hugging Face hub")
         return loader(model_id, local_files_only=_hub_offline(), **kwargs)
     except (OSError, HFValidationError) as error:  # connection errors and missing repos are OSErrors
         raise _hub_error(model_id, error) from error
