@@ -242,7 +242,7 @@ class MiniLLM(Algorithm):
         h = hidden[:B, P - 1:P - 1 + T][valid]  # position t-1 predicts response token t
         teacher_h = batch["teacher_hidden"][valid] if cfg.single_step else None
         t = chunked_token_terms(h, tr.student_head, targets=batch["response_ids"][valid], teacher_hidden=teacher_h,
-                                teacher_head=tr.teacher_head, divergence="rkl" if cfg.single_step else None,
+                                teacher_head=tr.teacher_head if teacher_h is not None else None, divergence="rkl" if cfg.single_step else None,
                                 vocab_size=tr.shared_vocab_size, temperature=cfg.temperature,
                                 chunk_size=cfg.chunk_size)
         ones = torch.ones_like(t.logprobs)
@@ -274,7 +274,7 @@ class MiniLLM(Algorithm):
             th = tr.teacher_hidden(pt_ids, torch.ones_like(pt_ids))[:, :-1]
             teacher_h = th.reshape(-1, th.shape[-1])
         t = chunked_token_terms(h, tr.student_head, targets=targets, teacher_hidden=teacher_h,
-                                teacher_head=tr.teacher_head, divergence="fkl" if cfg.kd_ratio > 0 else None,
+                                teacher_head=tr.teacher_head if teacher_h is not None else None, divergence="fkl" if cfg.kd_ratio > 0 else None,
                                 vocab_size=tr.shared_vocab_size, chunk_size=cfg.chunk_size)
         ce = -t.logprobs.mean()
         if cfg.kd_ratio == 0:

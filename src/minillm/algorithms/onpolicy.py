@@ -77,7 +77,7 @@ class OnPolicy(Supervised):
             teacher_h = batch["teacher_hidden"][valid]
             targets = batch["response_ids"][valid]
         t = chunked_token_terms(hidden, tr.student_head, targets=targets, teacher_hidden=teacher_h,
-                                teacher_head=tr.teacher_head, divergence=self.divergence,
+                                teacher_head=tr.teacher_head if teacher_h is not None else None, divergence=self.divergence,
                                 vocab_size=tr.shared_vocab_size, temperature=cfg.temperature,
                                 chunk_size=cfg.chunk_size, beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha)
         return {self.divergence: t.divergence.mean()}, {"tokens": int(valid.sum()),

@@ -66,7 +66,7 @@ class Supervised(Algorithm):
         if self.divergence is not None:
             teacher_hidden = tr.teacher_hidden(ids, mask)[:, :-1][valid]
         t = chunked_token_terms(hidden, tr.student_head, targets=targets[valid], teacher_hidden=teacher_hidden,
-                                teacher_head=tr.teacher_head, divergence=self.divergence,
+                                teacher_head=tr.teacher_head if teacher_hidden is not None else None, divergence=self.divergence,
                                 vocab_size=tr.shared_vocab_size, chunk_size=cfg.chunk_size,
                                 beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha)
         ce = -t.logprobs.mean()
