@@ -88,7 +88,7 @@ def generate(cfg: GenerateConfig) -> Path:
     cfg.validate()
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=cfg.dtype)
-    examples = load_instructions(cfg.data, limit=cfg.limit or None)
+    examples = load_instructions(cfg.data, limit=cfg.limit or None, require_output=False)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                               top_p=cfg.top_p, no_repeat_ngram_size=cfg.no_repeat_ngram_size, greedy=cfg.greedy)
     out = generate_file(model, tokenizer, examples, cfg.output, template=cfg.template,

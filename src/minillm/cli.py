@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=("spread", "first"), default="spread",
                    help="spread: evenly spaced layers incl. first and last; first: the first K layers")
     p.add_argument("--out", required=True, help="output folder")
+    p = sub.add_parser("quickstart", help="The whole MiniLLM pipeline on a real teacher (SmolLM2-135M-Instruct) "
+                                          "in minutes on a CPU, ending in a report.")
+    p.add_argument("--out", default="quickstart", help="output folder (stages already done there are skipped)")
+    p.add_argument("--budget", choices=("tiny", "small", "full"), default="small",
+                   help="tiny: ~3 min (smoke test), small: <= 15 min (default), full: <= 60 min on 2 CPU cores")
+    p.add_argument("--compare", action="store_true", help="also train the SFT, KD and SeqKD baselines")
     p = sub.add_parser("report", help="Put several evaluation runs side by side (markdown table + PNG chart).")
     p.add_argument("runs", nargs="+", help="evaluation output folders (each with results.json)")
     p.add_argument("--out", default="report", help="output path prefix (writes PREFIX.md and PREFIX.png)")
@@ -123,6 +129,11 @@ def run(argv: list[str] | None = None) -> int:
         from .models import prune_command
 
         prune_command(args.model, args.layers, args.strategy, args.out)
+    elif args.command == "quickstart":
+        from .quickstart import quickstart
+
+        report = quickstart(args.out, args.budget, args.compare)
+        print(f"report: {report}")
     elif args.command == "report":
         from .evaluation.report import render_report
 

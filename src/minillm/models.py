@@ -45,7 +45,11 @@ def lm_head_fn(model) -> Callable[[Tensor], Tensor]:
     softcap = getattr(model.config, "final_logit_softcapping", None)
     scale = getattr(model.config, "logit_scale", None)
 
+    weight = getattr(head, "weight", None)
+
     def fn(hidden: Tensor) -> Tensor:
+        if weight is not None and hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            hidden = hidden.to(weight.dtype)  # e.g. fp32 hidden states stored from a bf16 teacher
         logits = head(hidden)
         if scale is not None and not isinstance(scale, bool):
             logits = logits * scale

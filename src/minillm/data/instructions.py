@@ -40,7 +40,7 @@ def _field(record: dict, names: tuple[str, ...]) -> tuple[str | None, Any]:
     return None, None
 
 
-def _to_example(record: Any, where: str, default_id: str) -> InstructionExample:
+def _to_example(record: Any, where: str, default_id: str, require_output: bool = True) -> InstructionExample:
     """Validate one record; `where` ("file:line" or "dataset record N") prefixes every error."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object with 'instruction' and 'output' fields, "
@@ -59,10 +59,12 @@ def _to_example(record: Any, where: str, default_id: str) -> InstructionExample:
         raise DataError(f"{where}: field '{input_name}' must be a string, got {type(input_text).__name__}")
 
     output_name, output = _field(record, _OUTPUT_FIELDS)
-    if output_name is None:
+    if output_name is None and not require_output:  # prompt-only files (generation, RL prompts)
+        output_name, output = "output", []
+    elif output_name is None:
         raise DataError(f"{where}: missing field 'output' (or Dolly's 'response'); fields present: {sorted(record)}")
     outputs = [output] if isinstance(output, str) else output
-    if not (isinstance(outputs, list) and outputs and all(isinstance(o, str) for o in outputs)):
+    if not (isinstance(outputs, list) and (outputs or not require_output) and all(isinstance(o, str) for o in outputs)):
         raise DataError(f"{where}: field '{output_name}' must be a string or a non-empty list of strings, "
                         f"got {type(output).__name__} ({str(output)[:40]})")
 
@@ -104,14 +106,15 @@ def _starts_with_list(path: Path) -> bool:
     return False
 
 
-def _load_file(path: Path, limit: int | None) -> list[InstructionExample]:
+def _load_file(path: Path, limit: int | None, require_output: bool = True) -> list[InstructionExample]:
     examples = []
     try:
         records = _read_json_array(path) if _starts_with_list(path) else _read_jsonl(path)
         for where, record in records:
             if limit is not None and len(examples) >= limit:
                 break
-            examples.append(_to_example(record, where, default_id=f"{path.stem}-{len(examples)}"))
+            examples.append(_to_example(record, where, default_id=f"{path.stem}-{len(examples)}",
+                                        require_output=require_output))
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not a UTF-8 text file ({error.reason})") from error
     if not examples:
@@ -120,7 +123,7 @@ def _load_file(path: Path, limit: int | None) -> list[InstructionExample]:
     return examples
 
 
-def _load_hub(name: str, split: str, limit: int | None) -> list[InstructionExample]:
+def _load_hub(name: str, split: str, limit: int | None, require_output: bool = True) -> list[InstructionExample]:
     import datasets
 
     try:
@@ -133,7 +136,8 @@ def _load_hub(name: str, split: str, limit: int | None) -> list[InstructionExamp
         ) from error
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
-    return [_to_example(dict(record), f"dataset '{name}' split '{split}' record {i + 1}", f"{name}-{i}")
+    return [_to_example(dict(record), f"dataset '{name}' split '{split}' record {i + 1}", f"{name}-{i}",
+                        require_output)
             for i, record in enumerate(dataset)]
 
 
@@ -141,18 +145,21 @@ def _looks_like_file(source: str) -> bool:
     return source.lower().endswith((".jsonl", ".json")) or source.startswith(("/", ".", "~")) or "\\" in source
 
 
-def load_instructions(source: str, *, limit: int | None = None, split: str = "train") -> list[InstructionExample]:
+def load_instructions(source: str, *, limit: int | None = None, split: str = "train",
+                      require_output: bool = True) -> list[InstructionExample]:
     """Examples from a local .jsonl/.json file or a hub dataset name (`split` applies to hub datasets).
 
-    `limit` keeps the first `limit` examples (file order), e.g. for quick runs.
+    `limit` keeps the first `limit` examples (file order), e.g. for quick runs. With
+    `require_output=False` records without `output` are accepted (prompt-only files); their
+    `outputs` is empty.
     """
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of examples, got {limit}")
     path = Path(str(source)).expanduser()
     if path.is_file():
-        return _load_file(path, limit)
+        return _load_file(path, limit, require_output)
     if path.is_dir():
         raise DataError(f"'{path}' is a folder; pass a .jsonl file (one JSON object per line)")
     if _looks_like_file(str(source)):
         raise DataError(f"no such file: '{path}'")
-    return _load_hub(str(source), split, limit)
+    return _load_hub(str(source), split, limit, require_output)

@@ -96,7 +96,7 @@ class SFTDataset(torch.utils.data.Dataset):
 
 
 class PromptDataset(torch.utils.data.Dataset):
-    """Prompts for rollouts and evaluation; items {"prompt_ids", "prompt", "references", "id"}."""
+    """Prompts for rollouts and evaluation; items {"prompt_ids", "prompt", "references", "id", "example"}."""
 
     def __init__(self, examples: Sequence[InstructionExample], tokenizer, template: str = "minillm",
                  max_prompt_length: int = 256):
@@ -106,7 +106,7 @@ class PromptDataset(torch.utils.data.Dataset):
             prompt_ids = encode_prompt(tokenizer, prompt, max_prompt_length)
             if prompt_ids is not None:
                 self.items.append({"prompt_ids": prompt_ids, "prompt": prompt,
-                                   "references": list(example.outputs), "id": example.id})
+                                   "references": list(example.outputs), "id": example.id, "example": example})
         self.num_dropped = len(examples) - len(self.items)
         if self.num_dropped:
             log.warning("PromptDataset: dropped %d of %d examples whose prompt exceeds max_prompt_length=%d tokens",

