@@ -36,13 +36,13 @@ SUFFIX = " Answer in at most three sentences."
 # parameters (the tied 28M-parameter embedding dominates) and decodes ~2.5x faster than the teacher.
 BUDGETS = {
     "tiny": dict(n_train=24, n_valid=8, n_test=8, teacher_tokens=32, layers=4, sft_epochs=2, sft_batch=4,
-                 sft_lr=5e-4, minillm_steps=2, rollouts=4, batch=4, ppo_epochs=1, minillm_lr=2e-5,
+                 sft_lr=5e-4, minillm_steps=2, rollouts=4, batch=4, ppo_epochs=1, minillm_lr=5e-5,
                  new_tokens=32, seeds=(10,), eval_every=0),
-    "small": dict(n_train=240, n_valid=24, n_test=48, teacher_tokens=80, layers=4, sft_epochs=3, sft_batch=8,
-                  sft_lr=5e-4, minillm_steps=40, rollouts=32, batch=8, ppo_epochs=2, minillm_lr=2e-5,
-                  new_tokens=80, seeds=(10, 20, 30), eval_every=8),
+    "small": dict(n_train=240, n_valid=16, n_test=40, teacher_tokens=80, layers=4, sft_epochs=3, sft_batch=8,
+                  sft_lr=5e-4, minillm_steps=16, rollouts=32, batch=8, ppo_epochs=2, minillm_lr=5e-5,
+                  new_tokens=80, seeds=(10, 20), eval_every=0),
     "full": dict(n_train=296, n_valid=24, n_test=40, teacher_tokens=128, layers=6, sft_epochs=5, sft_batch=8,
-                 sft_lr=5e-4, minillm_steps=160, rollouts=32, batch=8, ppo_epochs=2, minillm_lr=2e-5,
+                 sft_lr=5e-4, minillm_steps=96, rollouts=32, batch=8, ppo_epochs=2, minillm_lr=5e-5,
                  new_tokens=128, seeds=(10, 20, 30, 40, 50), eval_every=16),
 }
 
@@ -153,7 +153,8 @@ def quickstart(out: str = "quickstart", budget: str = "small", compare: bool = F
               eval_num_prompts=b["n_valid"], rollout_batch_size=16)
     minillm_dir = _train(root / "runs" / "minillm", method="minillm", student=str(init), num_rollouts=b["rollouts"],
                          batch_size=b["batch"], ppo_epochs=b["ppo_epochs"], max_steps=b["minillm_steps"],
-                         pt_data=str(_resource("pretrain_corpus.txt")), pt_seq_len=128, select_by="rougeL",
+                         pt_data=str(_resource("pretrain_corpus.txt")), pt_seq_len=64, select_by="rougeL",
+                         precision="bf16",
                          eval_every=b["eval_every"], **rl, **common)
     mark("minillm")
 

@@ -141,6 +141,12 @@ class Trainer:
         self.teacher = teacher
         self.shared_vocab_size = shared_vocab_size
         self.out = Path(cfg.output_dir)
+        if accelerator is None:
+            from accelerate.state import AcceleratorState
+
+            # several runs in one process (quickstart stages, tests) may use different precisions; the
+            # process group (PartialState) is kept, only the per-run state is reset
+            AcceleratorState._reset_state()
         self.accelerator = accelerator or Accelerator(
             mixed_precision="bf16" if cfg.precision == "bf16" else "no",
             step_scheduler_with_optimizer=False,
