@@ -159,3 +159,31 @@ def test_two_process_training_keeps_ranks_identical(tiny_dirs, instruction_file,
     assert _max_diff(r0, r1) == 0.0
     init = load_file(str(Path(tiny_dirs["student"]) / "model.safetensors"))
     assert max(float((r0[k] - init[k]).abs().max()) for k in init) > 1e-4
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_dirs, instruction_file, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "minillm.cli", "sft", f"student={tiny_dirs['student']}",
+           f"train_data={instruction_file}", f"output_dir={out}", "batch_size=2", "max_steps=100000",
+           "max_length=200", "max_prompt_length=160", "valid_fraction=0.2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "resume with resume=true" in err
+    ckpts = [p for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
+    assert len(ckpts) == 1
+    step = int(ckpts[0].name.split("-")[1])
+    assert step >= 3
+    cfg = _cfg(tiny_dirs, instruction_file, out, batch_size=2, max_steps=100000, resume=True)
+    cfg.max_steps = step + 2  # finish quickly: the schedule length differs, resume still works
+    api.train(cfg)
+    assert json.loads((out / "summary.json").read_text())["steps"] == step + 2

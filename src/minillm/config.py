@@ -104,14 +104,16 @@ class TrainConfig:
     teacher_mix_alpha: float = _f(0.2, "Teacher-mixed sampling: draw tokens from alpha*p + (1-alpha)*q "
                                   "(0 = pure student).", min=0.0, max=0.99)
     single_step: bool = _f(True, "Add the single-step term: exact token-level KL(q||p) over the vocabulary.")
-    single_step_weighted: bool = _f(False, "Weight the single-step term by the importance weight w_t "
-                                    "(paper Eq. 7; the released code does not).")
+    single_step_weighted: bool = _f(False, "Weight the single-step term by the importance weight (paper Eq. 7; "
+                                    "the released code does not - with the token approximation both have the "
+                                    "same expected gradient).")
     length_norm: bool = _f(True, "Length-normalise the long-term return (divide by the remaining tokens).")
     advantage: str = _f("lmops", "Long-term return: lmops (released code: includes r_t, gamma=0.95) or "
                         "paper (R_{t+1}, gamma=1).", choices=("lmops", "paper"))
     gamma: float = _f(0.95, "Discount of the long-term return (advantage=paper forces 1.0).", min=0.0, max=1.0)
-    importance_weight: str = _f("token", "token: w_t = q(y_t)/p~(y_t) (paper Eq. 5); prefix: the exact "
-                                "product over the prefix (unbiased, high variance).", choices=("token", "prefix"))
+    importance_weight: str = _f("token", "token: w_t = q(y_t)/p~(y_t) (paper Eq. 5, biased by design); prefix: "
+                                "the exact product over the prefix with per-decision weights on the return "
+                                "(unbiased, high variance).", choices=("token", "prefix"))
     clip_eps: float = _f(0.2, "PPO clipping of rho = q_theta / p~ (0 = no clipping).", min=0.0)
     reward_scaling: float = _f(0.5, "Rewards are divided by this before clipping (logging only after "
                                "whitening).", min=1e-6)
@@ -130,8 +132,7 @@ class TrainConfig:
     lm_coef: float = _f(1.0, "Weight of L_PT in the total loss.", min=0.0)
 
     # Evaluation, checkpoints, logging
-    eval_every: int = _f(0, "Validate every N optimiser steps (0 = at the end of each epoch / round set).",
-                         min=0)
+    eval_every: int = _f(0, "Validate every N optimiser steps (0 = only at the end of training).", min=0)
     eval_num_prompts: int = _f(100, "Validation prompts for generation-based validation (Rouge-L).", min=1)
     select_by: str = _f("auto", "Best-checkpoint metric: auto (sft/kd: valid loss; minillm/onpolicy: "
                         "valid Rouge-L), valid_loss, rougeL.", choices=("auto", "valid_loss", "rougeL"))

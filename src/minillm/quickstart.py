@@ -38,7 +38,7 @@ BUDGETS = {
     "tiny": dict(n_train=24, n_valid=8, n_test=8, teacher_tokens=32, layers=4, sft_epochs=2, sft_batch=4,
                  sft_lr=5e-4, minillm_steps=2, rollouts=4, batch=4, ppo_epochs=1, minillm_lr=5e-5,
                  new_tokens=32, seeds=(10,), eval_every=0),
-    "small": dict(n_train=240, n_valid=16, n_test=40, teacher_tokens=80, layers=4, sft_epochs=3, sft_batch=8,
+    "small": dict(n_train=240, n_valid=16, n_test=24, teacher_tokens=80, layers=4, sft_epochs=3, sft_batch=8,
                   sft_lr=5e-4, minillm_steps=16, rollouts=32, batch=8, ppo_epochs=2, minillm_lr=5e-5,
                   new_tokens=80, seeds=(10, 20), eval_every=0),
     "full": dict(n_train=296, n_valid=24, n_test=40, teacher_tokens=128, layers=6, sft_epochs=5, sft_batch=8,
