@@ -47,8 +47,9 @@ def eos_scripted_sampler(monkeypatch, script: torch.Tensor) -> None:
     monkeypatch.setattr(sampling, "sample_from_probs", lambda probs, generator=None: script[:, next(step)].clone())
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_kv_cache_logprobs_and_hidden_match_full_forward(tok, family):
+@pytest.mark.parametrize("family, alpha", [("llama", 0.3), ("gpt2", 0.3), ("llama", 0.0), ("gpt2", 0.0)])
+def test_kv_cache_logprobs_and_hidden_match_full_forward(tok, family, alpha):
+    """alpha > 0 steps the teacher in lockstep; alpha = 0 scores with one teacher forward: both must agree."""
     make = tiny_llama if family == "llama" else tiny_gpt2
     student = make(tok, seed=1)
     # A wider (padded) teacher vocabulary: both must be sliced to the shared width.
@@ -56,9 +57,12 @@ def test_kv_cache_logprobs_and_hidden_match_full_forward(tok, family):
     prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
     config = SamplingConfig(max_new_tokens=10, temperature=0.7)
     rollout = generate_rollouts(student, prompt_ids, prompt_mask, config=config, eos_token_id=tok.eos_token_id,
-                                pad_token_id=tok.pad_token_id, teacher=teacher, teacher_mix_alpha=0.3,
+                                pad_token_id=tok.pad_token_id, teacher=teacher, teacher_mix_alpha=alpha,
                                 generator=torch.Generator().manual_seed(0), return_teacher_hidden=True)
     vocab = len(tok)
+    if alpha == 0:
+        torch.testing.assert_close(rollout.mix_logprobs, rollout.student_logprobs)
+        assert torch.equal(rollout.importance_weights, rollout.response_mask)
     assert int(rollout.response_ids.max()) < vocab
     logq, _ = reference_logprobs(student, rollout, config.temperature, vocab)
     logp, _ = reference_logprobs(teacher, rollout, config.temperature, vocab)
