@@ -1,0 +1,492 @@
+"""Scaled-down replication of the paper's Table 1 (issue 7): one resumable driver.
+
+    python experiments/table1/run.py --out ~/table1-run            # the real run (hours, 2 CPU cores)
+    python experiments/table1/run.py --out /tmp/t1 --smoke         # tiny models, same stage code, < 90 s
+
+Stages (each skipped when its marker `OUT/stages/<name>.json` exists; training stages also resume
+inside via resume=true save_every=N; evaluate_models resumes per (model, set, seed) file):
+  data            Dolly dev1000 -> train 900 / valid 100 (fixed seed); DollyEval 500; S-NI subset 500
+  teacher-sft     SmolLM2-135M-Instruct SFT'd on the train split (selected by validation loss)
+  teacher-select  shipped vs SFT teacher: Rouge-L on the validation split over seeds; keep the better
+  student-pruned  the chosen teacher pruned to K layers
+  init            SFT of the pruned student on the train split, selected by validation loss
+  method-<m>      sft / kd / seqkd / minillm (/ rkl / onpolicy) from the init, same optimiser steps
+  eval-rouge      every method + teacher + init on both test sets, seeds, Rouge-L (evaluate_models)
+  eval-kl-<m>     sequence-level reverse / forward KL and length on DollyEval prompts (compare_to_teacher)
+  eval-eb-<m>     ExAccErr curve against the teacher (measure_exposure_bias)
+  results         OUT/results.json, OUT/results.md, OUT/exposure_bias.png, OUT/training_curves.png
+
+Nothing is written outside OUT (the built-in teacher is converted once into ~/.cache/minillm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import shlex
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+TEACHER = "smollm2-135m-instruct"
+TEMPLATE = "minillm"  # the paper's prompt template (issue 7: "prompts in the MiniLLM template")
+METHODS = ("sft", "kd", "seqkd", "minillm", "rkl", "onpolicy")
+
+logger = logging.getLogger("table1")
+
+
+# --------------------------------------------------------------------------------------------- utils
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+class Stages:
+    """Stage markers: `OUT/stages/<name>.json` = {"seconds": wall time, "info": stage result}."""
+
+    def __init__(self, root: Path):
+        self.dir = root / "stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def run(self, name: str, fn):
+        marker = self.dir / f"{name}.json"
+        if marker.exists():
+            logger.info("skip %s (marker %s)", name, marker)
+            self.skipped.append(name)
+            return json.loads(marker.read_text())["info"]
+        logger.info("run %s", name)
+        t0 = time.perf_counter()
+        info = fn()
+        seconds = time.perf_counter() - t0
+        _write_atomic(marker, json.dumps({"seconds": seconds, "info": info}, indent=1, default=str))
+        logger.info("done %s (%.1f s)", name, seconds)
+        self.ran.append(name)
+        return info
+
+    def seconds(self) -> dict[str, float]:
+        return {p.stem: json.loads(p.read_text())["seconds"] for p in sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime)}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# --------------------------------------------------------------------------------------------- settings
+
+def settings_from_args(args) -> dict:
+    """Every size and hyperparameter of the run; --smoke only changes numbers, never code paths."""
+    s = dict(  # noqa: C408
+        n_train=900, n_valid=100, n_dolly_test=500, n_sni_test=500, split_seed=0,
+        layers=args.layers, steps=args.steps, seeds=args.seeds, max_new_tokens=args.max_new_tokens,
+        train_max_new_tokens=args.train_max_new_tokens or args.max_new_tokens,
+        max_prompt_length=256, batch_size=8, eval_batch_size=args.eval_batch_size,
+        teacher_sft_steps=args.teacher_sft_steps, teacher_sft_lr=args.teacher_sft_lr,
+        teacher_select_seeds=args.seeds[:3],
+        init_steps=args.init_steps, init_lr=args.init_lr,
+        baseline_lr=args.baseline_lr, minillm_lr=args.minillm_lr, minillm_rounds=args.minillm_rounds,
+        ppo_epochs=args.ppo_epochs, teacher_mix_alpha=0.2, clip_eps=0.2, pt_seq_len=128,
+        save_every=args.save_every, kl_prompts=args.kl_prompts, eb_prompts=args.eb_prompts,
+        eb_samples=args.eb_samples, teacher_dtype="bfloat16", eval_dtype="float32",
+        methods=list(args.methods), smoke=bool(args.smoke), valid_prompts=args.valid_prompts,
+        method_evals=args.method_evals,
+        max_input_chars=0,  # 0 = texts as they are; --smoke cuts instruction/input to keep prompts short
+    )
+    if args.smoke:
+        s.update(n_train=16, n_valid=8, n_dolly_test=8, n_sni_test=8, layers=2, steps=2, seeds=[10],
+                 teacher_select_seeds=[10], max_new_tokens=8, train_max_new_tokens=8, batch_size=4,
+                 eval_batch_size=8, teacher_sft_steps=2, init_steps=2, minillm_rounds=2, ppo_epochs=1,
+                 pt_seq_len=16, save_every=1, kl_prompts=8, eb_prompts=4, eb_samples=1,
+                 teacher_dtype="float32", max_input_chars=120, max_prompt_length=512)
+        # the tiny BPE of minillm.testing needs ~4x more tokens per character than SmolLM2's
+    s["max_length"] = s["max_prompt_length"] + s["train_max_new_tokens"]
+    # MiniLLM: one round = num_rollouts prompts, ppo_epochs passes of num_rollouts / batch_size steps.
+    # The rollouts per round are chosen so that `minillm_rounds` rounds use exactly `steps` optimiser steps.
+    steps_per_round = max(1, s["steps"] // s["minillm_rounds"])
+    s["minillm_num_rollouts"] = max(s["batch_size"],
+                                    (steps_per_round // s["ppo_epochs"] or 1) * s["batch_size"])
+    return s
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+def stage_data(root: Path, s: dict) -> dict:
+    """Dolly dev1000 -> train / valid; DollyEval; a fixed random S-NI subset; the L_PT corpus path."""
+    out = root / "data"
+    dev = _read_jsonl(DATA / "dolly_dev1000.jsonl")
+    order = list(range(len(dev)))
+    random.Random(s["split_seed"]).shuffle(order)
+    train = [dev[i] for i in order[:s["n_train"]]]
+    valid = [dev[i] for i in order[s["n_train"]:s["n_train"] + s["n_valid"]]]
+    dolly = _read_jsonl(DATA / "dolly_eval500.jsonl")[:s["n_dolly_test"]]
+    sni_all = _read_jsonl(DATA / "sni_test_minillm_11plus.jsonl")
+    sni_idx = sorted(random.Random(s["split_seed"]).sample(range(len(sni_all)), min(s["n_sni_test"], len(sni_all))))
+    sni = [sni_all[i] for i in sni_idx]
+    if s["max_input_chars"]:
+        n = s["max_input_chars"]
+        train, valid, dolly, sni = ([{**r, "instruction": r["instruction"][:n], "input": r.get("input", "")[:n]}
+                                     for r in rows] for rows in (train, valid, dolly, sni))
+    paths = {"train": out / "train.jsonl", "valid": out / "valid.jsonl",
+             "dollyeval": out / "dollyeval.jsonl", "sni": out / "sni.jsonl"}
+    for name, rows in (("train", train), ("valid", valid), ("dollyeval", dolly), ("sni", sni)):
+        _write_jsonl(paths[name], rows)
+    corpus = Path(str(resources.files("minillm").joinpath("resources", "pretrain_corpus.txt")))
+    return {**{k: str(v) for k, v in paths.items()}, "pt_data": str(corpus),
+            "sizes": {"train": len(train), "valid": len(valid), "dollyeval": len(dolly), "sni": len(sni)},
+            "sni_indices": sni_idx}
+
+
+def shipped_teacher(root: Path, s: dict) -> str:
+    """SmolLM2-135M-Instruct as shipped; with --smoke a tiny random Llama saved into OUT (no downloads)."""
+    from minillm.models import builtin_model_dir, save_pretrained_atomic
+
+    if not s["smoke"]:
+        return str(builtin_model_dir(TEACHER))
+    path = root / "smoke-teacher"
+    if not (path / "config.json").exists():
+        from minillm.testing import tiny_llama, tiny_tokenizer
+
+        tok = tiny_tokenizer()
+        save_pretrained_atomic(tiny_llama(tok, layers=4, hidden_size=32), tok, path)
+    return str(path)
+
+
+def train_stage(out_dir: Path, **kw) -> dict:
+    """One training run (resumable inside); returns the selected model folder and its budget."""
+    from minillm import api
+    from minillm.config import TrainConfig, build_config
+
+    cfg = build_config(TrainConfig, None, {"output_dir": str(out_dir), "template": TEMPLATE, "resume": True,
+                                           "log_every": 1, "seed": 0, **kw})
+    t0 = time.perf_counter()
+    model = Path(api.train(cfg))
+    rows = _read_jsonl(out_dir / "metrics.jsonl") if (out_dir / "metrics.jsonl").exists() else []
+    summary = json.loads((out_dir / "summary.json").read_text())
+    return {"model": str(model), "steps": summary["steps"], "best": summary["best"],
+            "train_tokens": int(sum(r.get("tokens", 0) for r in rows)),
+            "train_seconds_this_sitting": time.perf_counter() - t0}
+
+
+def common_train(s: dict, data: dict) -> dict:
+    return dict(train_data=data["train"], valid_data=data["valid"], max_prompt_length=s["max_prompt_length"],  # noqa: C408
+                max_length=s["max_length"], save_every=s["save_every"], batch_size=s["batch_size"])
+
+
+def stage_teacher_sft(root: Path, s: dict, data: dict, shipped: str) -> dict:
+    steps = s["teacher_sft_steps"]
+    return train_stage(root / "runs" / "teacher-sft", method="sft", student=shipped, learning_rate=s["teacher_sft_lr"],
+                       max_steps=steps, lr_scheduler="cosine", warmup_steps=min(10, steps // 10),
+                       select_by="valid_loss", eval_every=max(1, steps // 4), **common_train(s, data))
+
+
+def stage_teacher_select(root: Path, s: dict, data: dict, candidates: dict[str, str]) -> dict:
+    from minillm.evaluation.runner import evaluate_models
+
+    res = evaluate_models(candidates, [data["valid"]], root / "eval" / "teacher-select",
+                          seeds=s["teacher_select_seeds"], max_new_tokens=s["max_new_tokens"],
+                          batch_size=s["eval_batch_size"], template=TEMPLATE,
+                          max_prompt_length=s["max_prompt_length"], dtype=s["eval_dtype"])
+    scores = {name: res["results"][name]["valid"]["rougeL"] for name in candidates}
+    best = max(scores, key=lambda n: scores[n]["mean"])
+    return {"chosen": best, "path": candidates[best], "valid_rougeL": scores}
+
+
+def stage_prune(root: Path, s: dict, teacher: str) -> dict:
+    from minillm.models import load_model, load_tokenizer, prune_model, save_pretrained_atomic
+
+    out = root / "student-pruned"
+    full = load_model(teacher)
+    pruned = prune_model(full, s["layers"])
+    save_pretrained_atomic(pruned, load_tokenizer(teacher), out)
+    return {"path": str(out), "layers": s["layers"],
+            "parameters": int(sum(p.numel() for p in pruned.parameters())),
+            "teacher_parameters": int(sum(p.numel() for p in full.parameters()))}
+
+
+def stage_init(root: Path, s: dict, data: dict, pruned: str) -> dict:
+    steps = s["init_steps"]
+    return train_stage(root / "runs" / "init-sft", method="sft", student=pruned, learning_rate=s["init_lr"],
+                       max_steps=steps, lr_scheduler="cosine", warmup_steps=min(10, steps // 10),
+                       select_by="valid_loss", eval_every=max(1, steps // 4), **common_train(s, data))
+
+
+def stage_method(root: Path, s: dict, data: dict, method: str, init: str, teacher: str) -> dict:
+    """`method` from the init with `steps` optimiser steps; best checkpoint by validation Rouge-L."""
+    kw = dict(method=method, student=init, max_steps=s["steps"], select_by="rougeL",
+              eval_every=max(1, s["steps"] // s["method_evals"]),
+              eval_num_prompts=min(s["valid_prompts"], s["n_valid"]),
+              max_new_tokens=s["train_max_new_tokens"], rollout_batch_size=16, **common_train(s, data))
+    if method != "sft":
+        kw.update(teacher=teacher, teacher_dtype=s["teacher_dtype"])
+    if method == "minillm":  # paper defaults scaled down (spec §2.4): alpha 0.2, single step, length norm, clip
+        kw.update(learning_rate=s["minillm_lr"], lr_scheduler="constant", warmup_steps=0, adam_beta2=0.95,
+                  weight_decay=1e-6, num_rollouts=s["minillm_num_rollouts"], ppo_epochs=s["ppo_epochs"],
+                  teacher_mix_alpha=s["teacher_mix_alpha"], single_step=True, length_norm=True,
+                  clip_eps=s["clip_eps"], pt_data=data["pt_data"], pt_seq_len=s["pt_seq_len"])
+    else:
+        kw.update(learning_rate=s["baseline_lr"], lr_scheduler="cosine", warmup_steps=0)
+    info = train_stage(root / "runs" / method, **kw)
+    if method == "minillm":
+        info["rounds"] = s["steps"] // max(1, (s["minillm_num_rollouts"] // s["batch_size"]) * s["ppo_epochs"])
+        info["num_rollouts"] = s["minillm_num_rollouts"]
+    return info
+
+
+def stage_eval_rouge(root: Path, s: dict, data: dict, models: dict[str, str]) -> dict:
+    from minillm.evaluation.runner import evaluate_models
+
+    res = evaluate_models(models, [data["dollyeval"], data["sni"]], root / "eval" / "rouge", seeds=s["seeds"],
+                          max_new_tokens=s["max_new_tokens"], temperature=1.0, top_k=0, top_p=1.0,
+                          batch_size=s["eval_batch_size"], template=TEMPLATE,
+                          max_prompt_length=s["max_prompt_length"], dtype=s["eval_dtype"])
+    return res
+
+
+def stage_eval_kl(s: dict, data: dict, name: str, path: str, teacher: str) -> dict:
+    from minillm.data import load_instructions
+    from minillm.evaluation.sequence_kl import compare_to_teacher
+    from minillm.models import check_compatibility, load_model, load_tokenizer
+
+    tok = load_tokenizer(path)
+    student = load_model(path)
+    teacher_model = load_model(teacher)
+    shared = check_compatibility(load_tokenizer(teacher), tok, teacher_model, student)
+    examples = load_instructions(data["dollyeval"], limit=s["kl_prompts"])
+    res = compare_to_teacher({name: student}, teacher_model, tok, examples, template=TEMPLATE, seeds=s["seeds"],
+                             max_new_tokens=s["max_new_tokens"], batch_size=s["eval_batch_size"],
+                             max_prompt_length=s["max_prompt_length"], shared_vocab_size=shared)
+    return {"student": res[name], "teacher": res["teacher"]}
+
+
+def stage_eval_eb(s: dict, data: dict, name: str, path: str, teacher: str) -> dict:
+    from minillm.data import build_prompt, load_instructions
+    from minillm.evaluation.exposure_bias import measure_exposure_bias
+    from minillm.models import check_compatibility, load_model, load_tokenizer
+
+    tok = load_tokenizer(path)
+    student = load_model(path)
+    teacher_model = load_model(teacher)
+    shared = check_compatibility(load_tokenizer(teacher), tok, teacher_model, student)
+    prompts = [build_prompt(ex, TEMPLATE, tok) for ex in load_instructions(data["dollyeval"], limit=s["eb_prompts"])]
+    curve = measure_exposure_bias(student, teacher_model, tok, prompts, max_new_tokens=s["max_new_tokens"],
+                                  samples_per_prompt=s["eb_samples"], seed=int(s["seeds"][0]),
+                                  shared_vocab_size=shared, batch_size=s["eval_batch_size"],
+                                  max_prompt_length=s["max_prompt_length"])
+    return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in curve.items()}
+
+
+# --------------------------------------------------------------------------------------------- results
+
+def _plot_curves(root: Path, eb: dict[str, dict], runs: dict[str, Path]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, curve in eb.items():
+        ax.plot(curve["length"], curve["exacc_err"], label=name)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("generation length l")
+    ax.set_ylabel("ExAccErr(l) (%)")
+    ax.set_title("Excess accumulated error vs the teacher (DollyEval prompts)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "exposure_bias.png", dpi=120)
+    plt.close(fig)
+    out["exposure_bias"] = str(root / "exposure_bias.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, run in runs.items():
+        f = run / "metrics.jsonl"
+        if not f.exists():
+            continue
+        rows = [r for r in _read_jsonl(f) if "loss" in r and "step" in r]
+        if rows:
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training curves")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "training_curves.png", dpi=120)
+    plt.close(fig)
+    out["training_curves"] = str(root / "training_curves.png")
+    return out
+
+
+def _fmt(m: float | None, sd: float | None = None, nd: int = 2) -> str:
+    if m is None or not _finite(m):
+        return "–"
+    return f"{m:.{nd}f}" if sd is None or not _finite(sd) else f"{m:.{nd}f} ± {sd:.{nd}f}"
+
+
+def stage_results(root: Path, s: dict, stages: Stages, info: dict, command: str) -> dict:
+    rouge = info["rouge"]["results"]
+    rows = {}
+    for name in info["models"]:
+        r = rouge[name]
+        row = {"rougeL_dollyeval": r["dollyeval"]["rougeL"], "rougeL_sni": r["sni"]["rougeL"],
+               "length_dollyeval": r["dollyeval"]["length"]}
+        kl = info["kl"].get(name)
+        if kl:
+            st = kl["student"]
+            row.update({k: st.get(k) for k in ("reverse_kl", "reverse_kl_std", "forward_kl", "forward_kl_std",
+                                               "reverse_kl_per_token", "length", "rougeL")})
+        eb = info["eb"].get(name)
+        if eb:
+            errs = [x for x in eb["exacc_err"] if _finite(x)]
+            row["exacc_err_final"] = errs[-1] if errs else None
+            row["exacc_err_max"] = max(errs) if errs else None
+        rows[name] = row
+    plots = _plot_curves(root, info["eb"], {m: root / "runs" / m for m in s["methods"]})
+    budgets = {name: {k: v for k, v in st.items() if k in ("steps", "train_tokens", "rounds", "num_rollouts")}
+               for name, st in info["train"].items()}
+    result = {"command": command, "settings": s, "teacher_choice": info["teacher_choice"],
+              "student": info["student"], "rows": rows, "budgets": budgets,
+              "stage_seconds": stages.seconds(), "plots": plots,
+              "teacher_kl_reference": next((kl["teacher"] for kl in info["kl"].values()), None)}
+    _write_atomic(root / "results.json", json.dumps(result, indent=1, default=str))
+
+    tc = info["teacher_choice"]
+    md = ["# Table 1, scaled down: results", "",
+          (f"Rouge-L (×100) mean ± std over seeds {s['seeds']}; sampling at temperature 1, top-k 0, top-p 1, "
+           f"≤ {s['max_new_tokens']} new tokens; MiniLLM prompt template."), "",
+          ("| model | DollyEval Rouge-L | S-NI Rouge-L | reverse KL[q‖p] (seq) | forward KL[p‖q] (seq) | "
+           "length (DollyEval) | ExAccErr(final) % |"),
+          "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        md.append(f"| {name} | {_fmt(r['rougeL_dollyeval']['mean'], r['rougeL_dollyeval']['std'])} | "
+                  f"{_fmt(r['rougeL_sni']['mean'], r['rougeL_sni']['std'])} | "
+                  f"{'0 (itself)' if name == 'teacher' else _fmt(r.get('reverse_kl'), r.get('reverse_kl_std'), 1)} | "
+                  f"{'0 (itself)' if name == 'teacher' else _fmt(r.get('forward_kl'), r.get('forward_kl_std'), 1)} | "
+                  f"{_fmt(r['length_dollyeval']['mean'], None, 1)} | {_fmt(r.get('exacc_err_final'), None, 1)} |")
+    md += ["", f"Teacher: **{tc['chosen']}** (validation Rouge-L: " +
+           ", ".join(f"{k} {_fmt(v['mean'], v['std'])}" for k, v in tc["valid_rougeL"].items()) + ").",
+           (f"Student: {info['student']['layers']}-layer pruned teacher "
+            f"({info['student']['parameters'] / 1e6:.1f}M of {info['student']['teacher_parameters'] / 1e6:.1f}M "
+            "parameters), SFT init selected by validation loss."), "",
+           "## Budgets (per training run)", "", "| run | optimiser steps | training tokens | wall-clock (s) |",
+           "|---|---|---|---|"]
+    secs = stages.seconds()
+    for name, b in budgets.items():
+        stage = {"teacher-sft": "teacher-sft", "init": "init"}.get(name, f"method-{name}")
+        extra = f" ({b['rounds']} rounds × {b['num_rollouts']} rollouts)" if "rounds" in b else ""
+        md.append(f"| {name}{extra} | {b.get('steps')} | {b.get('train_tokens')} | {secs.get(stage, 0):.0f} |")
+    md += ["", "## Wall-clock per stage (s)", "", "| stage | seconds |", "|---|---|"]
+    md += [f"| {k} | {v:.0f} |" for k, v in secs.items()]
+    md += ["", "## Settings", "", "```json", json.dumps(s, indent=1, default=str), "```", "",
+           "![exposure bias](exposure_bias.png)", "", "![training curves](training_curves.png)", "",
+           "## Command", "", f"```bash\n{command}\n```", ""]
+    _write_atomic(root / "results.md", "\n".join(md))
+    return {"results_json": str(root / "results.json"), "results_md": str(root / "results.md")}
+
+
+# --------------------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory (all files land here; re-run to resume)")
+    p.add_argument("--smoke", action="store_true", help="tiny models and sizes, same stage code (< 90 s)")
+    p.add_argument("--layers", type=int, default=8, help="student layers kept from the 30 of the teacher "
+                   "(4 gave a weak init in the quickstart)")
+    p.add_argument("--steps", type=int, default=128, help="optimiser steps of every method (equal budget)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30])
+    p.add_argument("--max-new-tokens", type=int, default=256, help="evaluation generation cap (paper: 256)")
+    p.add_argument("--train-max-new-tokens", type=int, default=0,
+                   help="rollout / seqkd / validation generation cap (0 = --max-new-tokens)")
+    p.add_argument("--methods", nargs="+", default=["sft", "kd", "seqkd", "minillm"], choices=METHODS)
+    p.add_argument("--teacher-sft-steps", type=int, default=225, help="teacher SFT steps (225 = 2 epochs, bs 8)")
+    p.add_argument("--teacher-sft-lr", type=float, default=2e-5)
+    p.add_argument("--init-steps", type=int, default=338, help="student init SFT steps (338 = 3 epochs, bs 8)")
+    p.add_argument("--init-lr", type=float, default=5e-4)
+    p.add_argument("--baseline-lr", type=float, default=1e-4, help="lr of continued sft / kd / seqkd / rkl / onpolicy")
+    p.add_argument("--minillm-lr", type=float, default=5e-5)
+    p.add_argument("--minillm-rounds", type=int, default=8, help="MiniLLM rounds within --steps")
+    p.add_argument("--ppo-epochs", type=int, default=2)
+    p.add_argument("--save-every", type=int, default=16, help="resumable checkpoint every N steps")
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--kl-prompts", type=int, default=500, help="DollyEval prompts for sequence-level KL")
+    p.add_argument("--eb-prompts", type=int, default=50, help="DollyEval prompts for ExAccErr")
+    p.add_argument("--eb-samples", type=int, default=1, help="samples per prompt for ExAccErr (paper: 10)")
+    p.add_argument("--valid-prompts", type=int, default=100,
+                   help="validation prompts generated for each method's Rouge-L checkpoint selection")
+    p.add_argument("--method-evals", type=int, default=4, help="validations (checkpoint candidates) per method")
+    p.add_argument("--allow-changed-settings", action="store_true",
+                   help="continue an OUT started with other options (finished stages are not redone)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; --smoke: 1, "
+                   "since tiny models on a busy 2-core machine are ~50x slower with 2 spinning threads)")
+    args = p.parse_args(argv)
+    threads = args.threads or (1 if args.smoke else 0)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    command = " ".join(shlex.quote(a) for a in [sys.executable, str(Path(__file__)), *(argv or sys.argv[1:])])
+
+    root = Path(args.out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    s = settings_from_args(args)
+    settings_file = root / "settings.json"
+    if settings_file.exists():
+        old = json.loads(settings_file.read_text())
+        if old != json.loads(json.dumps(s)):
+            changed = sorted(k for k in set(old) | set(s) if old.get(k) != json.loads(json.dumps(s)).get(k))
+            if not args.allow_changed_settings:
+                raise SystemExit(f"{root} was started with different settings ({', '.join(changed)}); use a new "
+                                 "--out, the original options, or --allow-changed-settings (finished stages are "
+                                 "kept: delete OUT/stages/<name>.json of the stages to redo)")
+            logger.warning("settings changed (%s): finished stages are kept as they are", ", ".join(changed))
+            _write_atomic(settings_file, json.dumps(s, indent=1))
+    else:
+        _write_atomic(settings_file, json.dumps(s, indent=1))
+    st = Stages(root)
+
+    data = st.run("data", lambda: stage_data(root, s))
+    shipped = shipped_teacher(root, s)
+    t_sft = st.run("teacher-sft", lambda: stage_teacher_sft(root, s, data, shipped))
+    choice = st.run("teacher-select", lambda: stage_teacher_select(
+        root, s, data, {"teacher-shipped": shipped, "teacher-sft": t_sft["model"]}))
+    teacher = choice["path"]
+    student = st.run("student-pruned", lambda: stage_prune(root, s, teacher))
+    init = st.run("init", lambda: stage_init(root, s, data, student["path"]))
+    train = {"teacher-sft": t_sft, "init": init}
+    for m in s["methods"]:
+        train[m] = st.run(f"method-{m}", lambda m=m: stage_method(root, s, data, m, init["model"], teacher))
+    models = {"teacher": teacher, "student-init": init["model"], **{m: train[m]["model"] for m in s["methods"]}}
+    rouge = st.run("eval-rouge", lambda: stage_eval_rouge(root, s, data, models))
+    students = {k: v for k, v in models.items() if k != "teacher"}
+    kl = {n: st.run(f"eval-kl-{n}", lambda n=n, path=path: stage_eval_kl(s, data, n, path, teacher))
+          for n, path in students.items()}
+    eb = {n: st.run(f"eval-eb-{n}", lambda n=n, path=path: stage_eval_eb(s, data, n, path, teacher))
+          for n, path in students.items()}
+    info = {"models": models, "rouge": rouge, "kl": kl, "eb": eb, "train": train, "teacher_choice": choice,
+            "student": student}
+    # results is rebuilt from the cached stage outputs; it is cheap and skipped like the rest
+    st.run("results", lambda: stage_results(root, s, st, info, command))
+    logger.info("table1: %d stage(s) run, %d skipped; results in %s", len(st.ran), len(st.skipped),
+                root / "results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

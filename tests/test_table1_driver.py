@@ -1,0 +1,80 @@
+"""The Table 1 driver (experiments/table1/run.py) end to end with --smoke, and its stage-level resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = ROOT / "experiments" / "table1" / "run.py"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+pytestmark = pytest.mark.skipif(not (DATA / "dolly_dev1000.jsonl").exists(),
+                                reason=f"{DATA} (Dolly / S-NI files) is not available")
+
+METHODS = ["sft", "kd", "seqkd", "minillm", "rkl", "onpolicy"]
+
+
+def _run(out: Path) -> str:
+    proc = subprocess.run([sys.executable, str(DRIVER), "--out", str(out), "--smoke", "--methods", *METHODS],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr + proc.stdout
+
+
+def _finite_numbers(obj) -> list[float]:
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, (int, float)):
+        return [obj]
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _finite_numbers(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _finite_numbers(v)]
+    return []
+
+
+def test_smoke_run_and_resume(tmp_path):
+    out = tmp_path / "t1"
+    log = _run(out)
+    assert " skip " not in log
+    result = json.loads((out / "results.json").read_text())
+    rows = result["rows"]
+    assert list(rows) == ["teacher", "student-init", *METHODS]
+    for name, row in rows.items():
+        for key in ("rougeL_dollyeval", "rougeL_sni", "length_dollyeval"):
+            assert math.isfinite(row[key]["mean"]) and math.isfinite(row[key]["std"]), (name, key)
+        if name != "teacher":
+            for key in ("reverse_kl", "forward_kl", "exacc_err_final"):
+                assert math.isfinite(row[key]), (name, key)
+        assert all(math.isfinite(x) for x in _finite_numbers(row)), name
+    for method in METHODS:  # the same optimiser-step budget for every method
+        assert result["budgets"][method]["steps"] == result["settings"]["steps"]
+    assert result["teacher_choice"]["chosen"] in ("teacher-shipped", "teacher-sft")
+    assert (out / "results.md").read_text().count("\n| ") >= len(rows)
+    assert (out / "exposure_bias.png").exists() and (out / "training_curves.png").exists()
+    # nothing is written next to the driver or into docs/
+    assert not (DRIVER.parent / "data").exists()
+
+    stages = sorted(p.stem for p in (out / "stages").glob("*.json"))
+    before = (out / "results.json").read_text()
+    log2 = _run(out)
+    for stage in stages:
+        assert f"skip {stage} " in log2, stage
+    assert "INFO run " not in log2
+    assert (out / "results.json").read_text() == before
+
+
+def test_changed_settings_are_refused(tmp_path):
+    out = tmp_path / "t1"
+    out.mkdir()
+    (out / "settings.json").write_text(json.dumps({"steps": 12345}))
+    proc = subprocess.run([sys.executable, str(DRIVER), "--out", str(out), "--smoke"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, check=False)
+    assert proc.returncode != 0
+    assert "different settings" in proc.stderr
