@@ -18,13 +18,16 @@ g = torch.Generator().manual_seed(1)
 ids = torch.randint(0, V - 1, (B, P), generator=g)
 mask = torch.ones_like(ids)
 for i in range(B):
-    pad = (i * P) // (2 * B); mask[i, :pad] = 0; ids[i, :pad] = V - 1
+    pad = (i * P) // (2 * B)
+    mask[i, :pad] = 0
+    ids[i, :pad] = V - 1
 ids, mask = ids.to(dev), mask.to(dev)
 for name, m in (("student", student), ("teacher", teacher)):
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         d = _Decoder(m)
-        am = mask.clone(); pos = position_ids_from_mask(am)
+        am = mask.clone()
+        pos = position_ids_from_mask(am)
         logits, h = d.step(ids, am, pos)
         for t in range(128):
             lf = logits.float()
@@ -37,7 +40,8 @@ for name, m in (("student", student), ("teacher", teacher)):
             e = (lf - lf.amax(-1, keepdim=True)).exp()
             tok = sample_from_probs(e, gen)
             if int(tok.max()) >= V:
-                print(name, "INDEX OUT OF RANGE at step", t, flush=True); break
+                print(name, "INDEX OUT OF RANGE at step", t, flush=True)
+                break
             am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
             logits, h = d.step(tok[:, None], am, position_ids_from_mask(am)[:, -1:])
         else:

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from minillm import api
 from minillm.config import TrainConfig, build_config
 from minillm.errors import TrainingError
-from minillm import api
 from minillm.trainer import Trainer, TrainingInterrupted
 
 

@@ -319,7 +319,7 @@ class Trainer:
 
     def train(self) -> Path:
         """Train to `total_steps`; returns the folder of the selected (best) model."""
-        cfg, acc = self.cfg, self.accelerator
+        cfg = self.cfg
         if cfg.resume:
             ckpts = self.list_checkpoints()
             if ckpts:

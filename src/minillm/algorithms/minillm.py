@@ -25,8 +25,15 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, TrainingError
-from ..losses import (advantages, chunked_token_terms, per_token_rewards, ppo_clipped_loss,
-                      prefix_importance_weights, single_step_loss, whiten)
+from ..losses import (
+    advantages,
+    chunked_token_terms,
+    per_token_rewards,
+    ppo_clipped_loss,
+    prefix_importance_weights,
+    single_step_loss,
+    whiten,
+)
 from ..trainer import Algorithm
 from .common import EpochBatches, generation_validation, require_examples, to_device
 
