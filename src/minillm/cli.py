@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "in minutes on a CPU, ending in a report.")
     p.add_argument("--out", default="quickstart", help="output folder (stages already done there are skipped)")
     p.add_argument("--budget", choices=("tiny", "small", "full"), default="small",
-                   help="tiny: ~3 min (smoke test), small: <= 15 min (default), full: <= 60 min on 2 CPU cores")
+                   help="tiny: ~1-3 min (smoke test), small: ~9 min (default), full: larger (not yet timed) - on 2 CPU cores")
     p.add_argument("--compare", action="store_true", help="also train the SFT, KD and SeqKD baselines")
     p = sub.add_parser("report", help="Put several evaluation runs side by side (markdown table + PNG chart).")
     p.add_argument("runs", nargs="+", help="evaluation output folders (each with results.json)")
