@@ -56,14 +56,13 @@ def generate_file(model, tokenizer, examples, output: str | os.PathLike, *, temp
                                   config=sampling, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.pad_token_id,
                                   generator=batch_generator(seed, start // batch_size))
-            ids = (r.response_ids * r.response_mask.long()).tolist()
-            texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+            # positions after EOS already hold the pad token, which skip_special_tokens drops
+            texts = tokenizer.batch_decode(r.response_ids.tolist(), skip_special_tokens=True)
             for item, text, length in zip(items, texts, r.lengths.tolist()):
-                ex = item.get("example")
-                rec = {"id": item["id"], "prompt": item["prompt"], "response": text.strip(),
-                       "references": item["references"], "length": int(length), "settings": settings}
-                if ex is not None:
-                    rec = {"instruction": ex.instruction, "input": ex.input, **rec}
+                ex = item["example"]
+                rec = {"instruction": ex.instruction, "input": ex.input, "id": item["id"], "prompt": item["prompt"],
+                       "response": text.strip(), "references": item["references"], "length": int(length),
+                       "settings": settings}
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             bar.update(len(items))

@@ -123,7 +123,8 @@ def generation_validation(trainer, prompt_dataset, *, num_prompts: int, seed: in
                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                               teacher=trainer.teacher, teacher_mix_alpha=0.0,
                               shared_vocab_size=trainer.shared_vocab_size, generator=gen)
-        texts = tok.batch_decode((r.response_ids * r.response_mask.long()).tolist(), skip_special_tokens=True)
+        # positions after EOS already hold the pad token, which skip_special_tokens drops
+        texts = tok.batch_decode(r.response_ids.tolist(), skip_special_tokens=True)
         for i, text in enumerate(texts):
             scores.append(rouge_l(text.strip(), items[i]["references"]))
         lengths.extend(r.lengths.tolist())
