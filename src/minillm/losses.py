@@ -4,7 +4,9 @@ Two families live here.
 
 * Token-level divergences between the teacher p and the student q over the full vocabulary
   (`token_divergence`, and `chunked_token_terms`, which projects hidden states through the LM heads
-  a chunk of positions at a time so that N x V logits never exist at once, not even in backward).
+  a chunk of positions at a time so that N x V logits never exist at once, not even in backward;
+  `fused_token_loss` does the same for a loss that is a sum of per-chunk terms and computes its
+  gradients during the forward pass, so that backward recomputes no head).
 * The policy-gradient pieces of MiniLLM (Gu et al., ICLR 2024, arXiv 2306.08543, "the paper"; the
   released code is microsoft/LMOps `minillm/`, "LMOps"): per-token rewards, returns/advantages,
   whitening, importance weights, the PPO clipped surrogate of the long-term term, the single-step
@@ -53,15 +55,16 @@ def _log_probs(logits: Tensor, vocab_size: int | None, temperature: float) -> Te
     return torch.log_softmax(logits, dim=-1)
 
 
-def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+def _kl(log_a: Tensor, log_b: Tensor, a: Tensor | None = None) -> Tensor:
     """KL(a ‖ b) = Σ_v a_v (log a_v - log b_v) over the last dim, from log-probabilities.
 
     Entries with a_v = 0 (a -inf logit, or underflow) contribute exactly 0 (0·log 0 = 0). The
     difference is zeroed *before* the multiplication so that no NaN appears in forward or backward
     (a `where` after `0 * (-inf)` would still send NaN gradients). a_v > 0 with b_v = 0 gives +inf,
-    which is the true value.
+    which is the true value. `a` may pass exp(log_a) when the caller has formed it already.
     """
-    a = log_a.exp()
+    if a is None:
+        a = log_a.exp()
     diff = torch.where(a > 0, log_a - log_b, 0.0)
     return (a * diff).sum(-1)
 
@@ -98,27 +101,32 @@ def divergence_from_logprobs(
     *,
     beta: float = 0.5,
     skew_alpha: float = 0.1,
+    student_probs: Tensor | None = None,
 ) -> Tensor:
-    """Divergence between two normalised log-distributions [..., V] -> [...]; see `token_divergence`."""
+    """Divergence between two normalised log-distributions [..., V] -> [...]; see `token_divergence`.
+
+    `student_probs` may pass exp(student_logprobs) when the caller has it already (it is then reused
+    instead of formed again; gradients flow through it).
+    """
     _check_divergence_args(kind, beta, skew_alpha)
-    ls, lt = student_logprobs, teacher_logprobs
+    ls, lt, q = student_logprobs, teacher_logprobs, student_probs
     if kind == "fkl":
         return _kl(lt, ls)
     if kind == "rkl":
-        return _kl(ls, lt)
+        return _kl(ls, lt, q)
     if kind == "jsd":
         # Endpoints follow TRL's GKDTrainer: the interior formula is identically 0 at beta = 0 and 1.
         if beta == 0.0:
             return _kl(lt, ls)
         if beta == 1.0:
-            return _kl(ls, lt)
+            return _kl(ls, lt, q)
         log_m = _log_mix(lt, ls, beta)
-        return beta * _kl(lt, log_m) + (1.0 - beta) * _kl(ls, log_m)
+        return beta * _kl(lt, log_m) + (1.0 - beta) * _kl(ls, log_m, q)
     if kind == "tvd":
-        return 0.5 * (ls.exp() - lt.exp()).abs().sum(-1)
+        return 0.5 * ((ls.exp() if q is None else q) - lt.exp()).abs().sum(-1)
     if kind == "skl":
         return _kl(lt, _log_mix(lt, ls, skew_alpha))
-    return _kl(ls, _log_mix(lt, ls, 1.0 - skew_alpha))  # srkl
+    return _kl(ls, _log_mix(lt, ls, 1.0 - skew_alpha), q)  # srkl
 
 
 def _check_widths(student_width: int, teacher_width: int | None, vocab_size: int | None) -> None:
@@ -198,6 +206,42 @@ def _entropy(log_probs: Tensor) -> Tensor:
     return -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1)
 
 
+def _check_token_args(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_head: Head | None,
+    teacher_logits: Tensor | None,
+    divergence: Divergence | None,
+    temperature: float,
+    chunk_size: int,
+    beta: float,
+    skew_alpha: float,
+) -> Tensor | None:
+    """Validate the arguments of `chunked_token_terms` / `fused_token_loss`; returns the teacher input."""
+    if divergence is not None:
+        _check_divergence_args(divergence, beta, skew_alpha)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_hidden.dim() != 2:
+        raise ValueError(
+            f"student_hidden must be [N, H] (flatten valid positions), got {tuple(student_hidden.shape)}"
+        )
+    if (teacher_hidden is None) != (teacher_head is None):
+        raise ValueError("teacher_hidden and teacher_head must be given together")
+    if teacher_hidden is not None and teacher_logits is not None:
+        raise ValueError(
+            "pass the teacher either as teacher_hidden + teacher_head or as teacher_logits, not both"
+        )
+    teacher_input = teacher_hidden if teacher_hidden is not None else teacher_logits
+    if divergence is not None and teacher_input is None:
+        raise ValueError(
+            f"divergence={divergence!r} needs a teacher (teacher_hidden + teacher_head or teacher_logits)"
+        )
+    return None if teacher_input is None else teacher_input.detach()
+
+
 def chunked_token_terms(
     student_hidden: Tensor,
     student_head: Head,
@@ -226,31 +270,11 @@ def chunked_token_terms(
     Memory: each chunk of `chunk_size` positions runs under non-reentrant activation checkpointing,
     so only the chunk's inputs and its [chunk] outputs are kept; backward recomputes one chunk's
     logits at a time (including the teacher head, a cheap matmul next to the forward passes). Peak
-    memory is O(chunk_size × V) in forward and backward, never O(N × V).
+    memory is O(chunk_size × V) in forward and backward, never O(N × V). When the loss is known per
+    chunk, `fused_token_loss` avoids the recompute and autograd's per-chunk head-weight gradient sums.
     """
-    if divergence is not None:
-        _check_divergence_args(divergence, beta, skew_alpha)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if student_hidden.dim() != 2:
-        raise ValueError(
-            f"student_hidden must be [N, H] (flatten valid positions), got {tuple(student_hidden.shape)}"
-        )
-    if (teacher_hidden is None) != (teacher_head is None):
-        raise ValueError("teacher_hidden and teacher_head must be given together")
-    if teacher_hidden is not None and teacher_logits is not None:
-        raise ValueError(
-            "pass the teacher either as teacher_hidden + teacher_head or as teacher_logits, not both"
-        )
-    teacher_input = teacher_hidden if teacher_hidden is not None else teacher_logits
-    if divergence is not None and teacher_input is None:
-        raise ValueError(
-            f"divergence={divergence!r} needs a teacher (teacher_hidden + teacher_head or teacher_logits)"
-        )
-    if teacher_input is not None:
-        teacher_input = teacher_input.detach()
+    teacher_input = _check_token_args(student_hidden, teacher_hidden, teacher_head, teacher_logits, divergence,
+                                      temperature, chunk_size, beta, skew_alpha)
 
     def terms(hidden: Tensor, teacher_in: Tensor | None, chunk_targets: Tensor | None):
         student_logits = student_head(hidden)
@@ -291,6 +315,277 @@ def chunked_token_terms(
         return None if parts[0] is None else torch.cat(parts)
 
     return TokenTerms(logprobs=cat(0), divergence=cat(1), teacher_logprobs=cat(2), entropy=cat(3))
+
+
+TokenLoss = Callable[[Tensor | None, Tensor | None, int, int], dict[str, Tensor]]
+
+
+class FusedTerms(NamedTuple):
+    """Result of `fused_token_loss`.
+
+    loss              scalar total (Σ over chunks and terms), differentiable w.r.t. the student hidden
+                      states and the head's trainable parameters; call `.backward()` on it (or on
+                      anything built from it) as usual
+    terms             the per-term values, summed over chunks, detached (for logging)
+    logprobs          log q(target) [N], detached (None without targets)
+    divergence        token divergence [N], detached (None without a divergence kind)
+    teacher_logprobs  log p(target) [N], detached (None without targets or teacher)
+    entropy           entropy of q [N], detached
+    """
+
+    loss: Tensor
+    terms: dict[str, Tensor]
+    logprobs: Tensor | None
+    divergence: Tensor | None
+    teacher_logprobs: Tensor | None
+    entropy: Tensor
+
+
+def _head_parameters(head: Head, head_parameters) -> list[Tensor]:
+    if head_parameters is None:
+        head_parameters = getattr(head, "trainable_parameters", None)
+    if head_parameters is None:
+        if not isinstance(head, torch.nn.Module):
+            raise ValueError(
+                "fused_token_loss computes the head's parameter gradients itself and cannot see the "
+                "parameters of a plain function: pass head_parameters=[...] (() if it has none), or a head "
+                "from minillm.models.lm_head_fn / an nn.Module"
+            )
+        head_parameters = head.parameters()
+    params, seen = [], set()
+    for p in head_parameters:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    return params
+
+
+def _linear_split(head: Head):
+    """(weight, bias, postprocess, cast) when head(h) == postprocess(F.linear(cast(h), weight, bias))."""
+    split = getattr(head, "linear_split", None)
+    if callable(split):
+        parts = split()
+        if parts is None:
+            return None
+        weight, bias, post = parts
+        return weight, bias, post, getattr(head, "cast_input", None)
+    if type(head) is torch.nn.Linear:
+        return head.weight, head.bias, None, None
+    return None
+
+
+class _FusedLossFunction(torch.autograd.Function):
+    """Autograd node whose forward runs the fused loop and whose backward returns its stored gradients."""
+
+    @staticmethod
+    def forward(ctx, run, hidden, *params):  # noqa: ARG004 - inputs only connect the node to the graph
+        loss, grad_hidden, grad_params = run()
+        ctx.has_hidden = grad_hidden is not None
+        ctx.dtypes = (hidden.dtype, [p.dtype for p in params])
+        ctx.save_for_backward(*([grad_hidden] if grad_hidden is not None else []), *grad_params)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        saved = list(ctx.saved_tensors)
+        hidden_dtype, param_dtypes = ctx.dtypes
+        grad_hidden = saved.pop(0) if ctx.has_hidden else None
+        # In place: these buffers belong to this node and are freed right after (a second backward
+        # through the same graph, retain_graph=True, then fails with autograd's in-place error).
+        g = grad_output.detach()
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(g.to(grad_hidden.dtype)).to(hidden_dtype)
+        grads = [buf.mul_(g.to(buf.dtype)).to(dtype) for buf, dtype in zip(saved, param_dtypes)]
+        return (None, grad_hidden, *grads)
+
+
+def fused_token_loss(
+    student_hidden: Tensor,
+    student_head: Head,
+    token_loss: TokenLoss,
+    *,
+    targets: Tensor | None = None,
+    teacher_hidden: Tensor | None = None,
+    teacher_head: Head | None = None,
+    teacher_logits: Tensor | None = None,
+    divergence: Divergence | None = None,
+    vocab_size: int | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+    beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    head_parameters=None,
+) -> FusedTerms:
+    """A loss that is a sum of per-chunk terms of log q(target) and a token divergence, fused chunk by chunk.
+
+    Same inputs and per-position quantities as `chunked_token_terms`, plus a callback
+
+        token_loss(logprobs_chunk, divergence_chunk, start, stop) -> {name: scalar tensor}
+
+    which gets the differentiable [stop - start] log-probs / divergences of positions start:stop
+    (None where not requested) and returns named scalar contributions of that chunk, scaled so that
+    their sum over chunks is the full loss (e.g. a token sum divided by the global token count: a
+    per-chunk mean is not additive). Statistics that are not additive over chunks (maxima, clip
+    fractions) are best computed afterwards from the returned detached per-token values.
+
+    The positions are visited once, in the forward pass. For each chunk the head logits are formed,
+    the callback is called, and the gradients of the chunk's loss w.r.t. the chunk's hidden states
+    and the head's trainable parameters are computed at once (`torch.autograd.grad` within the chunk);
+    the hidden gradient is written into an [N, H] buffer, the parameter gradients are added into one
+    buffer per parameter (fp32 or wider), and the chunk's logits are freed. A
+    `torch.autograd.Function` taking (hidden, *head params) returns the total as `FusedTerms.loss`;
+    its backward hands the stored gradients (times the incoming gradient) to autograd, which adds
+    them to whatever else reaches the same tensors (e.g. a head weight tied to the input embedding).
+    Compared with `chunked_token_terms`, neither head is recomputed in backward and no per-chunk
+    head-weight gradients are summed by autograd; peak memory is O(chunk_size × V) + one gradient
+    buffer per head parameter + [N, H].
+
+    When the head is a plain `nn.Linear` (or an `lm_head_fn` head over one, `linear_split()`), the
+    chunk's logits are formed from the detached weight and a hook on them adds the weight (and bias)
+    gradient into the buffer in place (addmm) when the chunk's backward reaches them, so no [V, H]
+    temporary is created per chunk (under autocast, one in the autocast dtype); autograd gives the
+    input gradient. Other heads (e.g. LoRA-wrapped) use autograd for the head parameters as well
+    (one [V, H] temporary per chunk). The trainable parameters are `head_parameters`, else
+    `student_head.trainable_parameters` (`lm_head_fn` heads), else the parameters of an nn.Module head;
+    a plain function without them is an error (its weights would silently get no gradient).
+    Parameters that do not require grad get none; a head without trainable parameters still gives
+    the hidden gradient.
+
+    Only the hidden states and the head parameters receive gradients: the terms returned by
+    `token_loss` must depend on trainable tensors only through the chunk tensors it is given (anything
+    else it closes over is a constant). The loss may be backpropagated once (the stored gradients are
+    consumed; a second backward through a retained graph raises). Without grad mode, or when neither
+    the hidden states nor a head parameter requires grad, only values are computed.
+    """
+    teacher_input = _check_token_args(student_hidden, teacher_hidden, teacher_head, teacher_logits, divergence,
+                                      temperature, chunk_size, beta, skew_alpha)
+    params = _head_parameters(student_head, head_parameters)
+    split = _linear_split(student_head)
+    if split is not None:
+        weight, bias = split[0], split[1]
+        known = {id(weight)} | ({id(bias)} if bias is not None else set())
+        if any(id(p) not in known for p in params):
+            split = None  # parameters beyond the linear weight/bias: differentiate the head generically
+    hidden = student_hidden
+    n = hidden.shape[0]
+    track = torch.is_grad_enabled() and (hidden.requires_grad or bool(params))
+    pieces: list[tuple] = []
+    term_sums: dict[str, Tensor] = {}
+
+    def forward_chunk(start: int, stop: int, grad_params: list[Tensor] | None):
+        """The chunk's terms and per-token values; returns (terms, per-token values, autograd inputs).
+
+        A function of its own so that no Python reference keeps the chunk's [chunk, V] tensors alive:
+        only the autograd graph does, which frees each one as soon as backward has used it.
+        """
+        h = hidden[start:stop].detach()
+        inputs: list[Tensor] = []
+        if track and split is not None:
+            # F.linear on a detached weight; the hook adds the weight/bias gradients into the buffers
+            # in place when backward reaches the logits (autograd gives only the input gradient).
+            w, b, post, cast = split
+            x = (cast(h) if cast is not None else h).detach().requires_grad_(True)
+            inputs.append(x)
+            z = torch.nn.functional.linear(x, w.detach(), None if b is None else b.detach())
+            accumulate = [(p, buf) for p, buf in zip(params, grad_params)]
+
+            def head_grads(g_z: Tensor) -> None:
+                for p, buf in accumulate:
+                    if p is w:
+                        xx = x.detach().to(g_z.dtype)
+                        if g_z.dtype == buf.dtype:
+                            buf.addmm_(g_z.t(), xx)
+                        else:  # e.g. bf16 logits under autocast: one [V, H] temporary in that dtype
+                            buf.add_(torch.mm(g_z.t(), xx))
+                    else:
+                        buf.add_(g_z.sum(0))
+
+            if accumulate:
+                z.register_hook(head_grads)
+            student_logits = post(z) if post is not None else z
+            del z
+        else:
+            if track and hidden.requires_grad:
+                h.requires_grad_(True)
+                inputs.append(h)
+            if track:
+                inputs.extend(params)
+            student_logits = student_head(h)
+        t_logits = None
+        if teacher_input is not None:
+            with torch.no_grad():
+                t_in = teacher_input[start:stop]
+                t_logits = teacher_head(t_in) if teacher_head is not None else t_in
+        _check_widths(student_logits.shape[-1], None if t_logits is None else t_logits.shape[-1], vocab_size)
+        ls = _log_probs(student_logits, vocab_size, temperature)
+        del student_logits
+        lt = None if t_logits is None else _log_probs(t_logits, vocab_size, temperature)
+        del t_logits
+        q = ls.exp()
+        with torch.no_grad():
+            entropy = torch.special.entr(q).sum(-1)  # -Σ q log q from the q formed above, 0·log 0 = 0
+        logprobs = teacher_lp = div = None
+        if targets is not None:
+            index = targets[start:stop].unsqueeze(-1)
+            logprobs = ls.gather(-1, index).squeeze(-1)
+            if lt is not None:
+                teacher_lp = lt.gather(-1, index).squeeze(-1)
+        if divergence is not None:
+            div = divergence_from_logprobs(ls, lt, divergence, beta=beta, skew_alpha=skew_alpha, student_probs=q)
+        out = token_loss(logprobs, div, start, stop)
+        if not isinstance(out, dict) or not all(isinstance(v, Tensor) and v.numel() == 1 for v in out.values()):
+            raise TypeError("token_loss must return a dict of scalar tensors")
+        if term_sums and out.keys() != term_sums.keys():
+            raise ValueError(f"token_loss returned terms {sorted(out)} for positions {start}:{stop} but "
+                             f"{sorted(term_sums)} before; every chunk must return the same names")
+        values = tuple(None if v is None else v.detach() for v in (logprobs, div, teacher_lp)) + (entropy,)
+        return out, values, inputs
+
+    def chunk(start: int, grad_hidden: Tensor | None, grad_params: list[Tensor] | None) -> None:
+        stop = min(start + chunk_size, n)
+        with torch.enable_grad() if track else torch.no_grad():
+            out, values, inputs = forward_chunk(start, stop, grad_params)
+            total = sum(out.values()) if out else None
+            if track and total is not None and total.requires_grad:
+                grads = torch.autograd.grad(total, inputs, allow_unused=True)
+                if grad_hidden is not None and grads[0] is not None:
+                    grad_hidden[start:stop] = grads[0]
+                if split is None:  # generic head: autograd gave the parameter gradients as well
+                    for buf, g in zip(grad_params, grads[1 if hidden.requires_grad else 0:]):
+                        if g is not None:
+                            buf.add_(g)
+        for name, value in out.items():
+            value = value.detach().reshape(())
+            term_sums[name] = value if name not in term_sums else term_sums[name] + value
+        pieces.append(values)
+
+    def loop(grad_hidden=None, grad_params=None) -> Tensor:
+        for start in range(0, max(n, 1), chunk_size):
+            chunk(start, grad_hidden, grad_params)
+        if not term_sums:
+            return hidden.new_zeros((), dtype=_compute_dtype(hidden.dtype))
+        return torch.stack([v.to(_compute_dtype(v.dtype)) for v in term_sums.values()]).sum()
+
+    def run():
+        grad_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+        grad_params = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32),
+                                        memory_format=torch.contiguous_format) for p in params]
+        loss = loop(grad_hidden, grad_params)
+        return loss, grad_hidden, grad_params
+
+    if track:
+        loss = _FusedLossFunction.apply(run, hidden, *params)
+    else:
+        with torch.no_grad():
+            loss = loop()
+
+    def cat(i: int) -> Tensor | None:
+        parts = [p[i] for p in pieces]
+        return None if parts[0] is None else torch.cat(parts)
+
+    return FusedTerms(loss=loss, terms=term_sums, logprobs=cat(0), divergence=cat(1), teacher_logprobs=cat(2),
+                      entropy=cat(3))
 
 
 # ------------------------------------------------------------------------------------------------

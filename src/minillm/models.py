@@ -35,29 +35,65 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def lm_head_fn(model) -> Callable[[Tensor], Tensor]:
+class LMHead:
+    """Maps post-norm hidden states [..., H] to logits [..., V] exactly as the model's LM head does.
+
+    Callable (`head(hidden)`); see `lm_head_fn`. Besides the call it exposes what fused losses
+    (`minillm.losses.fused_token_loss`) need to compute the head's gradients themselves:
+
+    trainable_parameters  the output-embedding module's parameters that require grad, read at each
+                          access (so freezing or LoRA applied later is seen). Tied to the input
+                          embedding in most of our models: the same Parameter.
+    linear_split()        (weight, bias, postprocess) when the output embedding is a plain
+                          `torch.nn.Linear`, so that `head(h) == postprocess(F.linear(cast(h), weight,
+                          bias))` with `cast` the dtype handling of `__call__`; None otherwise
+                          (e.g. a LoRA-wrapped head), in which case only autograd through `__call__`
+                          is exact.
+    """
+
+    def __init__(self, model) -> None:
+        self.module = model.get_output_embeddings()
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        scale = getattr(model.config, "logit_scale", None)
+        self.softcap = softcap or None
+        self.scale = None if scale is None or isinstance(scale, bool) else scale
+        self.weight = getattr(self.module, "weight", None)
+
+    def cast_input(self, hidden: Tensor) -> Tensor:
+        weight = self.weight
+        if weight is not None and hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            hidden = hidden.to(weight.dtype)  # e.g. fp32 hidden states stored from a bf16 teacher
+        return hidden
+
+    def postprocess(self, logits: Tensor) -> Tensor:
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        return self.postprocess(self.module(self.cast_input(hidden)))
+
+    @property
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def linear_split(self):
+        if type(self.module) is not torch.nn.Linear:
+            return None
+        return self.module.weight, self.module.bias, self.postprocess
+
+
+def lm_head_fn(model) -> LMHead:
     """A function mapping post-norm hidden states [..., H] to logits [..., V] exactly as `model` does.
 
     Lets full-vocabulary losses project hidden states chunk by chunk instead of materialising
-    B x T x V logits. Handles final logit soft-capping (Gemma-2/3 style configs) when present.
+    B x T x V logits. Handles final logit soft-capping (Gemma-2/3 style configs) and `logit_scale`
+    when present. The returned `LMHead` also exposes `trainable_parameters` (the output embedding's
+    parameters that require grad) and `linear_split()` for `minillm.losses.fused_token_loss`.
     """
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    scale = getattr(model.config, "logit_scale", None)
-
-    weight = getattr(head, "weight", None)
-
-    def fn(hidden: Tensor) -> Tensor:
-        if weight is not None and hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
-            hidden = hidden.to(weight.dtype)  # e.g. fp32 hidden states stored from a bf16 teacher
-        logits = head(hidden)
-        if scale is not None and not isinstance(scale, bool):
-            logits = logits * scale
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
-    return fn
+    return LMHead(model)
 
 
 def backbone(model):

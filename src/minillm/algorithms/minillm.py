@@ -28,6 +28,7 @@ from ..errors import ConfigError, TrainingError
 from ..losses import (
     advantages,
     chunked_token_terms,
+    fused_token_loss,
     per_token_rewards,
     ppo_clipped_loss,
     prefix_importance_weights,
@@ -231,7 +232,23 @@ class MiniLLM(Algorithm):
             yield self._next_batch()
 
     # ------------------------------------------------------------------ the loss of one micro-batch
+    #: Compute the full-vocabulary terms with `fused_token_loss` (gradients formed chunk by chunk in the
+    #: forward pass: no LM-head recompute in backward, no per-chunk [V, H] head-gradient sums). False
+    #: uses the checkpointed `chunked_token_terms` path instead (same values and gradients up to float
+    #: rounding; tests/test_fused_loss.py compares the two).
+    fused: bool = True
+
+    def _fused(self) -> bool:
+        # lm_head_fn heads expose their trainable parameters; a head that does not cannot be fused safely
+        return self.fused and getattr(self.trainer.student_head, "trainable_parameters", None) is not None
+
     def loss_terms(self, batch):
+        """One differentiable term `rollout_loss` = pg + single_step (+ `pt` = lm_coef * L_PT).
+
+        pg and single_step come out of one fused pass over the rollout tokens, so they are a single
+        term for the trainer (which sums and backpropagates the terms); their values are logged as the
+        `pg` and `single_step` metrics through the extra dict (not part of the summed loss).
+        """
         tr, cfg = self.trainer, self.trainer.cfg
         ids, attn = batch["input_ids"], batch["attention_mask"]
         B, P = ids.shape[0], batch["prompt_len"]
@@ -248,26 +265,48 @@ class MiniLLM(Algorithm):
         valid = batch["response_mask"].bool()
         h = hidden[:B, P - 1:P - 1 + T][valid]  # position t-1 predicts response token t
         teacher_h = batch["teacher_hidden"][valid] if cfg.single_step else None
-        t = chunked_token_terms(h, tr.student_head, targets=batch["response_ids"][valid], teacher_hidden=teacher_h,
-                                teacher_head=tr.teacher_head if teacher_h is not None else None, divergence="rkl" if cfg.single_step else None,
-                                vocab_size=tr.shared_vocab_size, temperature=cfg.temperature,
-                                chunk_size=cfg.chunk_size)
-        ones = torch.ones_like(t.logprobs)
-        w = batch["weights"][valid]
-        terms = {}
-        terms["pg"], stats = self.long_term_loss(t.logprobs, batch["old_logprobs"][valid],
-                                                 batch["advantages"][valid], w, ones)
-        if cfg.single_step:
-            ss_w = batch["single_step_weights"][valid] if cfg.single_step_weighted else None
-            terms["single_step"] = single_step_loss(t.divergence, ones, weights=ss_w)
+        old, adv, w = batch["old_logprobs"][valid], batch["advantages"][valid], batch["weights"][valid]
+        ss_w = batch["single_step_weights"][valid] if cfg.single_step and cfg.single_step_weighted else None
+        token_kw = dict(targets=batch["response_ids"][valid], teacher_hidden=teacher_h,
+                        teacher_head=tr.teacher_head if teacher_h is not None else None,
+                        divergence="rkl" if cfg.single_step else None, vocab_size=tr.shared_vocab_size,
+                        temperature=cfg.temperature, chunk_size=cfg.chunk_size)
+        if self._fused():
+            denom = max(int(valid.sum()), 1)
+
+            def token_loss(lp, div, start, stop):
+                # token means over the chunk rescaled to the micro-batch's token count: sums over chunks
+                # give the token means over the micro-batch (LMOps' reduction)
+                ones, share = torch.ones_like(lp), (stop - start) / denom
+                out = {"pg": self.long_term_loss(lp, old[start:stop], adv[start:stop], w[start:stop], ones)[0]
+                       * share}
+                if cfg.single_step:
+                    out["single_step"] = single_step_loss(
+                        div, ones, weights=None if ss_w is None else ss_w[start:stop]) * share
+                return out
+
+            f = fused_token_loss(h, tr.student_head, token_loss, **token_kw)
+            rollout_loss, values, logprobs, entropy = f.loss, f.terms, f.logprobs, f.entropy
+            # statistics that are not sums over chunks (ratio max, clip fraction) from the detached log-probs
+            _, stats = self.long_term_loss(logprobs, old, adv, w, torch.ones_like(logprobs))
+        else:
+            t = chunked_token_terms(h, tr.student_head, **token_kw)
+            ones = torch.ones_like(t.logprobs)
+            pg, stats = self.long_term_loss(t.logprobs, old, adv, w, ones)
+            values = {"pg": pg}
+            if cfg.single_step:
+                values["single_step"] = single_step_loss(t.divergence, ones, weights=ss_w)
+            rollout_loss, entropy = sum(values.values()), t.entropy
+        terms = {"rollout_loss": rollout_loss}
         if pt_ids is not None:
             terms["pt"] = cfg.lm_coef * self.pt_loss(hidden[B:, :pt_ids.shape[1]], pt_ids)
-        extra = {"tokens": int(valid.sum()), "entropy": float(t.entropy.mean()),
+        extra = {"tokens": int(valid.sum()), "entropy": float(entropy.mean()),
+                 **{k: v.detach() for k, v in values.items()},
                  **{f"ppo/{k}": v for k, v in stats.items()}}
         return terms, extra
 
     def long_term_loss(self, logprobs, old_logprobs, adv, weights, mask):
-        """(grad L)_Long of Eq. 7 with PPO clipping on rho = q_theta / p~ (Alg. 1)."""
+        """(grad L)_Long of Eq. 7 with PPO clipping on rho = q_theta / p~ (Alg. 1); a token mean over `mask`."""
         clip = self.trainer.cfg.clip_eps or None
         return ppo_clipped_loss(logprobs, old_logprobs, adv, weights, mask, clip_eps=clip)
 
@@ -280,13 +319,24 @@ class MiniLLM(Algorithm):
         if cfg.kd_ratio > 0:
             th = tr.teacher_hidden(pt_ids, torch.ones_like(pt_ids))[:, :-1]
             teacher_h = th.reshape(-1, th.shape[-1])
-        t = chunked_token_terms(h, tr.student_head, targets=targets, teacher_hidden=teacher_h,
-                                teacher_head=tr.teacher_head if teacher_h is not None else None, divergence="fkl" if cfg.kd_ratio > 0 else None,
-                                vocab_size=tr.shared_vocab_size, chunk_size=cfg.chunk_size)
+        token_kw = dict(targets=targets, teacher_hidden=teacher_h,
+                        teacher_head=tr.teacher_head if teacher_h is not None else None,
+                        divergence="fkl" if cfg.kd_ratio > 0 else None, vocab_size=tr.shared_vocab_size,
+                        chunk_size=cfg.chunk_size)
+        kd = cfg.kd_ratio
+        if self._fused():
+            n = max(targets.numel(), 1)
+
+            def token_loss(lp, div, start, stop):
+                ce = -lp.sum() / n
+                return {"pt": ce if kd == 0 else (1 - kd) * ce + kd * (div.sum() / n)}
+
+            return fused_token_loss(h, tr.student_head, token_loss, **token_kw).loss
+        t = chunked_token_terms(h, tr.student_head, **token_kw)
         ce = -t.logprobs.mean()
-        if cfg.kd_ratio == 0:
+        if kd == 0:
             return ce
-        return (1 - cfg.kd_ratio) * ce + cfg.kd_ratio * t.divergence.mean()
+        return (1 - kd) * ce + kd * t.divergence.mean()
 
     # ------------------------------------------------------------------ validation, state
     def evaluate(self) -> dict[str, float]:
