@@ -199,6 +199,13 @@ def test_spread_indices():
     assert models.pruned_layer_indices(30, 30, "spread") == list(range(30))
 
 
+def test_ends_indices():
+    assert models.pruned_layer_indices(30, 12, "ends") == [0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29]
+    assert models.pruned_layer_indices(30, 5, "ends") == [0, 1, 2, 28, 29]
+    assert models.pruned_layer_indices(30, 1, "ends") == [0]
+    assert models.pruned_layer_indices(30, 30, "ends") == list(range(30))
+
+
 def test_prune_command(tmp_path, tok, capsys):
     source = save_pretrained_atomic(tiny_llama(tok, layers=4), tok, tmp_path / "src")
     out = prune_command(str(source), 2, "spread", str(tmp_path / "student"))

@@ -95,7 +95,8 @@ def settings_from_args(args) -> dict:
     """Every size and hyperparameter of the run; --smoke only changes numbers, never code paths."""
     s = dict(  # noqa: C408
         n_train=900, n_valid=100, n_dolly_test=500, n_sni_test=500, split_seed=0,
-        layers=args.layers, steps=args.steps, seeds=args.seeds, max_new_tokens=args.max_new_tokens,
+        layers=args.layers, prune_strategy=args.prune_strategy, steps=args.steps, seeds=args.seeds,
+        max_new_tokens=args.max_new_tokens,
         train_max_new_tokens=args.train_max_new_tokens or args.max_new_tokens,
         max_prompt_length=256, batch_size=8, eval_batch_size=args.eval_batch_size,
         teacher_sft_steps=args.teacher_sft_steps, teacher_sft_lr=args.teacher_sft_lr,
@@ -213,9 +214,9 @@ def stage_prune(root: Path, s: dict, teacher: str) -> dict:
 
     out = root / "student-pruned"
     full = load_model(teacher)
-    pruned = prune_model(full, s["layers"])
+    pruned = prune_model(full, s["layers"], s.get("prune_strategy", "spread"))
     save_pretrained_atomic(pruned, load_tokenizer(teacher), out)
-    return {"path": str(out), "layers": s["layers"],
+    return {"path": str(out), "layers": s["layers"], "prune_strategy": s.get("prune_strategy", "spread"),
             "parameters": int(sum(p.numel() for p in pruned.parameters())),
             "teacher_parameters": int(sum(p.numel() for p in full.parameters()))}
 
@@ -408,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny models and sizes, same stage code (< 90 s)")
     p.add_argument("--layers", type=int, default=8, help="student layers kept from the 30 of the teacher "
                    "(4 gave a weak init in the quickstart)")
+    p.add_argument("--prune-strategy", default="ends", choices=("ends", "spread", "first"),
+                   help="which teacher layers the student keeps (minillm.models.pruned_layer_indices); 'ends' "
+                   "keeps the first and last K/2 and hurts least on SmolLM2 (see its docstring)")
     p.add_argument("--steps", type=int, default=128, help="optimiser steps of every method (equal budget)")
     p.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30])
     p.add_argument("--max-new-tokens", type=int, default=256, help="evaluation generation cap (paper: 256)")

@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "head copied), saved as a plain HF folder.")
     p.add_argument("--model", required=True, help="model to prune (HF folder, .gguf, hub id, built-in name)")
     p.add_argument("--layers", type=int, required=True, help="number of decoder layers to keep")
-    p.add_argument("--strategy", choices=("spread", "first"), default="spread",
-                   help="spread: evenly spaced layers incl. first and last; first: the first K layers")
+    p.add_argument("--strategy", choices=("spread", "ends", "first"), default="spread",
+                   help="spread: evenly spaced layers incl. first and last; ends: the first K/2 and the last K/2 "
+                        "layers (drops one late-middle block; hurts least on SmolLM2); first: the first K layers")
     p.add_argument("--out", required=True, help="output folder")
     p = sub.add_parser("quickstart", help="The whole MiniLLM pipeline on a real teacher (SmolLM2-135M-Instruct) "
                                           "in minutes on a CPU, ending in a report.")

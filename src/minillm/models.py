@@ -427,7 +427,15 @@ def _decoder_layers(model: PreTrainedModel) -> tuple[str, torch.nn.ModuleList]:
 
 
 def pruned_layer_indices(num_layers: int, keep: int, strategy: str = "spread") -> list[int]:
-    """Which of `num_layers` layers to keep: "spread" = evenly spaced incl. first and last, "first" = 0..keep-1."""
+    """Which of `num_layers` layers to keep.
+
+    "spread": evenly spaced, first and last included; "first": 0..keep-1; "ends": the first ceil(keep/2) and
+    the last floor(keep/2) layers, i.e. one contiguous block of late-middle layers is removed. Removing a
+    contiguous block before the last layers hurts least (Gromov et al. 2024, "The Unreasonable
+    Ineffectiveness of the Deeper Layers"): on SmolLM2-135M-Instruct (30 layers), the cross-entropy of
+    the pruned model on the teacher's own answers before any training is 7.9 nats/token keeping 12 layers
+    with "ends" vs 14.7 with "spread" and 21.9 with "first" (6.5 / 12.6 / 21.8 keeping 16; teacher 1.02).
+    """
     if not 1 <= keep <= num_layers:
         raise ModelError(f"cannot keep {keep} of {num_layers} layers; choose 1 <= layers <= {num_layers}")
     if strategy == "first":
@@ -436,7 +444,10 @@ def pruned_layer_indices(num_layers: int, keep: int, strategy: str = "spread") -
         if keep == 1:
             return [0]
         return [round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)]
-    raise ModelError(f"unknown prune strategy '{strategy}'; use 'spread' or 'first'")
+    if strategy == "ends":
+        head = (keep + 1) // 2
+        return list(range(head)) + list(range(num_layers - (keep - head), num_layers))
+    raise ModelError(f"unknown prune strategy '{strategy}'; use 'spread', 'ends' or 'first'")
 
 
 def prune_model(model: PreTrainedModel, num_layers: int, strategy: str = "spread") -> PreTrainedModel:

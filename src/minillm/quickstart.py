@@ -135,7 +135,7 @@ def quickstart(out: str = "quickstart", budget: str = "small", compare: bool = F
     pruned = root / "student-pruned"
     if not (pruned / "config.json").exists():
         full = load_model(str(teacher_dir))
-        save_pretrained_atomic(prune_model(full, b["layers"]), tokenizer, pruned)
+        save_pretrained_atomic(prune_model(full, b["layers"], b.get("prune", "ends")), tokenizer, pruned)
         del full
     mark("student")
 
