@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_parts import make_batch, timed_rollout, update_step
+from step_parts import gradient_agreement, make_batch, timed_rollout, update_gradient, update_step
 
 
 def matmul_gflops(dtype, n=4096, reps=3):
@@ -180,30 +180,11 @@ def main():
             (lp["fp32"].exp() * (lp["fp32"] - lp["bf16"])).sum(-1)[m].mean())
         tol["teacher_logp_decode_vs_forward_abs_err_mean"] = float((r.teacher_logprobs[m] - tok_lp["fp32"]).abs().mean())
         del lp
-    grads = {}
-    for name, ac in (("fp32", None), ("bf16", torch.bfloat16)):
-        student.zero_grad(set_to_none=True)
-        ctx = torch.autocast("cpu", dtype=ac) if ac else torch.autocast("cpu", enabled=False)
-        with ctx:
-            hidden = final_hidden(student, ids, attn)
-            P, T = b32["prompt_len"], b32["response_ids"].shape[1]
-            valid = b32["response_mask"].bool()
-            from minillm.losses import chunked_token_terms, ppo_clipped_loss, single_step_loss
-
-            t = chunked_token_terms(hidden[:, P - 1:P - 1 + T][valid], s_head, targets=b32["response_ids"][valid],
-                                    teacher_hidden=b32["teacher_hidden"][valid], teacher_head=t_head,
-                                    divergence="rkl", vocab_size=vocab, chunk_size=a.chunk)
-            ones = torch.ones_like(t.logprobs)
-            loss = ppo_clipped_loss(t.logprobs, b32["old_logprobs"][valid], b32["advantages"][valid],
-                                    b32["weights"][valid], ones)[0] + single_step_loss(t.divergence, ones)
-        loss.backward()
-        grads[name] = (torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]),
-                       float(loss.detach()))
-    student.zero_grad(set_to_none=True)
-    g32, g16 = grads["fp32"][0], grads["bf16"][0]
-    tol["update_grad_cosine"] = float(torch.nn.functional.cosine_similarity(g32, g16, dim=0))
-    tol["update_grad_rel_err"] = float((g16 - g32).norm() / g32.norm())
-    tol["update_loss_fp32"], tol["update_loss_bf16"] = grads["fp32"][1], grads["bf16"][1]
+    # one update's gradient under bf16 autocast vs fp32 on the same rollout (step_parts.update_gradient)
+    g32, loss32 = update_gradient(student, s_head, t_head, b32, vocab=vocab, chunk_size=a.chunk)
+    g16, loss16 = update_gradient(student, s_head, t_head, b32, vocab=vocab, chunk_size=a.chunk,
+                                  autocast=torch.bfloat16)
+    tol.update(gradient_agreement(g32, loss32, g16, loss16))
     res["bf16_tolerance"] = tol
     res["wall_s"] = time.perf_counter() - t_all
     res["student_params_m"] = sum(p.numel() for p in student.parameters()) / 1e6

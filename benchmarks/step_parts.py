@@ -103,3 +103,62 @@ def update_step(student, student_head, teacher_head, batch, optimizer, *, vocab=
     return {"body_forward_s": t1 - t0, "loss_terms_s": t2 - t1, "backward_s": t3 - t2, "optimizer_s": t4 - t3,
             "update_s": t4 - t0, "response_tokens": int(valid.sum()), "sequence_tokens": int(attn.sum()),
             "padded_tokens": int(ids.numel()), "loss": float(loss.detach())}
+
+
+def update_gradient(student, student_head, teacher_head, batch, *, vocab=None, chunk_size=512, autocast=None,
+                    fused=False, backward_under_autocast=False, body_autocast=True):
+    """(flat gradient of all student parameters, loss) of one MiniLLM update's loss on `batch` (no step).
+
+    The loss is the PPO-clipped term + the single-step reverse KL, as `update_step`; `fused` uses
+    `fused_token_loss` (as algorithms/minillm.py does) instead of `chunked_token_terms`. `autocast` is a
+    dtype for CPU/GPU autocast around the forward; backward runs outside it unless `backward_under_autocast`.
+    `body_autocast=False` runs the student body in fp32 and only the loss (heads included) under autocast,
+    which isolates what the heads contribute to the bf16 error.
+    """
+    from minillm.losses import fused_token_loss
+
+    device = batch["input_ids"].device
+    student.zero_grad(set_to_none=True)
+    ctx = torch.autocast(device.type, dtype=autocast) if autocast else torch.autocast(device.type, enabled=False)
+    ids, attn, P = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
+    T = batch["response_ids"].shape[1]
+    with ctx:
+        if body_autocast:
+            hidden = final_hidden(student, ids, attn)
+        else:
+            with torch.autocast(device.type, enabled=False):
+                hidden = final_hidden(student, ids, attn)
+        valid = batch["response_mask"].bool()
+        h = hidden[:, P - 1:P - 1 + T][valid]
+        old, adv, w = batch["old_logprobs"][valid], batch["advantages"][valid], batch["weights"][valid]
+        kw = dict(targets=batch["response_ids"][valid], teacher_hidden=batch["teacher_hidden"][valid],
+                  teacher_head=teacher_head, divergence="rkl", vocab_size=vocab, chunk_size=chunk_size)
+        if fused:
+            n = max(int(valid.sum()), 1)
+
+            def token_loss(lp, div, start, stop):
+                ones, share = torch.ones_like(lp), (stop - start) / n
+                pg = ppo_clipped_loss(lp, old[start:stop], adv[start:stop], w[start:stop], ones)[0]
+                return {"pg": pg * share, "single_step": single_step_loss(div, ones) * share}
+
+            loss = fused_token_loss(h, student_head, token_loss, **kw).loss
+        else:
+            t = chunked_token_terms(h, student_head, **kw)
+            ones = torch.ones_like(t.logprobs)
+            loss = ppo_clipped_loss(t.logprobs, old, adv, w, ones)[0] + single_step_loss(t.divergence, ones)
+        if backward_under_autocast:
+            loss.backward()
+    if not backward_under_autocast:
+        loss.backward()
+    grad = torch.cat([p.grad.flatten().float() for p in student.parameters() if p.grad is not None])
+    student.zero_grad(set_to_none=True)
+    return grad, float(loss.detach())
+
+
+def gradient_agreement(g_ref, loss_ref, g, loss) -> dict:
+    """Cosine, relative L2 error and losses of a gradient against a reference (fp32) one (sums in fp64:
+    over tens of millions of entries fp32 sums are off by ~1e-3, enough to give a cosine above 1)."""
+    g_ref, g = g_ref.double(), g.double()
+    return {"update_grad_cosine": float(torch.nn.functional.cosine_similarity(g_ref, g, dim=0)),
+            "update_grad_rel_err": float((g - g_ref).norm() / g_ref.norm()),
+            "update_loss_fp32": loss_ref, "update_loss_bf16": loss}

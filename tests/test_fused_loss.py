@@ -389,7 +389,8 @@ def test_lm_head_fn_exposes_trainable_parameters_and_matches_the_call():
 
 
 def test_reduced_precision_heads_close_to_the_checkpointed_path():
-    """bf16 autocast (bf16 logits) and bf16 head weights: same maths up to bf16 rounding."""
+    """bf16 autocast (the lm_head_fn head runs in fp32 inside it) and bf16 head weights: same maths up to bf16
+    rounding."""
     for case in ("autocast", "bf16_weights"):
         s = Setup("lm_head", n=37, seed=12, dtype=torch.float32)
         if case == "bf16_weights":

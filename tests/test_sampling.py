@@ -79,6 +79,78 @@ def test_kv_cache_logprobs_and_hidden_match_full_forward(tok, family, alpha):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_single_forward_scoring_without_padding_matches_lockstep(tok, monkeypatch, family):
+    """alpha = 0 scores with one teacher forward over each row's real tokens only (prompt left padding and
+    response right padding packed away); teacher log-probs and hidden states must equal the lockstep
+    decode's, for prompts of very different lengths and responses that end at different steps."""
+    make = tiny_llama if family == "llama" else tiny_gpt2
+    student = make(tok, seed=13)
+    teacher = make(tok, seed=14, hidden_size=48, vocab_size=len(tok) + 16)
+    prompts = ["one", " ".join(["the cat is on the tree and the dog is in the river"] * 4), "what is the capital",
+               "two three four five six seven eight nine ten"]
+    prompt_ids, prompt_mask = left_pad(tok, prompts)
+    lp = prompt_mask.sum(1)
+    assert int(lp.max()) > 10 * int(lp.min())
+    eos, other, steps = tok.eos_token_id, 17, 9
+    script = torch.full((4, steps), other)
+    script[:, 1::2] = 23
+    script[0, 1] = eos  # 2 tokens
+    script[2, 0] = eos  # 1 token: only the EOS
+    script[3, 5] = eos  # 6 tokens; row 1 (the longest prompt) runs to max_new_tokens
+    config = SamplingConfig(max_new_tokens=steps, temperature=0.7)
+    kwargs = dict(config=config, eos_token_id=eos, pad_token_id=eos, teacher=teacher, return_teacher_hidden=True)
+
+    widths = []
+    real_final_hidden = sampling.final_hidden
+
+    def spy(model, ids, *args, **kw):
+        widths.append(ids.shape[1])
+        return real_final_hidden(model, ids, *args, **kw)
+
+    monkeypatch.setattr(sampling, "final_hidden", spy)
+    eos_scripted_sampler(monkeypatch, script)
+    single = generate_rollouts(student, prompt_ids, prompt_mask, teacher_mix_alpha=0.0, **kwargs)
+    assert single.lengths.tolist() == [2, steps, 1, 6]
+    # The teacher ran once, over max(prompt + response) - 1 positions, not P + T.
+    n_real = lp + single.lengths
+    assert widths == [int(n_real.max()) - 1] and widths[0] < prompt_ids.shape[1] + steps
+
+    # The lockstep path (teacher stepped with its own KV cache) on the same tokens: a teacher share too
+    # small to matter, with the scripted draw, records log p(y_t) and the teacher's hidden states as at alpha = 0.
+    eos_scripted_sampler(monkeypatch, script)
+    lockstep = generate_rollouts(student, prompt_ids, prompt_mask, teacher_mix_alpha=1e-9, **kwargs)
+    assert torch.equal(lockstep.response_ids, single.response_ids)
+    assert torch.equal(lockstep.response_mask, single.response_mask)
+    torch.testing.assert_close(single.student_logprobs, lockstep.student_logprobs, atol=0, rtol=0)
+    torch.testing.assert_close(single.teacher_logprobs, lockstep.teacher_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(single.teacher_hidden, lockstep.teacher_hidden, atol=1e-5, rtol=0)
+    off = single.response_mask == 0
+    assert torch.all(single.teacher_logprobs[off] == 0) and torch.all(single.teacher_hidden[off] == 0)
+    assert torch.all(single.teacher_logprobs[~off] != 0)
+    # and both equal a plain padded forward over cat(prompt, response)
+    logp, _ = reference_logprobs(teacher, single, config.temperature, len(tok))
+    torch.testing.assert_close(single.teacher_logprobs, logp, atol=1e-5, rtol=0)
+
+
+def test_response_hidden_equals_the_padded_forward(tok):
+    """`response_hidden` (packed, no padding inside rows) vs the left-padded forward, bf16 model included."""
+    for model in (tiny_gpt2(tok, seed=15), tiny_llama(tok, seed=16).to(torch.bfloat16)):
+        prompt_ids, prompt_mask = left_pad(tok, ["a", "the cat is on the tree and the dog is in the river", "two"])
+        response_ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 0, 0, 0], [12, 0, 0, 0, 0]])
+        response_mask = (response_ids != 0).float()
+        with torch.no_grad():
+            got = sampling.response_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask)
+            ids = torch.cat([prompt_ids, response_ids], 1)
+            mask = torch.cat([prompt_mask, response_mask.long()], 1)
+            P, T = prompt_ids.shape[1], response_ids.shape[1]
+            want = final_hidden(model, ids, mask)[:, P - 1:P - 1 + T]
+        valid = response_mask.bool()
+        assert got.shape == want.shape and got.dtype == want.dtype
+        tol = 1e-5 if model.dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got[valid].float(), want[valid].float(), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_greedy_matches_hf_generate(tok, family):
     model = (tiny_llama if family == "llama" else tiny_gpt2)(tok, seed=3)
     prompt_ids, prompt_mask = left_pad(tok, PROMPTS)

@@ -361,16 +361,21 @@ def _head_parameters(head: Head, head_parameters) -> list[Tensor]:
 
 
 def _linear_split(head: Head):
-    """(weight, bias, postprocess, cast) when head(h) == postprocess(F.linear(cast(h), weight, bias))."""
+    """(weight, bias, postprocess, cast, linear) when head(h) == postprocess(linear(cast(h), weight, bias)).
+
+    `linear` is the head's own projection (`LMHead.linear`: fp32 with autocast disabled when autocast is
+    on), else F.linear; postprocess and cast may be None (identity).
+    """
     split = getattr(head, "linear_split", None)
     if callable(split):
         parts = split()
         if parts is None:
             return None
         weight, bias, post = parts
-        return weight, bias, post, getattr(head, "cast_input", None)
+        return (weight, bias, post, getattr(head, "cast_input", None),
+                getattr(head, "linear", torch.nn.functional.linear))
     if type(head) is torch.nn.Linear:
-        return head.weight, head.bias, None, None
+        return head.weight, head.bias, None, None, torch.nn.functional.linear
     return None
 
 
@@ -444,11 +449,14 @@ def fused_token_loss(
     When the head is a plain `nn.Linear` (or an `lm_head_fn` head over one, `linear_split()`), the
     chunk's logits are formed from the detached weight and a hook on them adds the weight (and bias)
     gradient into the buffer in place (addmm) when the chunk's backward reaches them, so no [V, H]
-    temporary is created per chunk (under autocast, one in the autocast dtype); autograd gives the
-    input gradient. Other heads (e.g. LoRA-wrapped) use autograd for the head parameters as well
-    (one [V, H] temporary per chunk). The trainable parameters are `head_parameters`, else
-    `student_head.trainable_parameters` (`lm_head_fn` heads), else the parameters of an nn.Module head;
-    a plain function without them is an error (its weights would silently get no gradient).
+    temporary is created per chunk; autograd gives the input gradient. The logits are formed as the
+    head forms them: an `lm_head_fn` head projects in fp32 with autocast disabled even under autocast
+    (`LMHead.linear`); a bare `nn.Linear` under autocast gives logits in the autocast dtype (and one
+    [V, H] temporary in that dtype per chunk). Other heads (e.g. LoRA-wrapped) use autograd for the
+    head parameters as well (one [V, H] temporary per chunk). The trainable parameters are
+    `head_parameters`, else `student_head.trainable_parameters` (`lm_head_fn` heads), else the parameters
+    of an nn.Module head; a plain function without them is an error (its weights would silently get no
+    gradient).
     Parameters that do not require grad get none; a head without trainable parameters still gives
     the hidden gradient.
 
@@ -482,12 +490,12 @@ def fused_token_loss(
         h = hidden[start:stop].detach()
         inputs: list[Tensor] = []
         if track and split is not None:
-            # F.linear on a detached weight; the hook adds the weight/bias gradients into the buffers
-            # in place when backward reaches the logits (autograd gives only the input gradient).
-            w, b, post, cast = split
+            # The head's projection on a detached weight; the hook adds the weight/bias gradients into the
+            # buffers in place when backward reaches the logits (autograd gives only the input gradient).
+            w, b, post, cast, linear = split
             x = (cast(h) if cast is not None else h).detach().requires_grad_(True)
             inputs.append(x)
-            z = torch.nn.functional.linear(x, w.detach(), None if b is None else b.detach())
+            z = linear(x, w.detach(), None if b is None else b.detach())
             accumulate = [(p, buf) for p, buf in zip(params, grad_params)]
 
             def head_grads(g_z: Tensor) -> None:
@@ -548,7 +556,11 @@ def fused_token_loss(
             out, values, inputs = forward_chunk(start, stop, grad_params)
             total = sum(out.values()) if out else None
             if track and total is not None and total.requires_grad:
-                grads = torch.autograd.grad(total, inputs, allow_unused=True)
+                # The chunk's backward runs with autocast off, as a backward should: under autocast (this
+                # runs inside the caller's forward) its matmuls would be recast to bf16 even where the
+                # forward ran in fp32 (the LM head); ops autocast did recast save bf16 tensors anyway.
+                with torch.autocast(hidden.device.type, enabled=False):
+                    grads = torch.autograd.grad(total, inputs, allow_unused=True)
                 if grad_hidden is not None and grads[0] is not None:
                     grad_hidden[start:stop] = grads[0]
                 if split is None:  # generic head: autograd gave the parameter gradients as well

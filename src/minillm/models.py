@@ -45,10 +45,19 @@ class LMHead:
                           access (so freezing or LoRA applied later is seen). Tied to the input
                           embedding in most of our models: the same Parameter.
     linear_split()        (weight, bias, postprocess) when the output embedding is a plain
-                          `torch.nn.Linear`, so that `head(h) == postprocess(F.linear(cast(h), weight,
-                          bias))` with `cast` the dtype handling of `__call__`; None otherwise
-                          (e.g. a LoRA-wrapped head), in which case only autograd through `__call__`
-                          is exact.
+                          `torch.nn.Linear`, so that `head(h) == postprocess(head.linear(cast_input(h),
+                          weight, bias))`; None otherwise (e.g. a LoRA-wrapped head), in which case only
+                          autograd through `__call__` is exact.
+
+    Precision. Under autocast (e.g. Accelerate's bf16 mixed precision) the projection runs in fp32
+    with autocast disabled: the hidden states are cast to fp32 and the weight is used in fp32 (the
+    master weights are fp32 there, so that is no copy; a bf16 weight is upcast for the call). Only
+    the model body runs in the autocast dtype, and everything from the hidden states to the loss is
+    fp32. bf16 logits carry an absolute error of about 0.1 at logit magnitudes of 10-30 into the fp32
+    log-softmax: with the body in fp32 that alone gave a 2.7 % relative error in the MiniLLM update's
+    gradient (benchmarks/tolerance.py). Without autocast the head runs in its weight's dtype, with
+    the hidden states cast to it (e.g. fp32 hidden states stored from a bf16 teacher). The backward
+    must run outside autocast (as the trainer does), or its matmuls are recast to bf16.
     """
 
     def __init__(self, model) -> None:
@@ -59,11 +68,33 @@ class LMHead:
         self.scale = None if scale is None or isinstance(scale, bool) else scale
         self.weight = getattr(self.module, "weight", None)
 
+    def _full_precision_dtype(self, hidden: Tensor) -> torch.dtype | None:
+        """The dtype the head computes in when autocast is on for `hidden`'s device (fp32 or wider), else None."""
+        if not torch.is_autocast_enabled(hidden.device.type):
+            return None
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        if self.weight is not None:
+            dtype = torch.promote_types(dtype, self.weight.dtype)
+        return dtype
+
     def cast_input(self, hidden: Tensor) -> Tensor:
+        full = self._full_precision_dtype(hidden)
+        if full is not None:
+            return hidden.to(full)
         weight = self.weight
-        if weight is not None and hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        if weight is not None and hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)  # e.g. fp32 hidden states stored from a bf16 teacher
         return hidden
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """F.linear(x, weight, bias) as the head computes it for an input `x` from `cast_input`.
+
+        Under autocast: in x's dtype (fp32 or wider) with autocast disabled, the weight and bias cast to it.
+        """
+        if not torch.is_autocast_enabled(x.device.type):
+            return torch.nn.functional.linear(x, weight, bias)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def postprocess(self, logits: Tensor) -> Tensor:
         if self.scale is not None:
@@ -73,7 +104,18 @@ class LMHead:
         return logits
 
     def __call__(self, hidden: Tensor) -> Tensor:
-        return self.postprocess(self.module(self.cast_input(hidden)))
+        x = self.cast_input(hidden)
+        if not torch.is_autocast_enabled(hidden.device.type):
+            return self.postprocess(self.module(x))
+        if type(self.module) is torch.nn.Linear:
+            logits = self.linear(x, self.module.weight, self.module.bias)
+        elif any(p.is_floating_point() and p.dtype != x.dtype for p in self.module.parameters()):
+            logits = self.module(x)  # a non-Linear head holding low-precision weights: left to autocast
+        else:  # e.g. a LoRA-wrapped head with fp32 weights: its own forward on fp32 inputs, without autocast
+            with torch.autocast(hidden.device.type, enabled=False):
+                logits = self.module(x)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.postprocess(logits)
 
     @property
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

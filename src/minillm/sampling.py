@@ -41,6 +41,7 @@ __all__ = [
     "check_teacher_sampling",
     "generate_rollouts",
     "generate_texts",
+    "response_hidden",
     "sample_from_probs",
 ]
 
@@ -317,9 +318,9 @@ def generate_rollouts(
     alpha = float(teacher_mix_alpha)
     if teacher is not None and alpha == 0.0 and config.no_repeat_ngram_size == 0:
         # The teacher does not shape the samples: decode the student alone, then score the whole batch
-        # with ONE teacher forward pass (batched prefill is several times cheaper than stepping the teacher
-        # token by token; docs/benchmarks.md). The n-gram ban needs per-step teacher processing, so it keeps
-        # the lockstep path.
+        # with ONE teacher forward pass over the rows' real tokens (batched prefill is several times cheaper
+        # than stepping the teacher token by token; docs/benchmarks.md). The n-gram ban needs per-step
+        # teacher processing, so it keeps the lockstep path.
         rollout = generate_rollouts(student, prompt_ids, prompt_mask, config=config, eos_token_id=eos_token_id,
                                     pad_token_id=pad_token_id, generator=generator)
         return _score_with_teacher(rollout, student, teacher, config, shared_vocab_size, return_teacher_hidden)
@@ -378,28 +379,65 @@ def generate_rollouts(
                              with_hidden=return_teacher_hidden)
 
 
+def response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+                    response_mask: Tensor) -> Tensor:
+    """Post-norm hidden states [B, T, H] of `model` at the positions that predict each response token.
+
+    Teacher-forced, by one forward pass without padding inside the sequences: each row's real tokens
+    (the prompt without its left padding, then the response) are packed to start at position 0 and
+    right-padded to the longest row, with attention mask 1 on real tokens and position ids 0..n-1. This
+    gives what a forward over `cat(prompt_ids, response_ids)` (left-padded prompts, position ids from the
+    mask) gives at positions P-1 ... P+T-2, up to float round-off, but processes only
+    max_b(prompt_b + response_b) - 1 positions per row instead of P + T (a row's last response token
+    predicts nothing and is not fed unless it lies within the longest row's span). As in a `Rollout`,
+    prompts are left-padded and each response mask is 1 on a prefix of its row. Entries at t >= the
+    row's response length are arbitrary (callers mask them). The output is on the model's device; no
+    grad mode is set here (callers scoring without gradients wrap it in torch.no_grad()).
+    """
+    device = next(model.parameters()).device
+    ids = torch.cat([prompt_ids, response_ids], dim=1).to(device)
+    real = torch.cat([prompt_mask != 0, response_mask != 0], dim=1).to(device)
+    P, T = prompt_ids.shape[1], response_ids.shape[1]
+    counts = real.long().cumsum(dim=1)  # real tokens up to and including each position
+    n_real = counts[:, -1]
+    # The response token t (at P + t) is predicted at the packed position of the real token before it.
+    predict = counts[:, P - 1:P - 1 + T] - 1
+    width = max(1, int(n_real.max()) - 1)
+    slot = torch.where(real, counts - 1, width).clamp(max=width)  # padding and tokens past the width: dropped
+    packed = ids.new_zeros((ids.shape[0], width + 1)).scatter_(1, slot, ids)[:, :width]
+    positions = torch.arange(width, device=device)
+    packed_mask = (positions[None] < n_real[:, None]).long()
+    hidden = final_hidden(model, packed, packed_mask, positions[None].expand(ids.shape[0], -1))
+    index = predict.clamp(0, width - 1)[..., None].expand(-1, -1, hidden.shape[-1])
+    return hidden.gather(1, index)
+
+
 def _score_with_teacher(rollout: Rollout, student, teacher, config: SamplingConfig, shared_vocab_size: int | None,
                         return_teacher_hidden: bool) -> Rollout:
-    """Fill a student-only rollout's teacher fields (alpha = 0) from one teacher-forced forward pass."""
+    """Fill a student-only rollout's teacher fields (alpha = 0) from one teacher-forced forward pass.
+
+    The forward runs over the rows' real tokens only (`response_hidden`: no left padding of the prompts,
+    no right padding inside each row), which equals the decode-time teacher up to float round-off.
+    """
     widths = [student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]]
     vocab = shared_vocab_size or min(widths)
     if vocab > min(widths):
         raise ValueError(f"shared_vocab_size = {vocab} exceeds the logit widths {widths}.")
     device = next(teacher.parameters()).device
-    P, T = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
-    ids, mask = rollout.full_sequence()
     head = lm_head_fn(teacher)
     keep = rollout.response_mask.bool()
     logprobs = torch.zeros(rollout.response_ids.shape, dtype=torch.float32)
     hidden_out = None
     with torch.no_grad(), _EvalMode(teacher):
-        hidden = final_hidden(teacher, ids.to(device), mask.to(device))[:, P - 1:P - 1 + T]
-        for row in range(hidden.shape[0]):  # one row at a time: [T, V] logits, never [B, T, V]
-            logits = head(hidden[row])[:, :vocab].float()
+        hidden = response_hidden(teacher, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
+                                 rollout.response_mask)
+        for row in range(hidden.shape[0]):  # one row's real tokens at a time: never [B, T, V] logits
+            valid = keep[row]
+            logits = head(hidden[row][valid.to(device)])[:, :vocab].float()
             if config.temperature != 1.0:
                 logits = logits / config.temperature
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, rollout.response_ids[row].to(device)[:, None])[:, 0]
-            logprobs[row] = torch.where(keep[row], lp.cpu(), torch.zeros(()))
+            targets = rollout.response_ids[row][valid].to(device)[:, None]
+            logprobs[row, valid] = torch.log_softmax(logits, dim=-1).gather(-1, targets)[:, 0].cpu()
         if return_teacher_hidden:
             hidden_out = torch.where(keep[..., None], hidden.float().cpu(), torch.zeros(()))
     return dataclasses.replace(rollout, teacher_logprobs=logprobs, mix_logprobs=rollout.student_logprobs.clone(),

@@ -357,15 +357,18 @@ class Trainer:
             for micro in range(ga):
                 batch = next(batches)
                 sync = micro == ga - 1
-                with (nullcontext() if sync else acc.no_sync(self.model)), acc.autocast():
-                    terms, extra = alg.loss_terms(batch)
-                    for name, value in terms.items():
-                        if not torch.isfinite(value).all():
-                            raise TrainingError(
-                                f"step {self.step + 1}: the loss term `{name}` is {value.item()} (non-finite). "
-                                f"The last good checkpoint is kept in {self._ckpt_root()}; lower the "
-                                f"learning rate or use precision=fp32.")
-                    loss = sum(terms.values())
+                with nullcontext() if sync else acc.no_sync(self.model):
+                    with acc.autocast():
+                        terms, extra = alg.loss_terms(batch)
+                        for name, value in terms.items():
+                            if not torch.isfinite(value).all():
+                                raise TrainingError(
+                                    f"step {self.step + 1}: the loss term `{name}` is {value.item()} "
+                                    f"(non-finite). The last good checkpoint is kept in {self._ckpt_root()}; "
+                                    f"lower the learning rate or use precision=fp32.")
+                        loss = sum(terms.values())
+                    # backward outside autocast (PyTorch's AMP rule): under it, the backward of the fp32 LM
+                    # head (models.LMHead) would be recast to bf16; the body's ops saved bf16 tensors anyway
                     acc.backward(loss / ga)
                 for name, value in terms.items():
                     sums[name] += value.item() / ga

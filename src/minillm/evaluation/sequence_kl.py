@@ -17,8 +17,8 @@ import torch
 from minillm.data import PromptDataset, collate_prompts
 from minillm.evaluation.metrics import mean_and_std, rouge_l
 from minillm.losses import chunked_token_terms
-from minillm.models import final_hidden, lm_head_fn
-from minillm.sampling import SamplingConfig, generate_rollouts
+from minillm.models import lm_head_fn
+from minillm.sampling import SamplingConfig, generate_rollouts, response_hidden
 
 
 def _texts(rollout, tokenizer) -> list[str]:
@@ -27,13 +27,15 @@ def _texts(rollout, tokenizer) -> list[str]:
 
 @torch.no_grad()
 def _score(model, rollout, shared_vocab_size) -> torch.Tensor:
-    """log model(y_t | y_<t, x) of a rollout's response tokens, by one teacher-forced forward pass."""
-    ids, mask = rollout.full_sequence()
+    """log model(y_t | y_<t, x) of a rollout's response tokens, by one teacher-forced forward pass.
+
+    The forward runs over the rows' real tokens only (`response_hidden`: no padding inside the rows).
+    """
     device = next(model.parameters()).device
-    hidden = final_hidden(model, ids.to(device), mask.to(device))
-    P, T = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    hidden = response_hidden(model, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
+                             rollout.response_mask)
     valid = rollout.response_mask.bool().to(device)
-    terms = chunked_token_terms(hidden[:, P - 1:P - 1 + T][valid], lm_head_fn(model),
+    terms = chunked_token_terms(hidden[valid], lm_head_fn(model),
                                 targets=rollout.response_ids.to(device)[valid], vocab_size=shared_vocab_size)
     out = torch.zeros(rollout.response_ids.shape, dtype=torch.float32)
     out[valid.cpu()] = terms.logprobs.float().cpu()
