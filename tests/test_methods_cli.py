@@ -67,6 +67,11 @@ def test_generate_is_resumable(tiny_dirs, instruction_file, tmp_path):
     Path(str(out) + ".partial").write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])
     assert run(args) == 0
     assert out.read_text() == full
+    # a response shorter than the cap stopped at EOS; one at the cap is finished only if its last token was EOS
+    for rec in map(json.loads, full.splitlines()):
+        assert isinstance(rec["finished"], bool)
+        if rec["length"] < 6:
+            assert rec["finished"]
 
 
 def test_evaluate_and_report_on_dollyeval(tiny_dirs, tmp_path):

@@ -58,11 +58,13 @@ def generate_file(model, tokenizer, examples, output: str | os.PathLike, *, temp
                                   generator=batch_generator(seed, start // batch_size))
             # positions after EOS already hold the pad token, which skip_special_tokens drops
             texts = tokenizer.batch_decode(r.response_ids.tolist(), skip_special_tokens=True)
-            for item, text, length in zip(items, texts, r.lengths.tolist()):
+            last = r.response_ids.gather(1, (r.lengths - 1).clamp(min=0)[:, None])[:, 0]
+            finished = ((r.lengths > 0) & torch.isin(last, torch.tensor(tokenizer.eos_token_id).reshape(-1))).tolist()
+            for item, text, length, done_ in zip(items, texts, r.lengths.tolist(), finished):
                 ex = item["example"]
                 rec = {"instruction": ex.instruction, "input": ex.input, "id": item["id"], "prompt": item["prompt"],
                        "response": text.strip(), "references": item["references"], "length": int(length),
-                       "settings": settings}
+                       "finished": bool(done_), "settings": settings}
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
             bar.update(len(items))
