@@ -58,19 +58,22 @@ def section_memory(quick: bool) -> dict:
     reps = 1 if quick else 2
     rows = []
     for n in lengths:
-        for chunk in sorted({min(c, n) for c in (512, 256, n)}, reverse=True):  # effective chunk sizes
-            vals = []
-            for _ in range(reps):
-                r = run_measured([PY, str(ROOT / "benchmarks" / "loss_memory.py"), str(n), str(chunk)], env=ENV,
-                                 timeout=600)
-                rec = last_json_line(r["stdout"], "LOSS_MEMORY")
-                if rec is None:
-                    raise RuntimeError(f"loss_memory {n} {chunk} failed:\n{r['stderr'][-2000:]}")
-                vals.append(rec)
-            row = {"n": n, "chunk": chunk, "extra_mb": median([v["extra_mb"] for v in vals]),
-                   "seconds": median([v["seconds"] for v in vals]), "runs": vals}
-            rows.append(row)
-            log(f"memory n={n} chunk={chunk}: extra {row['extra_mb']:.0f} MB, {row['seconds']:.2f} s")
+        for fused in (True, False):  # fused_token_loss (what training uses) and the checkpointed chunked_token_terms
+            for chunk in sorted({min(c, n) for c in (512, 256, n)}, reverse=True):  # effective chunk sizes
+                if fused and chunk == n and n > 512:
+                    continue  # one huge fused chunk is not a configuration anyone runs
+                vals = []
+                for _ in range(reps):
+                    cmd = [PY, str(ROOT / "benchmarks" / "loss_memory.py"), str(n), str(chunk)] + (["--fused"] if fused else [])
+                    r = run_measured(cmd, env=ENV, timeout=600)
+                    rec = last_json_line(r["stdout"], "LOSS_MEMORY")
+                    if rec is None:
+                        raise RuntimeError(f"loss_memory {n} {chunk} fused={fused} failed:\n{r['stderr'][-2000:]}")
+                    vals.append(rec)
+                row = {"n": n, "chunk": chunk, "fused": fused, "extra_mb": median([v["extra_mb"] for v in vals]),
+                       "seconds": median([v["seconds"] for v in vals]), "runs": vals}
+                rows.append(row)
+                log(f"memory n={n} chunk={chunk} fused={fused}: extra {row['extra_mb']:.0f} MB, {row['seconds']:.2f} s")
     return {"rows": rows, "reps": reps, "vocab": 49152, "hidden": 576}
 
 
@@ -309,28 +312,36 @@ def render(meta: dict) -> str:
     # ---------------------------------------------------------------- memory
     if mem:
         L += ["## 5. Memory of the chunked reverse-KL / single-step term", "",
-              f"`chunked_token_terms(divergence=\"rkl\", targets=...)` forward + backward (loss = mean RKL − mean "
-              f"log q) on N response positions, vocabulary {mem['vocab']:,}, hidden {mem['hidden']}, trainable "
-              "student head (its gradient buffer pre-allocated), frozen teacher head. Extra memory = peak RSS "
-              "during forward+backward minus RSS just before (fresh process per figure, after a 4-position "
-              f"warm-up; median of {mem['reps']}).", ""]
+              "Forward + backward of the single-step reverse KL plus the log-probs the PPO term needs (loss = mean "
+              f"RKL − mean log q) on N response positions, vocabulary {mem['vocab']:,}, hidden {mem['hidden']}, "
+              "trainable student head (its gradient buffer pre-allocated), frozen teacher head. *fused* = "
+              "`fused_token_loss` (what MiniLLM training uses: each chunk's gradient is formed in the forward pass, "
+              "the heads are never recomputed, one gradient buffer per head parameter); *checkpointed* = "
+              "`chunked_token_terms` (activation checkpointing per chunk). Extra memory = peak RSS during "
+              "forward+backward minus RSS just before (fresh process per figure, after a 4-position warm-up; median "
+              f"of {mem['reps']}). The default `chunk_size` is 256.", ""]
         rows = []
         by = {}
         for r in mem["rows"]:
+            fused = r.get("fused", False)
             label = "one chunk (= unchunked)" if r["chunk"] == r["n"] else f"chunk {r['chunk']}"
-            by[(r["n"], r["chunk"])] = r["extra_mb"]
-            rows.append([r["n"], label, r["extra_mb"], r["seconds"]])
-        L += [table(["N", "chunking", "extra MB", "fwd+bwd s"], rows), ""]
+            by[(r["n"], r["chunk"], fused)] = r["extra_mb"]
+            rows.append([r["n"], "fused" if fused else "checkpointed", label, r["extra_mb"], r["seconds"]])
+        L += [table(["N", "path", "chunking", "extra MB", "fwd+bwd s"], rows), ""]
         ns = sorted({r["n"] for r in mem["rows"]})
         if 256 in ns and 2048 in ns:
-            base = by.get((256, 256))
-            for chunk in (512, 256):  # chunk_size 512 (the default) is one chunk of 256 at N = 256
-                if (2048, chunk) in by and base:
-                    ratio = by[(2048, chunk)] / base
-                    targets.append((f"loss extra memory at 2048 ≤ 1.2× at 256 (chunk_size {chunk}"
-                                    f"{', the default' if chunk == 512 else ''})", ratio, 1.2, f"{r3(ratio)}×"))
-            if (2048, 2048) in by and base:
-                L += [f"Unchunked, the same term needs {by[(2048, 2048)] / base:.1f}× the memory at 2048 as at 256.", ""]
+            for fused in (True, False):
+                base = by.get((256, 256, fused))
+                for chunk in (256, 512):  # chunk_size 512 is one half-full chunk at N = 256
+                    if (2048, chunk, fused) in by and base:
+                        ratio = by[(2048, chunk, fused)] / base
+                        name = "fused_token_loss, as trained" if fused else "chunked_token_terms"
+                        targets.append((f"loss extra memory at 2048 ≤ 1.2× at 256 ({name}, chunk_size {chunk}"
+                                        f"{', the default' if chunk == 256 else ''})", ratio, 1.2, f"{r3(ratio)}×"))
+            base = by.get((256, 256, False))
+            if (2048, 2048, False) in by and base:
+                L += [f"Unchunked, the same term needs {by[(2048, 2048, False)] / base:.1f}× the memory at 2048 as at "
+                      "256.", ""]
 
     # ---------------------------------------------------------------- gpu
     if gpu:

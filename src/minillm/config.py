@@ -84,7 +84,7 @@ class TrainConfig:
     teacher_dtype: str = _f("float32", "Teacher weights dtype: float32 or bfloat16 (it is never trained).",
                             choices=("float32", "bfloat16", "float16"))
     seed: int = _f(0, "Random seed (data order, initialisation of sampling).")
-    chunk_size: int = _f(512, "Positions per chunk in full-vocabulary losses (memory is O(chunk x vocab)).",
+    chunk_size: int = _f(256, "Positions per chunk in full-vocabulary losses (memory is O(chunk x vocab)).",
                          min=1)
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
 

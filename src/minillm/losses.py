@@ -253,7 +253,7 @@ def chunked_token_terms(
     divergence: Divergence | None = None,
     vocab_size: int | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 512,
+    chunk_size: int = 256,
     beta: float = 0.5,
     skew_alpha: float = 0.1,
 ) -> TokenTerms:
@@ -417,7 +417,7 @@ def fused_token_loss(
     divergence: Divergence | None = None,
     vocab_size: int | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 512,
+    chunk_size: int = 256,
     beta: float = 0.5,
     skew_alpha: float = 0.1,
     head_parameters=None,

