@@ -35,7 +35,9 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 TEACHER = "smollm2-135m-instruct"
 TEMPLATE = "minillm"  # the paper's prompt template (issue 7: "prompts in the MiniLLM template")
-METHODS = ("sft", "kd", "seqkd", "minillm", "rkl", "onpolicy")
+METHODS = ("sft", "kd", "seqkd", "minillm", "minillm-seqret", "rkl", "onpolicy")
+# minillm-seqret: MiniLLM with the exact sequence-level return (advantage=paper, length_norm=false) - the
+# quickstart found that the length-normalised return lengthens a weak student's answers (README, quickstart).
 
 logger = logging.getLogger("table1")
 
@@ -230,21 +232,24 @@ def stage_init(root: Path, s: dict, data: dict, pruned: str) -> dict:
 
 def stage_method(root: Path, s: dict, data: dict, method: str, init: str, teacher: str) -> dict:
     """`method` from the init with `steps` optimiser steps; best checkpoint by validation Rouge-L."""
-    kw = dict(method=method, student=init, max_steps=s["steps"], select_by="rougeL",
+    base = "minillm" if method.startswith("minillm") else method
+    kw = dict(method=base, student=init, max_steps=s["steps"], select_by="rougeL",
               eval_every=max(1, s["steps"] // s["method_evals"]),
               eval_num_prompts=min(s["valid_prompts"], s["n_valid"]),
               max_new_tokens=s["train_max_new_tokens"], rollout_batch_size=16, **common_train(s, data))
     if method != "sft":
         kw.update(teacher=teacher, teacher_dtype=s["teacher_dtype"])
-    if method == "minillm":  # paper defaults scaled down (spec §2.4): alpha 0.2, single step, length norm, clip
+    if base == "minillm":  # paper defaults scaled down (spec §2.4): alpha 0.2, single step, length norm, clip
         kw.update(learning_rate=s["minillm_lr"], lr_scheduler="constant", warmup_steps=0, adam_beta2=0.95,
                   weight_decay=1e-6, num_rollouts=s["minillm_num_rollouts"], ppo_epochs=s["ppo_epochs"],
                   teacher_mix_alpha=s["teacher_mix_alpha"], single_step=True, length_norm=True,
                   clip_eps=s["clip_eps"], pt_data=data["pt_data"], pt_seq_len=s["pt_seq_len"])
+        if method == "minillm-seqret":
+            kw.update(advantage="paper", length_norm=False)
     else:
         kw.update(learning_rate=s["baseline_lr"], lr_scheduler="cosine", warmup_steps=0)
     info = train_stage(root / "runs" / method, **kw)
-    if method == "minillm":
+    if base == "minillm":
         info["rounds"] = s["steps"] // max(1, (s["minillm_num_rollouts"] // s["batch_size"]) * s["ppo_epochs"])
         info["num_rollouts"] = s["minillm_num_rollouts"]
     return info
@@ -407,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (all files land here; re-run to resume)")
     p.add_argument("--smoke", action="store_true", help="tiny models and sizes, same stage code (< 90 s)")
-    p.add_argument("--layers", type=int, default=8, help="student layers kept from the 30 of the teacher "
-                   "(4 gave a weak init in the quickstart)")
+    p.add_argument("--layers", type=int, default=12, help="student layers kept from the 30 of the teacher "
+                   "(12 with --prune-strategy ends: the quickstart measured it; 4 gave word salad)")
     p.add_argument("--prune-strategy", default="ends", choices=("ends", "spread", "first"),
                    help="which teacher layers the student keeps (minillm.models.pruned_layer_indices); 'ends' "
                    "keeps the first and last K/2 and hurts least on SmolLM2 (see its docstring)")
@@ -417,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256, help="evaluation generation cap (paper: 256)")
     p.add_argument("--train-max-new-tokens", type=int, default=0,
                    help="rollout / seqkd / validation generation cap (0 = --max-new-tokens)")
-    p.add_argument("--methods", nargs="+", default=["sft", "kd", "seqkd", "minillm"], choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=["sft", "kd", "seqkd", "minillm", "minillm-seqret"],
+                   choices=METHODS)
     p.add_argument("--teacher-sft-steps", type=int, default=225, help="teacher SFT steps (225 = 2 epochs, bs 8)")
     p.add_argument("--teacher-sft-lr", type=float, default=2e-5)
     p.add_argument("--init-steps", type=int, default=338, help="student init SFT steps (338 = 3 epochs, bs 8)")
