@@ -395,3 +395,32 @@ def test_generate_texts(tok):
     assert greedy == [tok.decode(hf[0, ids.shape[1]:], skip_special_tokens=True).strip()]
     with pytest.raises(DataError, match="Prompt 1"):
         generate_texts(model, tok, ["the cat", ""], config)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_student_autocast_records_the_updates_numerics(tok, alpha):
+    """With student_autocast=bf16 (precision=bf16 training), log q_old is what the update computes under autocast
+    (bf16 body, fp32 head), so the PPO ratio is ~1 at theta_old; without it the rollout stays fp32."""
+    from minillm.models import lm_head_fn
+
+    student = tiny_llama(tok, seed=1)
+    teacher = tiny_llama(tok, seed=2, hidden_size=48)
+    prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
+    config = SamplingConfig(max_new_tokens=8)
+    kw = dict(config=config, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, teacher=teacher,
+              teacher_mix_alpha=alpha)
+    r16 = generate_rollouts(student, prompt_ids, prompt_mask, generator=torch.Generator().manual_seed(0),
+                            student_autocast=torch.bfloat16, **kw)
+    ids, mask = r16.full_sequence()
+    P = r16.prompt_ids.shape[1]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = lm_head_fn(student)(final_hidden(student, ids, mask))[:, P - 1:-1]
+    assert logits.dtype == torch.float32
+    ref16 = logits.log_softmax(-1).gather(2, r16.response_ids[..., None]).squeeze(-1) * r16.response_mask
+    ref32, _ = reference_logprobs(student, r16, 1.0, len(tok))
+    err16 = (r16.student_logprobs - ref16).abs().max()
+    err32 = (r16.student_logprobs - ref32).abs().max()
+    assert err16 < 0.05 and err32 > 2 * err16  # matches the autocast forward, not the fp32 one
+    # the teacher's numbers do not depend on the student's autocast
+    lp, _ = reference_logprobs(teacher, r16, 1.0, len(tok))
+    torch.testing.assert_close(r16.teacher_logprobs, lp, atol=1e-5, rtol=0)

@@ -15,6 +15,7 @@ sampling (cumsum + searchsorted) because `torch.multinomial` over a ~50k vocabul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -238,7 +239,8 @@ class _Decoder:
     the one its logits came from (`lm_head_fn` is what the losses use as well).
     """
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, autocast_dtype: torch.dtype | None = None) -> None:
+        self.autocast_dtype = autocast_dtype
         self.backbone = backbone(model)
         self.head = lm_head_fn(model)
         self.device = next(model.parameters()).device
@@ -249,15 +251,17 @@ class _Decoder:
 
     def step(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Feed new tokens; return (logits [B, V], post-norm hidden [B, H]) at the last fed position."""
-        out = self.backbone(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            position_ids=position_ids.to(self.device),
-            use_cache=True,
-            **{self.cache_kwarg: self.cache},
-        )
-        hidden = out.last_hidden_state[:, -1]
-        return self.head(hidden), hidden
+        with (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+              else contextlib.nullcontext()):
+            out = self.backbone(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                position_ids=position_ids.to(self.device),
+                use_cache=True,
+                **{self.cache_kwarg: self.cache},
+            )
+            hidden = out.last_hidden_state[:, -1]
+            return self.head(hidden), hidden
 
 
 class _EvalMode:
@@ -289,6 +293,7 @@ def generate_rollouts(
     shared_vocab_size: int | None = None,
     generator: torch.Generator | None = None,
     return_teacher_hidden: bool = False,
+    student_autocast: torch.dtype | None = None,
 ) -> Rollout:
     """Sample responses from p~ = alpha * teacher + (1 - alpha) * student and record the behaviour log-probs.
 
@@ -302,6 +307,9 @@ def generate_rollouts(
         generator: source of the uniforms for reproducible sampling (any device; one uniform per row per step).
         return_teacher_hidden: also return the teacher's post-norm hidden state at each predicting position,
             so the loss can recompute teacher logits with `lm_head_fn(teacher)` instead of storing [B, T, V].
+        student_autocast: run the student's decoding steps under `torch.autocast(dtype)` (the trainer's bf16
+            mixed precision), so that the recorded log q_old comes from the same numerics as the update's
+            log q_theta (body in bf16, LM head in fp32: `models.LMHead`). The teacher is not affected.
 
     Greedy decoding takes the argmax of p~ (of the processed student logits when alpha = 0, as
     `generate(do_sample=False)` does); the recorded log-probs are still those of the processed distributions.
@@ -322,11 +330,11 @@ def generate_rollouts(
         # than stepping the teacher token by token; docs/benchmarks.md). The n-gram ban needs per-step
         # teacher processing, so it keeps the lockstep path.
         rollout = generate_rollouts(student, prompt_ids, prompt_mask, config=config, eos_token_id=eos_token_id,
-                                    pad_token_id=pad_token_id, generator=generator)
+                                    pad_token_id=pad_token_id, generator=generator, student_autocast=student_autocast)
         return _score_with_teacher(rollout, student, teacher, config, shared_vocab_size, return_teacher_hidden)
 
     with torch.no_grad(), _EvalMode(student, teacher):
-        student_dec = _Decoder(student)
+        student_dec = _Decoder(student, student_autocast)
         teacher_dec = _Decoder(teacher) if teacher is not None else None
         device = student_dec.device
         eos_ids = torch.tensor(eos_token_id, device=device).reshape(-1)

@@ -59,7 +59,9 @@ def teacher_mixed_rollouts(trainer, prompts, indices, generator) -> dict[str, Te
                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                               teacher=trainer.teacher, teacher_mix_alpha=cfg.teacher_mix_alpha,
                               shared_vocab_size=trainer.shared_vocab_size, generator=generator,
-                              return_teacher_hidden=cfg.single_step)
+                              return_teacher_hidden=cfg.single_step,
+                              # q_old under the update's numerics (bf16 body, fp32 head), and a faster decode
+                              student_autocast=torch.bfloat16 if cfg.precision == "bf16" else None)
         parts.append(r)
     return _merge_rollouts(parts, tok.pad_token_id)
 
