@@ -283,3 +283,37 @@ def test_render_report_from_two_runs(eval_run, tmp_path, tok):
     assert (tmp_path / "report.png").stat().st_size > 0
     with pytest.raises(DataError, match="results.json"):
         render_report([tmp_path / "missing"], tmp_path / "r.md", tmp_path / "r.png")
+
+
+def test_compare_to_teacher_sequence_kls_by_brute_force(tok, instruction_file):
+    """Sequence reverse KL = sum over the student's sampled response of log q - log p (full forwards here), its
+    mean and median over responses; forward KL from the teacher's samples; same per-batch seeds as the code."""
+    from minillm.data import PromptDataset, collate_prompts
+    from minillm.evaluation.sequence_kl import compare_to_teacher
+    from minillm.models import position_ids_from_mask
+
+    student = tiny_llama(tok, hidden_size=32, layers=1, seed=2)
+    teacher = tiny_llama(tok, hidden_size=48, layers=2, seed=1)
+    examples = load_instructions(instruction_file)[:5]
+    got = compare_to_teacher({"s": student}, teacher, tok, examples, seeds=(7,), max_new_tokens=6, batch_size=8)
+
+    def seq_logprob(model, r):
+        ids, mask = r.full_sequence()
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        lp = logits[:, r.prompt_ids.shape[1] - 1:-1, :len(tok)].float().log_softmax(-1)
+        return (lp.gather(2, r.response_ids[..., None]).squeeze(-1) * r.response_mask).sum(1)
+
+    ds = PromptDataset(examples, tok, template="minillm", max_prompt_length=256)
+    batch = collate_prompts([ds[i] for i in range(len(ds))], tok.pad_token_id)
+    kw = dict(config=SamplingConfig(max_new_tokens=6), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    s = generate_rollouts(student, batch["input_ids"], batch["attention_mask"],
+                          generator=torch.Generator().manual_seed(7 * 100_003 + 1), **kw)
+    t = generate_rollouts(teacher, batch["input_ids"], batch["attention_mask"],
+                          generator=torch.Generator().manual_seed(7 * 100_003), **kw)
+    rkl = seq_logprob(student, s) - seq_logprob(teacher, s)
+    fkl = seq_logprob(teacher, t) - seq_logprob(student, t)
+    assert got["s"]["reverse_kl"] == pytest.approx(float(rkl.mean()), abs=1e-3)
+    assert got["s"]["reverse_kl_median"] == pytest.approx(float(rkl.median()), abs=1e-3)  # odd count: exact median
+    assert got["s"]["forward_kl"] == pytest.approx(float(fkl.mean()), abs=1e-3)
+    assert got["s"]["length"] == pytest.approx(float(s.lengths.float().mean()))

@@ -25,7 +25,8 @@ def test_quickstart_tiny(tmp_path):
     assert (out / "training_curves.png").stat().st_size > 5000 and (out / "methods.png").stat().st_size > 5000
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["student-init", "minillm", "teacher"]
-    assert all(r["reverse_kl"] is not None for r in rows[:2])
+    assert all(r["reverse_kl"] is not None and r["reverse_kl_median"] is not None for r in rows[:2])
+    assert "median reverse KL" in report
     model = AutoModelForCausalLM.from_pretrained(out / "student")
     tok = AutoTokenizer.from_pretrained(out / "student")
     assert model.config.num_hidden_layers == 4

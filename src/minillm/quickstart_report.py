@@ -90,7 +90,8 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
         rows.append({"name": name, "rouge": r["rougeL"], "rouge_std": r["rougeL_std"], "length": r["length"],
                      "reverse_kl": r.get("reverse_kl"), "reverse_kl_std": r.get("reverse_kl_std"),
                      "forward_kl": r.get("forward_kl"), "forward_kl_std": r.get("forward_kl_std"),
-                     "reverse_kl_per_token": r.get("reverse_kl_per_token")})
+                     "reverse_kl_per_token": r.get("reverse_kl_per_token"),
+                     "reverse_kl_median": r.get("reverse_kl_median")})
     curves = plot_training_curves(root / "runs" / "minillm" / "metrics.jsonl", root / "training_curves.png")
     plot_methods(rows, root / "methods.png")
     teacher_params = _count_params(builtin_model_dir("smollm2-135m-instruct"))
@@ -141,13 +142,17 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
         "Rouge-L is against the teacher's own answers (how much of the teacher's behaviour the student "
         "reproduces); the KLs are sequence-level, in nats per response, estimated by sampling (reverse: "
         "student samples scored by both models - what MiniLLM minimises; forward: teacher samples). "
-        "Mean ± std over seeds.", "",
-        "| model | Rouge-L | reverse KL[q‖p] | forward KL[p‖q] | length (tokens) |", "|---|---|---|---|---|",
+        "Mean ± std over seeds; the median column is the typical response (a few rambling samples dominate "
+        "the mean).", "",
+        "| model | Rouge-L | reverse KL[q‖p] | median reverse KL | forward KL[p‖q] | length (tokens) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         kl = (f"{r['reverse_kl']:.1f} ± {r['reverse_kl_std']:.1f}" if r["reverse_kl"] is not None else "0 (itself)")
+        med = f"{r['reverse_kl_median']:.1f}" if r.get("reverse_kl_median") is not None else "0 (itself)"
         fkl = (f"{r['forward_kl']:.1f} ± {r['forward_kl_std']:.1f}" if r["forward_kl"] is not None else "0 (itself)")
-        lines.append(f"| {r['name']} | {r['rouge']:.2f} ± {r['rouge_std']:.2f} | {kl} | {fkl} | {r['length']:.1f} |")
+        lines.append(f"| {r['name']} | {r['rouge']:.2f} ± {r['rouge_std']:.2f} | {kl} | {med} | {fkl} | "
+                     f"{r['length']:.1f} |")
     lines += [
         "", "**In short:** after MiniLLM the student's Rouge-L is "
         f"{verdict(d_rouge, spread_r, 'higher')}; its reverse KL to the teacher is "

@@ -48,7 +48,8 @@ def compare_to_teacher(students: dict, teacher, tokenizer, examples, *, template
                        shared_vocab_size: int | None = None) -> dict[str, dict[str, float]]:
     """Per model (students and "teacher"): Rouge-L vs the references, reverse / forward sequence KL, length.
 
-    Values are means over seeds of per-seed averages, with `<key>_std` the spread over seeds;
+    Values are means over seeds of per-seed averages, with `<key>_std` the spread over seeds
+    (`reverse_kl_median`: the mean over seeds of the per-seed median response);
     `responses` maps example id -> the first seed's response.
     """
     dataset = PromptDataset(examples, tokenizer, template=template, max_prompt_length=max_prompt_length)
@@ -59,6 +60,11 @@ def compare_to_teacher(students: dict, teacher, tokenizer, examples, *, template
 
     def add(name: str, key: str, values: list[float]) -> None:
         per_seed[name].setdefault(key, []).append(sum(values) / max(1, len(values)))
+        if key == "reverse_kl" and values:  # per-response KLs are heavy-tailed: the median is the robust summary
+            ordered = sorted(values)
+            mid = len(ordered) // 2
+            median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+            per_seed[name].setdefault("reverse_kl_median", []).append(median)
 
     for seed in seeds:
         acc: dict[str, dict[str, list[float]]] = {n: {} for n in names}
