@@ -201,9 +201,38 @@ class TokenTerms(NamedTuple):
     entropy: Tensor
 
 
-def _entropy(log_probs: Tensor) -> Tensor:
-    probs = log_probs.exp()
-    return -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1)
+def _chunk_quantities(make_student_logits: Callable[[], Tensor], teacher_in: Tensor | None, teacher_head: Head | None,
+                      targets: Tensor | None, divergence: Divergence | None, vocab_size: int | None,
+                      temperature: float, beta: float, skew_alpha: float):
+    """One chunk's (log q(target), divergence, log p(target), entropy of q): the shared body of
+    `chunked_token_terms` and `fused_token_loss`.
+
+    The student logits come from a callable so that no caller frame holds them: each [chunk, V] tensor is
+    dropped as soon as the next one is formed (autograd keeps only what backward needs). The teacher is
+    a constant (no grad); the entropy is detached and formed from the same q as the divergence.
+    """
+    student_logits = make_student_logits()
+    t_logits = None
+    if teacher_in is not None:
+        with torch.no_grad():
+            t_logits = teacher_head(teacher_in) if teacher_head is not None else teacher_in
+    _check_widths(student_logits.shape[-1], None if t_logits is None else t_logits.shape[-1], vocab_size)
+    ls = _log_probs(student_logits, vocab_size, temperature)
+    del student_logits
+    lt = None if t_logits is None else _log_probs(t_logits, vocab_size, temperature)
+    del t_logits
+    q = ls.exp()
+    with torch.no_grad():
+        entropy = torch.special.entr(q).sum(-1)  # -Σ q log q, 0·log 0 = 0
+    logprobs = teacher_lp = div = None
+    if targets is not None:
+        index = targets.unsqueeze(-1)
+        logprobs = ls.gather(-1, index).squeeze(-1)
+        if lt is not None:
+            teacher_lp = lt.gather(-1, index).squeeze(-1)
+    if divergence is not None:
+        div = divergence_from_logprobs(ls, lt, divergence, beta=beta, skew_alpha=skew_alpha, student_probs=q)
+    return logprobs, div, teacher_lp, entropy
 
 
 def _check_token_args(
@@ -277,23 +306,8 @@ def chunked_token_terms(
                                       temperature, chunk_size, beta, skew_alpha)
 
     def terms(hidden: Tensor, teacher_in: Tensor | None, chunk_targets: Tensor | None):
-        student_logits = student_head(hidden)
-        t_logits = None
-        if teacher_in is not None:
-            with torch.no_grad():
-                t_logits = teacher_head(teacher_in) if teacher_head is not None else teacher_in
-        _check_widths(student_logits.shape[-1], None if t_logits is None else t_logits.shape[-1], vocab_size)
-        ls = _log_probs(student_logits, vocab_size, temperature)
-        lt = None if t_logits is None else _log_probs(t_logits, vocab_size, temperature)
-        logprobs = teacher_lp = div = None
-        if chunk_targets is not None:
-            index = chunk_targets.unsqueeze(-1)
-            logprobs = ls.gather(-1, index).squeeze(-1)
-            if lt is not None:
-                teacher_lp = lt.gather(-1, index).squeeze(-1)
-        if divergence is not None:
-            div = divergence_from_logprobs(ls, lt, divergence, beta=beta, skew_alpha=skew_alpha)
-        return logprobs, div, teacher_lp, _entropy(ls.detach())
+        return _chunk_quantities(lambda: student_head(hidden), teacher_in, teacher_head, chunk_targets, divergence,
+                                 vocab_size, temperature, beta, skew_alpha)
 
     n = student_hidden.shape[0]
     pieces = []
@@ -495,7 +509,6 @@ def fused_token_loss(
             w, b, post, cast, linear = split
             x = (cast(h) if cast is not None else h).detach().requires_grad_(True)
             inputs.append(x)
-            z = linear(x, w.detach(), None if b is None else b.detach())
             accumulate = [(p, buf) for p, buf in zip(params, grad_params)]
 
             def head_grads(g_z: Tensor) -> None:
@@ -509,38 +522,23 @@ def fused_token_loss(
                     else:
                         buf.add_(g_z.sum(0))
 
-            if accumulate:
-                z.register_hook(head_grads)
-            student_logits = post(z) if post is not None else z
-            del z
+            def make_student_logits() -> Tensor:
+                z = linear(x, w.detach(), None if b is None else b.detach())
+                if accumulate:
+                    z.register_hook(head_grads)
+                return post(z) if post is not None else z
         else:
             if track and hidden.requires_grad:
                 h.requires_grad_(True)
                 inputs.append(h)
             if track:
                 inputs.extend(params)
-            student_logits = student_head(h)
-        t_logits = None
-        if teacher_input is not None:
-            with torch.no_grad():
-                t_in = teacher_input[start:stop]
-                t_logits = teacher_head(t_in) if teacher_head is not None else t_in
-        _check_widths(student_logits.shape[-1], None if t_logits is None else t_logits.shape[-1], vocab_size)
-        ls = _log_probs(student_logits, vocab_size, temperature)
-        del student_logits
-        lt = None if t_logits is None else _log_probs(t_logits, vocab_size, temperature)
-        del t_logits
-        q = ls.exp()
-        with torch.no_grad():
-            entropy = torch.special.entr(q).sum(-1)  # -Σ q log q from the q formed above, 0·log 0 = 0
-        logprobs = teacher_lp = div = None
-        if targets is not None:
-            index = targets[start:stop].unsqueeze(-1)
-            logprobs = ls.gather(-1, index).squeeze(-1)
-            if lt is not None:
-                teacher_lp = lt.gather(-1, index).squeeze(-1)
-        if divergence is not None:
-            div = divergence_from_logprobs(ls, lt, divergence, beta=beta, skew_alpha=skew_alpha, student_probs=q)
+
+            def make_student_logits() -> Tensor:
+                return student_head(h)
+        logprobs, div, teacher_lp, entropy = _chunk_quantities(
+            make_student_logits, None if teacher_input is None else teacher_input[start:stop], teacher_head,
+            None if targets is None else targets[start:stop], divergence, vocab_size, temperature, beta, skew_alpha)
         out = token_loss(logprobs, div, start, stop)
         if not isinstance(out, dict) or not all(isinstance(v, Tensor) and v.numel() == 1 for v in out.values()):
             raise TypeError("token_loss must return a dict of scalar tensors")
