@@ -165,11 +165,10 @@ def quickstart(out: str = "quickstart", budget: str = "small", compare: bool = F
     rl = dict(teacher=TEACHER, teacher_dtype="bfloat16", learning_rate=b["minillm_lr"], lr_scheduler="constant",
               warmup_steps=0, adam_beta2=0.95, weight_decay=1e-6, max_new_tokens=b["new_tokens"],
               eval_num_prompts=b["n_valid"], rollout_batch_size=16)
-    ret = MINILLM_RETURN
     minillm_dir = _train(root / "runs" / "minillm", method="minillm", student=str(init), num_rollouts=b["rollouts"],
                          batch_size=b["batch"], ppo_epochs=b["ppo_epochs"], max_steps=b["minillm_steps"],
                          pt_data=str(_resource("pretrain_corpus.txt")), pt_seq_len=64, select_by="rougeL",
-                         precision="bf16", **ret,
+                         precision="bf16", **MINILLM_RETURN,
                          eval_every=b["eval_every"], **rl, **common)
     mark("minillm")
 

@@ -83,6 +83,7 @@ def _count_params(folder: Path) -> int:
 
 def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, timings: dict, compare: bool) -> Path:
     from .models import builtin_model_dir
+    from .quickstart import MINILLM_RETURN
 
     rows = []
     for name in list(models) + ["teacher"]:
@@ -188,7 +189,8 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
         "template=chat output_dir=runs/init",
         "minillm distill --method minillm student=runs/init/best teacher=smollm2-135m-instruct "
         f"train_data={root}/data/train.jsonl valid_data={root}/data/valid.jsonl template=chat "
-        f"pt_data=corpus.txt {' '.join(f'{k}={str(v).lower()}' for k, v in _return().items())} output_dir=runs/minillm",
+        f"pt_data=corpus.txt {' '.join(f'{k}={str(v).lower()}' for k, v in MINILLM_RETURN.items())} "
+        "output_dir=runs/minillm",
         "# (drop the last two settings for the paper's length-normalised return: see 'What ran')",
         f"minillm evaluate models=runs/minillm/best data={root}/data/test.jsonl template=chat",
         "# the paper's recipes (16 GPUs): configs/paper/*.yaml, e.g.",
@@ -218,15 +220,10 @@ def _closing(d_rouge, spread_r, d_kl, spread_k, init, after, b) -> str:
     return text + "The student stays far from the teacher: this is a demonstration of the pipeline, not of the paper's numbers."
 
 
-def _return():
+def _return_desc() -> str:
     from .quickstart import MINILLM_RETURN
 
-    return MINILLM_RETURN
-
-
-def _return_desc() -> str:
-    r = _return()
-    if r.get("length_norm", True):
+    if MINILLM_RETURN.get("length_norm", True):
         return "the paper's length-normalised return"
     return ("the un-normalised return R_{t+1} (`advantage=paper length_norm=false`: the exact policy gradient of the "
             "sequence-level reverse KL; with the paper's length normalisation this weak student learns to stop later "

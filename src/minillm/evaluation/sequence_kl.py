@@ -12,6 +12,8 @@ own Rouge-L and are scored by every student with one teacher-forced forward pass
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from minillm.data import PromptDataset, collate_prompts
@@ -61,10 +63,7 @@ def compare_to_teacher(students: dict, teacher, tokenizer, examples, *, template
     def add(name: str, key: str, values: list[float]) -> None:
         per_seed[name].setdefault(key, []).append(sum(values) / max(1, len(values)))
         if key == "reverse_kl" and values:  # per-response KLs are heavy-tailed: the median is the robust summary
-            ordered = sorted(values)
-            mid = len(ordered) // 2
-            median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-            per_seed[name].setdefault("reverse_kl_median", []).append(median)
+            per_seed[name].setdefault("reverse_kl_median", []).append(statistics.median(values))
 
     for seed in seeds:
         acc: dict[str, dict[str, list[float]]] = {n: {} for n in names}
