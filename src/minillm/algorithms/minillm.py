@@ -35,6 +35,7 @@ from ..losses import (
     single_step_loss,
     whiten,
 )
+from ..losses import pt_loss as pt_objective
 from ..trainer import Algorithm
 from .common import EpochBatches, generation_validation, require_examples, to_device
 
@@ -329,16 +330,12 @@ class MiniLLM(Algorithm):
         if self._fused():
             n = max(targets.numel(), 1)
 
-            def token_loss(lp, div, start, stop):
-                ce = -lp.sum() / n
-                return {"pt": ce if kd == 0 else (1 - kd) * ce + kd * (div.sum() / n)}
+            def token_loss(lp, div, start, stop):  # the chunk's token means, rescaled to sum to the full means
+                return {"pt": pt_objective(-lp, div, torch.ones_like(lp), kd) * ((stop - start) / n)}
 
             return fused_token_loss(h, tr.student_head, token_loss, **token_kw).loss
         t = chunked_token_terms(h, tr.student_head, **token_kw)
-        ce = -t.logprobs.mean()
-        if kd == 0:
-            return ce
-        return (1 - kd) * ce + kd * t.divergence.mean()
+        return pt_objective(-t.logprobs, t.divergence, torch.ones_like(t.logprobs), kd)
 
     # ------------------------------------------------------------------ validation, state
     def evaluate(self) -> dict[str, float]:
