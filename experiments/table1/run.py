@@ -107,7 +107,7 @@ def settings_from_args(args) -> dict:
         baseline_lr=args.baseline_lr, minillm_lr=args.minillm_lr, minillm_rounds=args.minillm_rounds,
         ppo_epochs=args.ppo_epochs, teacher_mix_alpha=0.2, clip_eps=0.2, pt_seq_len=128,
         save_every=args.save_every, kl_prompts=args.kl_prompts, eb_prompts=args.eb_prompts,
-        eb_samples=args.eb_samples, teacher_dtype="bfloat16", eval_dtype="float32",
+        eb_samples=args.eb_samples, teacher_dtype="bfloat16", eval_dtype=args.eval_dtype,
         methods=list(args.methods), smoke=bool(args.smoke), valid_prompts=args.valid_prompts,
         method_evals=args.method_evals,
         max_input_chars=0,  # 0 = texts as they are; --smoke cuts instruction/input to keep prompts short
@@ -434,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--save-every", type=int, default=16, help="resumable checkpoint every N steps")
     p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--eval-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="weights dtype for evaluation sampling (the paper evaluates in fp16; bf16 samples ~1.5x "
+                        "faster than fp32 on CPU)")
     p.add_argument("--kl-prompts", type=int, default=500, help="DollyEval prompts for sequence-level KL")
     p.add_argument("--eb-prompts", type=int, default=50, help="DollyEval prompts for ExAccErr")
     p.add_argument("--eb-samples", type=int, default=1, help="samples per prompt for ExAccErr (paper: 10)")
