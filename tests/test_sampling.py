@@ -424,3 +424,109 @@ def test_student_autocast_records_the_updates_numerics(tok, alpha):
     # the teacher's numbers do not depend on the student's autocast
     lp, _ = reference_logprobs(teacher, r16, 1.0, len(tok))
     torch.testing.assert_close(r16.teacher_logprobs, lp, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ decode-loop speed-ups must not change the numbers
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_incremental_position_ids_equal_position_ids_from_mask(tok, monkeypatch, family):
+    """Each decode step's position ids (last + active) are what position_ids_from_mask gives over the whole mask,
+    for left-padded prompts and for rows that finish early (they keep feeding pads with mask 0)."""
+    model = (tiny_llama if family == "llama" else tiny_gpt2)(tok, seed=3)
+    prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
+    eos = tok.eos_token_id
+    script = torch.full((3, 7), 17)
+    script[0, 1] = eos  # row 0 finishes at its 2nd token, row 1 at its 5th, row 2 runs to the end
+    script[1, 4] = eos
+    eos_scripted_sampler(monkeypatch, script)
+    seen = []
+    real_step = sampling._Decoder.step
+
+    def recording_step(self, input_ids, attention_mask, position_ids):
+        seen.append((attention_mask.clone(), position_ids.clone()))
+        return real_step(self, input_ids, attention_mask, position_ids)
+
+    monkeypatch.setattr(sampling._Decoder, "step", recording_step)
+    rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=7),
+                                eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    assert rollout.lengths.tolist() == [2, 5, 7]
+    assert len(seen) == 7  # the prompt forward and six decode steps
+    assert torch.equal(seen[0][1], position_ids_from_mask(prompt_mask))
+    full_mask = torch.cat([prompt_mask, rollout.response_mask.long()], dim=1)
+    for t, (mask, positions) in enumerate(seen[1:]):
+        assert torch.equal(mask, full_mask[:, :prompt_mask.shape[1] + t + 1])
+        assert torch.equal(positions, position_ids_from_mask(mask)[:, -1:])
+    # the finished rows' positions stay at their last real token
+    assert seen[-1][1][:, 0].tolist() == [prompt_mask[0].sum() + 1, prompt_mask[1].sum() + 4, prompt_mask[2].sum() + 5]
+
+
+def test_growing_cache_layer_equals_dynamic_layer():
+    """The preallocated KV layer hands attention the same keys/values as transformers' DynamicLayer,
+    also when a step outgrows its buffer (one regrow)."""
+    grown, plain = sampling._GrowingLayer(headroom=2), sampling.DynamicLayer()
+    gen = torch.Generator().manual_seed(0)
+    for length in (5, 1, 1, 1, 3, 1):  # prefill, steps, a 3-token chunk past the headroom, a step
+        k, v = torch.randn(2, 3, length, 4, generator=gen), torch.randn(2, 3, length, 4, generator=gen)
+        keys, values = grown.update(k, v)
+        ref_keys, ref_values = plain.update(k, v)
+        assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values)
+        assert grown.get_seq_length() == plain.get_seq_length()
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_sliced_head_projection_equals_the_lm_head(tok, monkeypatch, autocast):
+    """_Decoder.project computes the head in weight slices (ragged last slice here); it must give the LM head's
+    logits, with and without autocast (where LMHead runs the projection in fp32)."""
+    from minillm.models import lm_head_fn
+
+    monkeypatch.setattr(sampling, "_HEAD_ROWS_PER_MATMUL", 7)
+    model = tiny_llama(tok, seed=4)
+    decoder = sampling._Decoder(model)
+    assert decoder.head_split is not None and len(decoder.head_split[0]) > 2
+    hidden = torch.randn(5, model.config.hidden_size)
+    context = torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False)
+    with torch.no_grad(), context:
+        logits, reference = decoder.project(hidden), lm_head_fn(model)(hidden)
+    assert logits.dtype == reference.dtype == torch.float32
+    torch.testing.assert_close(logits, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_decode_loop_matches_a_plain_reference_loop(tok, monkeypatch):
+    """Preallocated cache and mask, incremental position ids and the sliced head against the straightforward loop
+    (DynamicCache, torch.cat of the mask, position_ids_from_mask, one head matmul): same tokens, same log-probs."""
+    from transformers import DynamicCache
+
+    from minillm.models import backbone, lm_head_fn
+
+    model = tiny_llama(tok, seed=5)
+    prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
+    eos = tok.eos_token_id
+    monkeypatch.setattr(sampling, "_HEAD_ROWS_PER_MATMUL", 13)
+    rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=12),
+                                eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                                generator=torch.Generator().manual_seed(11))
+    # the plain loop, drawing with the same generator stream
+    generator = torch.Generator().manual_seed(11)
+    cache, body, head = DynamicCache(config=model.config), backbone(model), lm_head_fn(model)
+    cache_kwarg = sampling._Decoder(model).cache_kwarg  # `cache` or `past_key_values`, by transformers version
+    mask, ids = prompt_mask.clone(), prompt_ids
+    positions = position_ids_from_mask(mask)
+    finished = torch.zeros(3, dtype=torch.bool)
+    tokens, logqs = [], []
+    with torch.no_grad():
+        for _ in range(rollout.response_ids.shape[1]):
+            hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                          **{cache_kwarg: cache}).last_hidden_state[:, -1]
+            logits = head(hidden).float()
+            token = sample_from_probs((logits - logits.amax(-1, keepdim=True)).exp(), generator)
+            logqs.append(logits.log_softmax(-1).gather(1, token[:, None])[:, 0])
+            token = token.masked_fill(finished, tok.pad_token_id)
+            tokens.append(token)
+            mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)
+            positions = position_ids_from_mask(mask)[:, -1:]
+            finished = finished | (token == eos)
+            ids = token[:, None]
+    assert torch.equal(rollout.response_ids, torch.stack(tokens, dim=1))
+    logq = torch.stack(logqs, dim=1) * rollout.response_mask
+    torch.testing.assert_close(rollout.student_logprobs, logq, rtol=0, atol=1e-6)

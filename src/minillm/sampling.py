@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from transformers import (
     DynamicCache,
+    DynamicLayer,
     NoRepeatNGramLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -231,6 +232,46 @@ def _draw_next(
     return token, tok_logq, tok_logp, tok_logmix
 
 
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer that writes new keys/values into a buffer with room to spare instead of re-concatenating.
+
+    `DynamicLayer.update` copies the whole cache every step (torch.cat); here each step writes one slot and
+    hands attention a view of the filled part, which holds the same values, so the attention output is the
+    same. The buffer is sized for the prompt plus `headroom` more positions and regrown (one copy) if needed.
+    Only `_Decoder` uses it, which never crops or reorders the cache.
+    """
+
+    def __init__(self, headroom: int) -> None:
+        super().__init__()
+        self.headroom = headroom
+        self.key_buffer = self.value_buffer = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.get_seq_length()
+        end = start + key_states.shape[-2]
+        if self.key_buffer is None or end > self.key_buffer.shape[-2]:
+            def grow(filled: Tensor, new: Tensor) -> Tensor:
+                buffer = new.new_empty((*new.shape[:-2], end + self.headroom, new.shape[-1]))
+                if start:
+                    buffer[..., :start, :] = filled
+                return buffer
+            self.key_buffer = grow(self.keys, key_states)
+            self.value_buffer = grow(self.values, value_states)
+        self.key_buffer[..., start:end, :] = key_states
+        self.value_buffer[..., start:end, :] = value_states
+        self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
+        return self.keys, self.values
+
+
+# Rows of the LM-head weight projected per matmul on CPU. One [B, H] x [H, V] GEMM over a ~49k vocabulary runs
+# 20-25 % slower in MKL than the same product in ~2 MB weight slices (SmolLM2 head, B = 8, fp32, 1 thread: ~20 vs
+# ~16 ms per decode step). Each logit is still the same dot product over H; on our machine the slices gave bitwise
+# the same logits and rollouts (tests/test_sampling.py checks them to 1e-6).
+_HEAD_ROWS_PER_MATMUL = 1024
+
+
 class _Decoder:
     """One model's incremental decoding state: KV cache plus the head that turns its last hidden state into logits.
 
@@ -239,15 +280,35 @@ class _Decoder:
     the one its logits came from (`lm_head_fn` is what the losses use as well).
     """
 
-    def __init__(self, model, autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model, autocast_dtype: torch.dtype | None = None, max_new_tokens: int = 0) -> None:
         self.autocast_dtype = autocast_dtype
         self.backbone = backbone(model)
         self.head = lm_head_fn(model)
         self.device = next(model.parameters()).device
         self.cache = DynamicCache(config=model.config)
+        layers = getattr(self.cache, "layers", None)
+        if isinstance(layers, list):  # plain (not sliding-window) layers: preallocate instead of torch.cat
+            layers[:] = [_GrowingLayer(max_new_tokens) if type(layer) is DynamicLayer else layer for layer in layers]
         # transformers renamed `past_key_values` to `cache` during 5.x; support both spellings.
         params = inspect.signature(self.backbone.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        split = self.head.linear_split()
+        self.head_split = None
+        if split is not None and self.device.type == "cpu" and split[0].dtype == torch.float32:
+            weight, bias, postprocess = split
+            rows = _HEAD_ROWS_PER_MATMUL
+            biases = bias.split(rows) if bias is not None else [None] * math.ceil(weight.shape[0] / rows)
+            self.head_split = (list(zip(weight.split(rows), biases)), postprocess)
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """`lm_head_fn(model)(hidden)`, computed in weight slices on CPU (same logits; see _HEAD_ROWS_PER_MATMUL)."""
+        x = self.head.cast_input(hidden)
+        if self.head_split is None or x.dtype != torch.float32:
+            return self.head(hidden)
+        slices, postprocess = self.head_split
+        # fp32 input and weight: what LMHead computes with or without autocast (which it switches off).
+        with torch.autocast(self.device.type, enabled=False):
+            return postprocess(torch.cat([torch.nn.functional.linear(x, w, b) for w, b in slices], dim=-1))
 
     def step(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Feed new tokens; return (logits [B, V], post-norm hidden [B, H]) at the last fed position."""
@@ -261,7 +322,7 @@ class _Decoder:
                 **{self.cache_kwarg: self.cache},
             )
             hidden = out.last_hidden_state[:, -1]
-            return self.head(hidden), hidden
+            return self.project(hidden), hidden
 
 
 class _EvalMode:
@@ -334,14 +395,18 @@ def generate_rollouts(
         return _score_with_teacher(rollout, student, teacher, config, shared_vocab_size, return_teacher_hidden)
 
     with torch.no_grad(), _EvalMode(student, teacher):
-        student_dec = _Decoder(student, student_autocast)
-        teacher_dec = _Decoder(teacher) if teacher is not None else None
+        student_dec = _Decoder(student, student_autocast, config.max_new_tokens)
+        teacher_dec = _Decoder(teacher, max_new_tokens=config.max_new_tokens) if teacher is not None else None
         device = student_dec.device
         eos_ids = torch.tensor(eos_token_id, device=device).reshape(-1)
         processors = _build_processors(config)
         batch = prompt_ids.shape[0]
 
-        attention_mask = (prompt_mask != 0).long().to(device)
+        prompt_len = prompt_ids.shape[1]
+        # The mask of prompt + response, filled one column per step; each step passes the filled prefix.
+        full_mask = torch.zeros(batch, prompt_len + config.max_new_tokens, dtype=torch.long, device=device)
+        full_mask[:, :prompt_len] = (prompt_mask != 0).long()
+        attention_mask = full_mask[:, :prompt_len]
         position_ids = position_ids_from_mask(attention_mask)
         # The n-gram ban sees left padding as an id no token can match, so a padded prompt bans exactly what
         # the unpadded prompt would (with pad = EOS, padding would otherwise form n-grams of its own).
@@ -376,9 +441,13 @@ def generate_rollouts(
                 break
             # Finished rows keep decoding a pad token with attention mask 0: the cache stays rectangular and
             # nothing attends to it; their outputs are discarded.
-            attention_mask = torch.cat([attention_mask, active.long()[:, None]], dim=1)
-            position_ids = position_ids_from_mask(attention_mask)[:, -1:]
-            history = torch.cat([history, token[:, None]], dim=1)
+            full_mask[:, prompt_len + t] = active
+            attention_mask = full_mask[:, :prompt_len + t + 1]
+            # position_ids_from_mask(attention_mask)[:, -1:], without the cumsum over the whole mask: each row
+            # has a real prompt token, so its position advances by one for a real token and stays put for a pad.
+            position_ids = position_ids[:, -1:] + active.long()[:, None]
+            if processors:  # only the n-gram ban reads the history
+                history = torch.cat([history, token[:, None]], dim=1)
             s_logits, _ = student_dec.step(token[:, None], attention_mask, position_ids)
             if teacher_dec is not None:
                 t_logits, t_hidden = teacher_dec.step(token[:, None], attention_mask, position_ids)
