@@ -429,10 +429,11 @@ def test_student_autocast_records_the_updates_numerics(tok, alpha):
 # ------------------------------------------------------------------ decode-loop speed-ups must not change the numbers
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_incremental_position_ids_equal_position_ids_from_mask(tok, monkeypatch, family):
+@pytest.mark.parametrize("family, unpadded", [("llama", True), ("gpt2", True), ("llama", False)])
+def test_incremental_position_ids_equal_position_ids_from_mask(tok, monkeypatch, family, unpadded):
     """Each decode step's position ids (last + active) are what position_ids_from_mask gives over the whole mask,
     for left-padded prompts and for rows that finish early (they keep feeding pads with mask 0)."""
+    monkeypatch.setattr(sampling, "_UNPADDED_PREFILL_MAX_COST", 0.8 if unpadded else 0.0)
     model = (tiny_llama if family == "llama" else tiny_gpt2)(tok, seed=3)
     prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
     eos = tok.eos_token_id
@@ -447,14 +448,26 @@ def test_incremental_position_ids_equal_position_ids_from_mask(tok, monkeypatch,
         seen.append((attention_mask.clone(), position_ids.clone()))
         return real_step(self, input_ids, attention_mask, position_ids)
 
+    prefills = []
+    real_prefill = sampling._Decoder.prefill
+
+    def recording_prefill(self, input_ids, attention_mask, position_ids, groups):
+        prefills.append((attention_mask.clone(), position_ids.clone(), groups))
+        n_seen = len(seen)
+        out = real_prefill(self, input_ids, attention_mask, position_ids, groups)
+        del seen[n_seen:]  # the batched prefill is a `step` call
+        return out
+
     monkeypatch.setattr(sampling._Decoder, "step", recording_step)
+    monkeypatch.setattr(sampling._Decoder, "prefill", recording_prefill)
     rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=7),
                                 eos_token_id=eos, pad_token_id=tok.pad_token_id)
     assert rollout.lengths.tolist() == [2, 5, 7]
-    assert len(seen) == 7  # the prompt forward and six decode steps
-    assert torch.equal(seen[0][1], position_ids_from_mask(prompt_mask))
+    assert len(prefills) == 1 and len(seen) == 6  # the prompt forward and six decode steps
+    assert (prefills[0][2] is not None) == unpadded
+    assert torch.equal(prefills[0][0], prompt_mask) and torch.equal(prefills[0][1], position_ids_from_mask(prompt_mask))
     full_mask = torch.cat([prompt_mask, rollout.response_mask.long()], dim=1)
-    for t, (mask, positions) in enumerate(seen[1:]):
+    for t, (mask, positions) in enumerate(seen):
         assert torch.equal(mask, full_mask[:, :prompt_mask.shape[1] + t + 1])
         assert torch.equal(positions, position_ids_from_mask(mask)[:, -1:])
     # the finished rows' positions stay at their last real token
@@ -530,3 +543,148 @@ def test_decode_loop_matches_a_plain_reference_loop(tok, monkeypatch):
     assert torch.equal(rollout.response_ids, torch.stack(tokens, dim=1))
     logq = torch.stack(logqs, dim=1) * rollout.response_mask
     torch.testing.assert_close(rollout.student_logprobs, logq, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------ unpadded prompt prefill (CPU)
+
+RAGGED_PROMPTS = ["one", " ".join(["the cat is on the tree and the dog is in the river"] * 4), "what is the capital",
+                  "two three four five six seven eight nine ten", "a b", "the dog is in the river"]
+
+
+def test_prefill_groups_cover_the_batch_and_only_when_it_pays(monkeypatch):
+    assert sampling._prefill_groups([5], 300) is None  # batch 1: nothing to save
+    assert sampling._prefill_groups([200, 195, 190, 180], 200) is None  # little padding: one batched call
+    lengths = [231, 42, 39, 53, 43, 36, 178, 155]
+    groups = sampling._prefill_groups(lengths, 231)
+    assert groups is not None and sorted(i for g in groups for i in g) == list(range(8))
+    assert all(g == sorted(g) for g in groups)
+    # each group is a run of rows of neighbouring lengths (rows sorted by length, longest first)
+    order = sorted(range(8), key=lambda i: -lengths[i])
+    assert [i for g in groups for i in sorted(g, key=lambda i: (-lengths[i], order.index(i)))] == order
+    cost = sum(len(g) * max(lengths[i] for i in g) + sampling._PREFILL_CALL_COST for g in groups)
+    assert cost <= sampling._UNPADDED_PREFILL_MAX_COST * (8 * 231 + sampling._PREFILL_CALL_COST)
+    monkeypatch.setattr(sampling, "_UNPADDED_PREFILL_MAX_COST", 0.0)
+    assert sampling._prefill_groups(lengths, 231) is None
+
+
+def _rollout_both_ways(monkeypatch, student, prompt_ids, prompt_mask, **kwargs):
+    """(batched-prefill rollout, unpadded-prefill rollout, groups used) with the same generator seed."""
+    used = []
+    real_groups = sampling._prefill_groups
+
+    def spy(lengths, width):
+        used.append(real_groups(lengths, width))
+        return used[-1]
+
+    monkeypatch.setattr(sampling, "_prefill_groups", spy)
+    out = []
+    for max_cost in (0.0, 0.8):
+        monkeypatch.setattr(sampling, "_UNPADDED_PREFILL_MAX_COST", max_cost)
+        out.append(generate_rollouts(student, prompt_ids, prompt_mask, generator=torch.Generator().manual_seed(7),
+                                     **kwargs))
+    assert used[0] is None and used[1] is not None and len(used[1]) > 1
+    return out[0], out[1], used[1]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("alpha, ngram", [(None, 0), (None, 3), (0.2, 0), (0.2, 3)])
+def test_unpadded_prefill_gives_the_batched_rollout(tok, monkeypatch, family, alpha, ngram):
+    """Prefilling each group of rows without the left padding (own cache, written into the padded layout) gives the
+    batched prefill's rollout: float64 models, prompts of very different lengths, student alone or teacher-mixed."""
+    make = tiny_llama if family == "llama" else tiny_gpt2
+    student = make(tok, seed=21).double()
+    teacher = make(tok, seed=22, hidden_size=48, vocab_size=len(tok) + 16).double() if alpha else None
+    prompt_ids, prompt_mask = left_pad(tok, RAGGED_PROMPTS)
+    lp = prompt_mask.sum(1)
+    assert int(lp.max()) > 10 * int(lp.min())
+    config = SamplingConfig(max_new_tokens=16, temperature=0.9, no_repeat_ngram_size=ngram)
+    kwargs = dict(config=config, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if teacher is not None:
+        kwargs.update(teacher=teacher, teacher_mix_alpha=alpha, return_teacher_hidden=True)
+    batched, unpadded, _ = _rollout_both_ways(monkeypatch, student, prompt_ids, prompt_mask, **kwargs)
+    assert torch.equal(unpadded.response_ids, batched.response_ids)
+    assert torch.equal(unpadded.response_mask, batched.response_mask)
+    assert int(batched.lengths.max()) > 3
+    names = ["student_logprobs", "mix_logprobs", "teacher_logprobs", "importance_weights", "teacher_hidden"]
+    for name in names[:1] if teacher is None else names:
+        torch.testing.assert_close(getattr(unpadded, name), getattr(batched, name), atol=1e-6, rtol=0)
+    if not ngram:  # and both are the log-probs of a plain forward over prompt + response
+        logq, _ = reference_logprobs(student, unpadded, config.temperature, len(tok))
+        torch.testing.assert_close(unpadded.student_logprobs, logq, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_unpadded_prefill_fp32_within_tolerance(tok, monkeypatch, family):
+    """fp32 (the CPU rollout dtype): the same rollout up to round-off (log-probs within 1e-4)."""
+    make = tiny_llama if family == "llama" else tiny_gpt2
+    student, teacher = make(tok, seed=23), make(tok, seed=24, hidden_size=48)
+    prompt_ids, prompt_mask = left_pad(tok, RAGGED_PROMPTS)
+    config = SamplingConfig(max_new_tokens=16, no_repeat_ngram_size=2)
+    batched, unpadded, _ = _rollout_both_ways(
+        monkeypatch, student, prompt_ids, prompt_mask, config=config, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, teacher=teacher, teacher_mix_alpha=0.2, return_teacher_hidden=True)
+    assert torch.equal(unpadded.response_ids, batched.response_ids)
+    for name in ("student_logprobs", "teacher_logprobs", "mix_logprobs", "importance_weights", "teacher_hidden"):
+        torch.testing.assert_close(getattr(unpadded, name), getattr(batched, name), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_unpadded_prefill_cache_layout(tok, family):
+    """The cache after an unpadded prefill: the batched prefill's [B, heads, P, d] left-padded layout, the same
+    keys/values at every real position (RoPE / learned positions 0..n-1), zeros at the padding, the last real
+    token's logits and hidden state per row; and the next decode step sees the same attention."""
+    model = (tiny_llama if family == "llama" else tiny_gpt2)(tok, seed=25).double()
+    prompt_ids, prompt_mask = left_pad(tok, RAGGED_PROMPTS)
+    positions = position_ids_from_mask(prompt_mask)
+    groups = [[1], [0, 4], [2, 3, 5]]
+    with torch.no_grad():
+        ref, dec = sampling._Decoder(model, max_new_tokens=4), sampling._Decoder(model, max_new_tokens=4)
+        assert dec.can_prefill_unpadded()
+        ref_out = ref.prefill(prompt_ids, prompt_mask, positions, None)
+        out = dec.prefill(prompt_ids, prompt_mask, positions, groups)
+        for a, b in zip(out, ref_out):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+        real = prompt_mask.bool()[:, None, :, None]
+        assert dec.cache.get_seq_length() == ref.cache.get_seq_length() == prompt_ids.shape[1]
+        for layer, ref_layer in zip(dec.cache.layers, ref.cache.layers, strict=True):
+            assert isinstance(layer, sampling._GrowingLayer)
+            for x, y in ((layer.keys, ref_layer.keys), (layer.values, ref_layer.values)):
+                assert x.shape == y.shape
+                torch.testing.assert_close(torch.where(real, x, 0), torch.where(real, y, 0), atol=1e-10, rtol=0)
+                for rows in groups:  # no group computed the columns left of its longest prompt
+                    start = prompt_ids.shape[1] - int(prompt_mask[rows].sum(1).max())
+                    assert torch.all(x[rows, :, :start] == 0)
+        token = torch.tensor([[17], [23], [17], [5], [9], [11]])
+        mask = torch.cat([prompt_mask, torch.ones(6, 1, dtype=torch.long)], dim=1)
+        step_positions = positions[:, -1:] + 1
+        for a, b in zip(dec.step(token, mask, step_positions), ref.step(token, mask, step_positions)):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_unpadded_prefill_only_on_cpu_fp32_without_autocast(tok, monkeypatch):
+    """GPU (or any non-CPU device), bf16 models and student autocast keep the one batched prefill, unchanged."""
+    prompt_ids, prompt_mask = left_pad(tok, RAGGED_PROMPTS)
+    model = tiny_llama(tok, seed=26)
+    assert sampling._Decoder(model).can_prefill_unpadded()
+    assert sampling._Decoder(model.double()).can_prefill_unpadded()
+    assert not sampling._Decoder(tiny_llama(tok, seed=26).to(torch.bfloat16)).can_prefill_unpadded()
+    assert not sampling._Decoder(tiny_llama(tok, seed=26), torch.bfloat16).can_prefill_unpadded()
+    gpu = sampling._Decoder(tiny_llama(tok, seed=26))
+    gpu.device = torch.device("cuda")  # what a model on a GPU reports; only the gate reads it here
+    assert not gpu.can_prefill_unpadded()
+
+    widths = []
+    real_step = sampling._Decoder.step
+
+    def recording_step(self, input_ids, attention_mask, position_ids):
+        widths.append(input_ids.shape)
+        return real_step(self, input_ids, attention_mask, position_ids)
+
+    monkeypatch.setattr(sampling._Decoder, "step", recording_step)
+    config = SamplingConfig(max_new_tokens=3)
+    for student, autocast in ((tiny_llama(tok, seed=26).to(torch.bfloat16), None),
+                              (tiny_llama(tok, seed=26), torch.bfloat16)):
+        widths.clear()
+        generate_rollouts(student, prompt_ids, prompt_mask, config=config, eos_token_id=-1,
+                          pad_token_id=tok.pad_token_id, student_autocast=autocast)
+        assert widths[0] == prompt_ids.shape and len(widths) == 3  # one padded batched prefill, two steps

@@ -271,6 +271,46 @@ class _GrowingLayer(DynamicLayer):
 # the same logits and rollouts (tests/test_sampling.py checks them to 1e-6).
 _HEAD_ROWS_PER_MATMUL = 1024
 
+# Unpadded prompt prefill on CPU (see `_prefill_groups`). A backbone call over g rows of width w costs about
+# g * w tokens plus a fixed overhead (weight traffic, mask and RoPE set-up) worth about this many tokens: 4-layer
+# SmolLM2 student, fp32, 1 thread: ~0.36 ms per token and ~9 ms per call (1 row x 4 tokens: 10.6 ms).
+_PREFILL_CALL_COST = 25
+# Prefill in groups only when the estimated cost is at most this fraction of the one padded batched call; batches
+# with little padding keep the single call (whose numbers are the reference). 0 disables the unpadded prefill.
+# The estimate tracked the measured prefill time (same student, batch 8, 1 thread): estimated / measured ratio
+# 0.91 / 0.90 (11 % padding), 0.87 / 0.88 (22 %), 0.80 / 0.78 (31 %), 0.66 / 0.57 (45 %), 0.27 / 0.27 (77 %);
+# below ~25 % padding the saving is ~10 % of a prefill, under 1 % of a 128-token rollout.
+_UNPADDED_PREFILL_MAX_COST = 0.8
+
+
+def _prefill_groups(lengths: Sequence[int], width: int) -> list[list[int]] | None:
+    """Row groups for an unpadded prefill of left-padded prompts, or None for one padded batched call.
+
+    Rows sorted by length are split into contiguous runs minimising sum(rows * longest + _PREFILL_CALL_COST) over
+    the runs (exact dynamic programme; batch sizes are small); each run is then prefilled over the last `longest`
+    columns only, so it carries only its own padding. Left padding typically makes up half of a batch's prompt
+    positions (Dolly prompts, batch 8: 58 %), and the prefill costs as much as ~18 decode steps.
+    """
+    batch = len(lengths)
+    if batch < 2 or _UNPADDED_PREFILL_MAX_COST <= 0:
+        return None
+    order = sorted(range(batch), key=lambda i: -lengths[i])
+    size = [lengths[i] for i in order]
+    best = [0.0] + [math.inf] * batch  # best[i]: cost of the first i rows (longest first)
+    cut = [0] * (batch + 1)
+    for end in range(1, batch + 1):
+        for start in range(end):
+            cost = best[start] + (end - start) * size[start] + _PREFILL_CALL_COST
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    if best[batch] > _UNPADDED_PREFILL_MAX_COST * (batch * width + _PREFILL_CALL_COST):
+        return None
+    groups, end = [], batch
+    while end > 0:
+        groups.append(sorted(order[cut[end]:end]))
+        end = cut[end]
+    return groups[::-1]
+
 
 class _Decoder:
     """One model's incremental decoding state: KV cache plus the head that turns its last hidden state into logits.
@@ -284,7 +324,9 @@ class _Decoder:
         self.autocast_dtype = autocast_dtype
         self.backbone = backbone(model)
         self.head = lm_head_fn(model)
-        self.device = next(model.parameters()).device
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.config = model.config
         self.cache = DynamicCache(config=model.config)
         layers = getattr(self.cache, "layers", None)
         if isinstance(layers, list):  # plain (not sliding-window) layers: preallocate instead of torch.cat
@@ -323,6 +365,62 @@ class _Decoder:
             )
             hidden = out.last_hidden_state[:, -1]
             return self.project(hidden), hidden
+
+    def can_prefill_unpadded(self) -> bool:
+        """Only on CPU, without autocast, in fp32/fp64 and with plain (growing) cache layers.
+
+        On accelerators one padded batched call is cheaper than several small ones; bf16 and autocast keep the
+        batched prefill so that their numbers stay exactly as before.
+        """
+        layers = getattr(self.cache, "layers", None)
+        return (self.device.type == "cpu" and self.autocast_dtype is None and isinstance(layers, list)
+                and len(layers) > 0 and all(type(layer) is _GrowingLayer for layer in layers)
+                and self.dtype in (torch.float32, torch.float64))
+
+    def prefill(self, prompt_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                groups: list[list[int]] | None) -> tuple[Tensor, Tensor]:
+        """The prompt forward: `step` over the whole left-padded batch, or (CPU) group by group without the padding.
+
+        With `groups`, each group of rows is fed only the last w columns of the left-padded prompt (w = its longest
+        prompt), with its own slice of the mask and position ids (0..n-1 over real tokens, as in the batched call),
+        into a scratch cache; the keys/values are then written into this decoder's cache at the same columns of
+        the usual [B, heads, P, d] left-padded layout, and the padding columns no group computed are zero (the
+        attention mask is 0 there, as for the padding keys of the batched call). Logits and hidden states are
+        each row's at its last (real) prompt token. Mathematically the batched computation; numerically equal up
+        to float round-off (different matmul shapes).
+        """
+        if groups is None or not self.can_prefill_unpadded():
+            return self.step(prompt_ids, attention_mask, position_ids)
+        batch, width = prompt_ids.shape
+        prompt_ids, attention_mask = prompt_ids.to(self.device), attention_mask.to(self.device)
+        position_ids = position_ids.to(self.device)
+        hidden = keys = values = None
+        for rows in groups:
+            index = torch.tensor(rows, device=self.device)
+            group_width = int(attention_mask[index].sum(dim=1).max())
+            cols = slice(width - group_width, width)
+            scratch = DynamicCache(config=self.config)
+            out = self.backbone(
+                input_ids=prompt_ids[index, cols],
+                attention_mask=attention_mask[index, cols],
+                position_ids=position_ids[index, cols],
+                use_cache=True,
+                **{self.cache_kwarg: scratch},
+            )
+            last = out.last_hidden_state[:, -1]
+            if hidden is None:
+                hidden = last.new_empty((batch, last.shape[-1]))
+                keys = [layer.keys.new_zeros((batch, *layer.keys.shape[1:-2], width, layer.keys.shape[-1]))
+                        for layer in scratch.layers]
+                values = [layer.values.new_zeros((batch, *layer.values.shape[1:-2], width,
+                                                  layer.values.shape[-1])) for layer in scratch.layers]
+            hidden[index] = last
+            for layer, k, v in zip(scratch.layers, keys, values):
+                k[index, :, cols] = layer.keys
+                v[index, :, cols] = layer.values
+        for layer, k, v in zip(self.cache.layers, keys, values, strict=True):
+            layer.update(k, v)
+        return self.project(hidden), hidden
 
 
 class _EvalMode:
@@ -412,10 +510,12 @@ def generate_rollouts(
         # the unpadded prompt would (with pad = EOS, padding would otherwise form n-grams of its own).
         history = prompt_ids.to(device).masked_fill(attention_mask == 0, torch.iinfo(torch.long).max)
 
-        s_logits, _ = student_dec.step(prompt_ids, attention_mask, position_ids)
+        # On CPU the prompts are prefilled without (most of) their left padding when that pays (_prefill_groups).
+        groups = _prefill_groups(attention_mask.sum(dim=1).tolist(), prompt_len)
+        s_logits, _ = student_dec.prefill(prompt_ids, attention_mask, position_ids, groups)
         t_logits = t_hidden = None
         if teacher_dec is not None:
-            t_logits, t_hidden = teacher_dec.step(prompt_ids, attention_mask, position_ids)
+            t_logits, t_hidden = teacher_dec.prefill(prompt_ids, attention_mask, position_ids, groups)
         widths = [s_logits.shape[-1]] + ([t_logits.shape[-1]] if t_logits is not None else [])
         vocab = shared_vocab_size or min(widths)
         if vocab > min(widths):
