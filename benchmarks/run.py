@@ -156,10 +156,11 @@ def render(meta: dict) -> str:
          "` (see `benchmarks/run.py --help`); raw figures in `benchmarks/results/*.json`. Every figure is a "
          "median over repeated runs (the first, warm-up, repetition / training step excluded); every ratio "
          "compares runs made in the same invocation, one after another. This file was produced by "
-         "`python benchmarks/run.py --sections peer,phases,memory` (2026-11-28 ~18:40 UTC; set A and "
-         "sections 2–4 come from that run, before the fused loss, the fp32 head and unpadded teacher "
-         "scoring) and `python benchmarks/run.py --sections memory,peer2` (the date below: set B and "
-         "section 5, current code), on an otherwise idle machine; the GPU figures come from `PYTHONPATH=src python benchmarks/gpu_step.py --no-pad` on the "
+         "`python benchmarks/run.py --sections peer,phases,memory` (2026-11-28 ~18:40 UTC; set A comes from "
+         "that run, before the fused loss, the fp32 head and unpadded teacher scoring), "
+         "`python benchmarks/run.py --sections memory` (21:33 UTC: section 4, fused loss) and "
+         "`python benchmarks/run.py --sections phases,peer2` (the date below: set B and sections 2, 3 and 5, "
+         "current code, after the decode-loop changes), on an otherwise idle machine; the GPU figures come from `PYTHONPATH=src python benchmarks/gpu_step.py --no-pad` on the "
          "lent H200, with its JSON copied to `benchmarks/results/gpu_step.json`.", "",
          f"- Date: {meta.get('date')}",
          f"- Machine: {mi.get('cpu')} ({', '.join(mi.get('isa', []))}), {mi.get('cores')} cores, "
