@@ -191,7 +191,7 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
         f"train_data={root}/data/train.jsonl valid_data={root}/data/valid.jsonl template=chat "
         f"pt_data=corpus.txt {' '.join(f'{k}={str(v).lower()}' for k, v in MINILLM_RETURN.items())} "
         "output_dir=runs/minillm",
-        "# (drop the last two settings for the paper's length-normalised return: see 'What ran')",
+        "# (advantage=paper length_norm=false: the exact sequence-level return instead of the paper's, see README)",
         f"minillm evaluate models=runs/minillm/best data={root}/data/test.jsonl template=chat",
         "# the paper's recipes (16 GPUs): configs/paper/*.yaml, e.g.",
         "accelerate launch --num_processes 16 -m minillm.cli distill --config configs/paper/gpt2-base-minillm.yaml",
