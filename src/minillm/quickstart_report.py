@@ -130,8 +130,11 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
         f"best by validation loss - the paper's student initialisation | {timings.get('init', 0):.0f} s |",
         f"| minillm | {b['minillm_steps']} MiniLLM steps: rounds of {b['rollouts']} teacher-mixed rollouts "
         f"(alpha 0.2), {b['ppo_epochs']} PPO epochs, mini-batch {b['batch']}, lr {b['minillm_lr']}, single-step "
-        f"term, PPO clipping, L_PT on a built-in text corpus, {_return_desc()}; best by validation Rouge-L "
-        f"| {timings.get('minillm', 0):.0f} s |",
+        f"term, PPO clipping, L_PT on a built-in text corpus, {_return_desc()}; "
+        + (f"best by validation Rouge-L (every {b['eval_every']} steps) "
+           if 0 < b["eval_every"] < b["minillm_steps"] else "validated once, at the end (no checkpoint choice "
+           "at this budget) ")
+        + f"| {timings.get('minillm', 0):.0f} s |",
     ]
     if compare:
         lines.append(f"| compare | SFT, KD (0.5 CE + 0.5 KL), SeqKD (SFT on teacher samples) from the same init, "
