@@ -44,7 +44,11 @@ def reference_logprobs(model, rollout: Rollout, temperature: float, vocab: int) 
 def eos_scripted_sampler(monkeypatch, script: torch.Tensor) -> None:
     """Replace the draw by a fixed token table [B, steps] so that EOS positions are known in advance."""
     step = iter(range(script.shape[1]))
-    monkeypatch.setattr(sampling, "sample_from_probs", lambda probs, generator=None: script[:, next(step)].clone())
+    def scripted(probs, generator=None, *, rows=None, batch=None):
+        column = script[:, next(step)]
+        return (column if rows is None else column[rows.cpu()]).clone().to(probs.device)  # compacted: its rows
+
+    monkeypatch.setattr(sampling, "sample_from_probs", scripted)
 
 
 @pytest.mark.parametrize("family, alpha", [("llama", 0.3), ("gpt2", 0.3), ("llama", 0.0), ("gpt2", 0.0)])
@@ -292,8 +296,9 @@ def test_masked_positions_are_zero_even_when_the_pad_is_truncated_away(tok, monk
             logp, logmix
 
     monkeypatch.setattr(sampling, "_draw_next", draw_then_force_eos)
+    # compact=False: with compaction the finished row is not fed at all (and the patch's row 1 would be gone).
     rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=3, top_k=1),
-                                eos_token_id=eos, pad_token_id=eos)
+                                eos_token_id=eos, pad_token_id=eos, compact=False)
     assert rollout.lengths.tolist() == [3, 1]
     assert rollout.student_logprobs[1, 1:].tolist() == [0.0, 0.0]
     assert torch.isfinite(rollout.student_logprobs[0]).all()
@@ -429,10 +434,12 @@ def test_student_autocast_records_the_updates_numerics(tok, alpha):
 # ------------------------------------------------------------------ decode-loop speed-ups must not change the numbers
 
 
+@pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("family, unpadded", [("llama", True), ("gpt2", True), ("llama", False)])
-def test_incremental_position_ids_equal_position_ids_from_mask(tok, monkeypatch, family, unpadded):
+def test_incremental_position_ids_equal_position_ids_from_mask(tok, monkeypatch, family, unpadded, compact):
     """Each decode step's position ids (last + active) are what position_ids_from_mask gives over the whole mask,
-    for left-padded prompts and for rows that finish early (they keep feeding pads with mask 0)."""
+    for left-padded prompts and for rows that finish early (without compaction they keep feeding pads with mask 0;
+    with it they are dropped from the decoded batch)."""
     monkeypatch.setattr(sampling, "_UNPADDED_PREFILL_MAX_COST", 0.8 if unpadded else 0.0)
     model = (tiny_llama if family == "llama" else tiny_gpt2)(tok, seed=3)
     prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
@@ -461,17 +468,20 @@ def test_incremental_position_ids_equal_position_ids_from_mask(tok, monkeypatch,
     monkeypatch.setattr(sampling._Decoder, "step", recording_step)
     monkeypatch.setattr(sampling._Decoder, "prefill", recording_prefill)
     rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=7),
-                                eos_token_id=eos, pad_token_id=tok.pad_token_id)
+                                eos_token_id=eos, pad_token_id=tok.pad_token_id, compact=compact)
     assert rollout.lengths.tolist() == [2, 5, 7]
     assert len(prefills) == 1 and len(seen) == 6  # the prompt forward and six decode steps
     assert (prefills[0][2] is not None) == unpadded
     assert torch.equal(prefills[0][0], prompt_mask) and torch.equal(prefills[0][1], position_ids_from_mask(prompt_mask))
     full_mask = torch.cat([prompt_mask, rollout.response_mask.long()], dim=1)
+    # compaction drops row 0 once it has fed its EOS (step 1) and row 1 after its EOS (step 4)
+    decoded = [[0, 1, 2]] + [[1, 2]] * 3 + [[2]] * 2 if compact else [[0, 1, 2]] * 6
     for t, (mask, positions) in enumerate(seen):
-        assert torch.equal(mask, full_mask[:, :prompt_mask.shape[1] + t + 1])
+        assert torch.equal(mask, full_mask[decoded[t], :prompt_mask.shape[1] + t + 1])
         assert torch.equal(positions, position_ids_from_mask(mask)[:, -1:])
     # the finished rows' positions stay at their last real token
-    assert seen[-1][1][:, 0].tolist() == [prompt_mask[0].sum() + 1, prompt_mask[1].sum() + 4, prompt_mask[2].sum() + 5]
+    last = [prompt_mask[0].sum() + 1, prompt_mask[1].sum() + 4, prompt_mask[2].sum() + 5]
+    assert seen[-1][1][:, 0].tolist() == [last[i] for i in decoded[-1]]
 
 
 def test_growing_cache_layer_equals_dynamic_layer():
@@ -688,3 +698,100 @@ def test_unpadded_prefill_only_on_cpu_fp32_without_autocast(tok, monkeypatch):
         generate_rollouts(student, prompt_ids, prompt_mask, config=config, eos_token_id=-1,
                           pad_token_id=tok.pad_token_id, student_autocast=autocast)
         assert widths[0] == prompt_ids.shape and len(widths) == 3  # one padded batched prefill, two steps
+
+
+# ------------------------------------------------------------------ batch compaction (finished rows leave the batch)
+
+COMPACT_PROMPTS = RAGGED_PROMPTS + ["the cat", "paris is the capital of france"]
+
+
+def _rows_per_step(monkeypatch) -> list[int]:
+    """Spy on the decode steps: the number of rows each `_Decoder.step` call is fed (prefill excluded)."""
+    fed: list[int] = []
+    real_step, real_prefill = sampling._Decoder.step, sampling._Decoder.prefill
+
+    def step(self, input_ids, attention_mask, position_ids):
+        fed.append(input_ids.shape[0])
+        return real_step(self, input_ids, attention_mask, position_ids)
+
+    def prefill(self, *args, **kwargs):
+        n = len(fed)
+        out = real_prefill(self, *args, **kwargs)
+        del fed[n:]
+        return out
+
+    monkeypatch.setattr(sampling._Decoder, "step", step)
+    monkeypatch.setattr(sampling._Decoder, "prefill", prefill)
+    return fed
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("alpha", [None, 0.0, 0.2])
+@pytest.mark.parametrize("greedy, ngram", [(False, 0), (False, 3), (True, 3)])
+def test_compaction_gives_the_uncompacted_rollout(tok, monkeypatch, family, alpha, greedy, ngram):
+    """Dropping finished rows from the decoded batch changes nothing but round-off: float64 models, ragged prompts,
+    rows finishing at many different steps; same tokens and masks, log-probs and teacher hidden states within 1e-9,
+    and the generator ends in the same state (uniforms are drawn for the whole batch every step)."""
+    make = tiny_llama if family == "llama" else tiny_gpt2
+    student = make(tok, seed=31).double()
+    teacher = make(tok, seed=32, hidden_size=48, vocab_size=len(tok) + 16).double() if alpha is not None else None
+    prompt_ids, prompt_mask = left_pad(tok, COMPACT_PROMPTS)
+    batch, steps = prompt_ids.shape[0], 20
+    config = SamplingConfig(max_new_tokens=steps, temperature=0.8, no_repeat_ngram_size=ngram, greedy=greedy)
+    kwargs = dict(config=config, pad_token_id=tok.pad_token_id)
+    if teacher is not None:
+        kwargs.update(teacher=teacher, teacher_mix_alpha=alpha, return_teacher_hidden=True)
+
+    def run(eos, compact):
+        generator = torch.Generator().manual_seed(5)
+        rollout = generate_rollouts(student, prompt_ids, prompt_mask, eos_token_id=eos, generator=generator,
+                                    compact=compact, **kwargs)
+        return rollout, generator.get_state()
+
+    # Make EOS out of tokens the rows really produce, at different steps: a run that never stops tells which.
+    free, _ = run(10**9, False)
+    assert free.response_ids.shape == (batch, steps)
+    eos = sorted({int(free.response_ids[r, (3 * r) % (steps - 2) + 1]) for r in range(0, batch - 1)})
+
+    fed = _rows_per_step(monkeypatch)
+    plain, plain_state = run(eos, False)
+    assert fed and set(fed) == {batch}
+    fed.clear()
+    compacted, compacted_state = run(eos, True)
+    lengths = plain.lengths.tolist()
+    assert len(set(lengths)) >= 3 and min(lengths) < steps // 2  # rows finish at many different steps
+    # compaction happened: the decoded batch shrank, never grew, and ended with the unfinished rows only
+    assert fed == sorted(fed, reverse=True) and fed[0] <= batch and fed[-1] < batch
+    assert torch.equal(compacted_state, plain_state)
+    assert torch.equal(compacted.response_ids, plain.response_ids)
+    assert torch.equal(compacted.response_mask, plain.response_mask)
+    assert torch.equal(compacted.lengths, plain.lengths)
+    names = ["student_logprobs", "importance_weights"]
+    if teacher is not None:
+        names += ["teacher_logprobs", "mix_logprobs", "teacher_hidden"]
+    else:
+        assert compacted.teacher_logprobs is None and compacted.teacher_hidden is None
+    for name in names:
+        torch.testing.assert_close(getattr(compacted, name), getattr(plain, name), atol=1e-9, rtol=0)
+        off = compacted.response_mask == 0
+        assert torch.all(getattr(compacted, name)[off] == 0)
+    assert torch.all(compacted.response_ids[compacted.response_mask == 0] == tok.pad_token_id)
+
+
+def test_compaction_only_when_a_quarter_of_the_rows_finished(tok, monkeypatch):
+    """The threshold: at least a quarter of the decoded rows (and at least one) must have finished."""
+    model = tiny_llama(tok, seed=3)
+    prompt_ids, prompt_mask = left_pad(tok, PROMPTS * 3)  # 9 rows: compaction needs 3 finished rows
+    eos = tok.eos_token_id
+    script = torch.full((9, 8), 17)
+    script[0, 0] = script[1, 1] = eos  # 2 rows finished: not yet
+    script[2, 2] = eos  # 3 rows: compact to 6 rows (needs 2 finished next)
+    script[3, 4] = eos  # 1 of 6: not yet
+    script[4, 5] = eos  # 2 of 6: compact to 4
+    eos_scripted_sampler(monkeypatch, script)
+    fed = _rows_per_step(monkeypatch)
+    rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=8),
+                                eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    assert rollout.lengths.tolist() == [1, 2, 3, 5, 6, 8, 8, 8, 8]
+    assert fed == [9, 9, 6, 6, 6, 4, 4]
+    assert rollout.response_ids[2].tolist() == [17, 17, eos] + [tok.pad_token_id] * 5

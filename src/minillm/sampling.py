@@ -137,19 +137,28 @@ def check_teacher_sampling(config: SamplingConfig, *, teacher_mix_alpha: float, 
         )
 
 
-def sample_from_probs(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def sample_from_probs(probs: Tensor, generator: torch.Generator | None = None, *, rows: Tensor | None = None,
+                      batch: int | None = None) -> Tensor:
     """Draw one index per row of `probs` [B, V] (non-negative, need not sum to 1) by inverse-CDF sampling.
 
     A single uniform per row and a binary search replace `torch.multinomial`, which is over 20x slower over a
     49k vocabulary on CPU. Zero-probability entries are never drawn: `right=True` skips the flat stretches
     of the CDF, and a uniform that rounding pushes past the last CDF value is clamped to the last token
     with positive probability rather than to index V - 1.
+
+    With `rows` (long [B]) and `batch`, the rows of `probs` are rows `rows` of a batch of `batch` rows (a
+    compacted decoding batch): `batch` uniforms are drawn and those of `rows` used, so each original row gets
+    the uniform it would get without compaction and the generator advances by the same amount.
     """
     cdf = probs.float().cumsum(dim=-1)
     total = cdf[:, -1:].contiguous()
     # The generator may live on another device than the logits (a CPU generator driving a GPU model).
     u_device = generator.device if generator is not None else cdf.device
-    u = torch.rand(total.shape, generator=generator, device=u_device).to(cdf.device) * total
+    if rows is None:
+        u = torch.rand(total.shape, generator=generator, device=u_device)
+    else:
+        u = torch.rand((batch, 1), generator=generator, device=u_device)[rows.to(u_device)]
+    u = u.to(cdf.device) * total
     index = torch.searchsorted(cdf, u, right=True)
     last_positive = torch.searchsorted(cdf, total, right=False)
     return torch.minimum(index, last_positive).squeeze(-1)
@@ -191,12 +200,15 @@ def _draw_next(
     alpha: float,
     greedy: bool,
     generator: torch.Generator | None,
+    rows: Tensor | None = None,
+    full_batch: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """One step's draw from p~: (tokens [B], log q(y), log p(y) | None, log p~(y) | None), all fp32.
 
     Logits arrive sliced to the shared vocabulary; softmax and the CDF run in fp32 whatever the model dtype.
     log p~(y) is formed from the two token log-probs with logaddexp rather than from the mixed probability,
-    so it stays exact for tokens far in either model's tail.
+    so it stays exact for tokens far in either model's tail. `rows` / `full_batch`: the logits' rows are these
+    rows of the original batch (compacted decoding; see `sample_from_probs`), None when not compacted.
     """
     batch = student_logits.shape[0]
     s_scores = student_logits.float()
@@ -222,7 +234,8 @@ def _draw_next(
         # At alpha = 0 the argmax of the processed logits, exactly as generate(do_sample=False) takes it.
         token = (s_scores if alpha == 0 else probs).argmax(dim=-1)
     else:
-        token = sample_from_probs(probs, generator)
+        token = (sample_from_probs(probs, generator) if rows is None
+                 else sample_from_probs(probs, generator, rows=rows, batch=full_batch))
     tok_logq = (s_scores.gather(1, token[:, None]) - lognorm_q).squeeze(1)
     if t_scores is None:
         return token, tok_logq, None, None
@@ -238,7 +251,8 @@ class _GrowingLayer(DynamicLayer):
     `DynamicLayer.update` copies the whole cache every step (torch.cat); here each step writes one slot and
     hands attention a view of the filled part, which holds the same values, so the attention output is the
     same. The buffer is sized for the prompt plus `headroom` more positions and regrown (one copy) if needed.
-    Only `_Decoder` uses it, which never crops or reorders the cache.
+    Only `_Decoder` uses it, which never crops or reorders the cache; it only drops finished rows
+    (`batch_select_indices`, batch compaction).
     """
 
     def __init__(self, headroom: int) -> None:
@@ -263,6 +277,22 @@ class _GrowingLayer(DynamicLayer):
         self.value_buffer[..., start:end, :] = value_states
         self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
         return self.keys, self.values
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep only the rows `indices` (long) of the batch: buffers keep their room, the filled part is copied."""
+        if self.key_buffer is None:
+            super().batch_select_indices(indices)
+            return
+        end = self.get_seq_length()
+
+        def select(buffer: Tensor) -> Tensor:
+            index = indices.to(buffer.device)
+            out = buffer.new_empty((index.shape[0], *buffer.shape[1:]))
+            out[..., :end, :] = buffer[..., :end, :].index_select(0, index)
+            return out
+
+        self.key_buffer, self.value_buffer = select(self.key_buffer), select(self.value_buffer)
+        self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
 
 
 # Rows of the LM-head weight projected per matmul on CPU. One [B, H] x [H, V] GEMM over a ~49k vocabulary runs
@@ -366,6 +396,10 @@ class _Decoder:
             hidden = out.last_hidden_state[:, -1]
             return self.project(hidden), hidden
 
+    def select_rows(self, indices: Tensor) -> None:
+        """Keep only the rows `indices` (long, on this decoder's device) of every cache layer (batch compaction)."""
+        self.cache.batch_select_indices(indices)
+
     def can_prefill_unpadded(self) -> bool:
         """Only on CPU, without autocast, in fp32/fp64 and with plain (growing) cache layers.
 
@@ -453,6 +487,7 @@ def generate_rollouts(
     generator: torch.Generator | None = None,
     return_teacher_hidden: bool = False,
     student_autocast: torch.dtype | None = None,
+    compact: bool = True,
 ) -> Rollout:
     """Sample responses from p~ = alpha * teacher + (1 - alpha) * student and record the behaviour log-probs.
 
@@ -469,6 +504,11 @@ def generate_rollouts(
         student_autocast: run the student's decoding steps under `torch.autocast(dtype)` (the trainer's bf16
             mixed precision), so that the recorded log q_old comes from the same numerics as the update's
             log q_theta (body in bf16, LM head in fp32: `models.LMHead`). The teacher is not affected.
+        compact: drop finished rows from the decoding state (KV caches, mask, positions, n-gram history) once
+            at least a quarter of the rows still decoded (and at least one) have finished, so late steps only
+            compute the unfinished rows. The rollout is the same: finished rows are recorded as pad / mask 0
+            as without compaction, the uniforms are drawn for the whole batch every step (same tokens for the
+            same generator), and active rows' numbers differ at most by float round-off (other batch shape).
 
     Greedy decoding takes the argmax of p~ (of the processed student logits when alpha = 0, as
     `generate(do_sample=False)` does); the recorded log-probs are still those of the processed distributions.
@@ -489,7 +529,8 @@ def generate_rollouts(
         # than stepping the teacher token by token; docs/benchmarks.md). The n-gram ban needs per-step
         # teacher processing, so it keeps the lockstep path.
         rollout = generate_rollouts(student, prompt_ids, prompt_mask, config=config, eos_token_id=eos_token_id,
-                                    pad_token_id=pad_token_id, generator=generator, student_autocast=student_autocast)
+                                    pad_token_id=pad_token_id, generator=generator, student_autocast=student_autocast,
+                                    compact=compact)
         return _score_with_teacher(rollout, student, teacher, config, shared_vocab_size, return_teacher_hidden)
 
     with torch.no_grad(), _EvalMode(student, teacher):
@@ -522,25 +563,48 @@ def generate_rollouts(
             raise ValueError(f"shared_vocab_size = {vocab} exceeds the logit widths {widths}.")
 
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        # Batch compaction: `rows` maps the rows still decoded to their original rows (None: all, uncompacted).
+        # Every record is written at full batch size, finished rows as pad / inactive, as without compaction.
+        rows: Tensor | None = None
         steps: list[tuple[Tensor, ...]] = []
+
+        def full(x: Tensor, fill) -> Tensor:
+            if rows is None:
+                return x
+            out = x.new_full((batch, *x.shape[1:]), fill)
+            out[rows] = x
+            return out
+
         for t in range(config.max_new_tokens):
             token, tok_logq, tok_logp, tok_logmix = _draw_next(
                 s_logits[:, :vocab], None if t_logits is None else t_logits[:, :vocab].to(device), history,
-                processors, alpha=alpha, greedy=config.greedy, generator=generator)
-            active = ~finished
-            token = token.masked_fill(finished, pad_token_id)
-            record = [token, active, tok_logq]
+                processors, alpha=alpha, greedy=config.greedy, generator=generator, rows=rows, full_batch=batch)
+            active_all = ~finished
+            active = active_all if rows is None else active_all[rows]  # the decoded rows' flags
+            token = token.masked_fill(~active, pad_token_id)
+            record = [full(token, pad_token_id), active_all, full(tok_logq, 0.0)]
             if teacher_dec is not None:
-                record += [tok_logp, tok_logmix]
+                record += [full(tok_logp, 0.0), full(tok_logmix, 0.0)]
                 if return_teacher_hidden:
-                    record.append(t_hidden.to(device))
+                    record.append(full(t_hidden.to(device), 0.0))
             steps.append(tuple(record))
 
-            finished = finished | torch.isin(token, eos_ids)
+            done = ~active | torch.isin(token, eos_ids)  # the decoded rows finished after this step
+            finished = done if rows is None else finished.index_fill(0, rows[done], True)
             if t == config.max_new_tokens - 1 or bool(finished.all()):
                 break
-            # Finished rows keep decoding a pad token with attention mask 0: the cache stays rectangular and
-            # nothing attends to it; their outputs are discarded.
+            n_done = int(done.sum())
+            if compact and n_done >= max(1, math.ceil(done.shape[0] / 4)):
+                # Drop the finished rows from the decoding state; the kept rows are all active.
+                keep = (~done).nonzero().squeeze(1)
+                rows = keep if rows is None else rows[keep]
+                student_dec.select_rows(keep)
+                if teacher_dec is not None:
+                    teacher_dec.select_rows(keep.to(teacher_dec.device))
+                full_mask, position_ids, history = full_mask[keep], position_ids[keep], history[keep]
+                token, active = token[keep], active[keep]
+            # Finished rows not (yet) compacted away keep decoding a pad token with attention mask 0: the cache
+            # stays rectangular and nothing attends to it; their outputs are discarded.
             full_mask[:, prompt_len + t] = active
             attention_mask = full_mask[:, :prompt_len + t + 1]
             # position_ids_from_mask(attention_mask)[:, -1:], without the cumsum over the whole mask: each row
