@@ -386,15 +386,15 @@ class _Decoder:
         """Feed new tokens; return (logits [B, V], post-norm hidden [B, H]) at the last fed position."""
         with (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
               else contextlib.nullcontext()):
-            out = self.backbone(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                position_ids=position_ids.to(self.device),
-                use_cache=True,
-                **{self.cache_kwarg: self.cache},
-            )
-            hidden = out.last_hidden_state[:, -1]
+            hidden = self._last_hidden(input_ids.to(self.device), attention_mask.to(self.device),
+                                       position_ids.to(self.device), self.cache)
             return self.project(hidden), hidden
+
+    def _last_hidden(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache) -> Tensor:
+        """The backbone over the fed tokens with `cache`; the post-norm hidden state at the last position [B, H]."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=True, **{self.cache_kwarg: cache})
+        return out.last_hidden_state[:, -1]
 
     def select_rows(self, indices: Tensor) -> None:
         """Keep only the rows `indices` (long, on this decoder's device) of every cache layer (batch compaction)."""
@@ -434,14 +434,8 @@ class _Decoder:
             group_width = int(attention_mask[index].sum(dim=1).max())
             cols = slice(width - group_width, width)
             scratch = DynamicCache(config=self.config)
-            out = self.backbone(
-                input_ids=prompt_ids[index, cols],
-                attention_mask=attention_mask[index, cols],
-                position_ids=position_ids[index, cols],
-                use_cache=True,
-                **{self.cache_kwarg: scratch},
-            )
-            last = out.last_hidden_state[:, -1]
+            last = self._last_hidden(prompt_ids[index, cols], attention_mask[index, cols],
+                                     position_ids[index, cols], scratch)
             if hidden is None:
                 hidden = last.new_empty((batch, last.shape[-1]))
                 keys = [layer.keys.new_zeros((batch, *layer.keys.shape[1:-2], width, layer.keys.shape[-1]))
