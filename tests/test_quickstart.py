@@ -33,3 +33,14 @@ def test_quickstart_tiny(tmp_path):
     ids = tok("Name a color.", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=2, do_sample=False).shape[1] > ids.shape[1]
     assert any((out / "runs" / "minillm" / "tensorboard").iterdir())
+
+
+def test_verdict_reports_the_metric_change_with_its_sign():
+    from minillm.quickstart_report import _verdict
+
+    # reverse KL rose from 51.7 to 70.0: the improvement is -18.3, the metric change +18.3
+    assert _verdict(51.7 - 70.0, 4.8, "lower", 3) == "not lower (change +18.30; seed spread 4.80)"
+    assert _verdict(-3.76, 0.89, "higher", 3) == "not higher (change -3.76; seed spread 0.89)"
+    assert _verdict(2.0, 0.5, "higher", 3).startswith("higher by 2.00, more than twice")
+    assert "not conclusive" in _verdict(0.6, 0.5, "lower", 3)
+    assert _verdict(-1.0, 0.0, "lower", 1) == "not lower (change +1.00; one seed)"

@@ -62,6 +62,20 @@ def plot_methods(rows: list[dict], out_png: Path) -> Path:
     return out_png
 
 
+def _verdict(delta: float, spread: float, better: str, n_seeds: int) -> str:
+    """How a before/after change reads; `delta` > 0 is an improvement, `better` is "higher" or "lower"."""
+    # the "not better" cases print the change of the metric itself (after - init), so a KL rise reads as +
+    change = delta if better == "higher" else -delta
+    if n_seeds < 2:
+        return (f"{better} by {delta:.2f} (one seed: no spread measured)" if delta > 0
+                else f"not {better} (change {change:+.2f}; one seed)")
+    if delta > 2 * spread and delta > 0:
+        return f"{better} by {delta:.2f}, more than twice the seed spread ({spread:.2f})"
+    if delta > 0:
+        return f"{better} by {delta:.2f}, but within about twice the seed spread ({spread:.2f}) - not conclusive"
+    return f"not {better} (change {change:+.2f}; seed spread {spread:.2f})"
+
+
 def _count_params(folder: Path) -> int:
     from safetensors import safe_open
 
@@ -103,16 +117,8 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
     d_kl = (init["reverse_kl"] or 0) - (after["reverse_kl"] or 0)
     spread_r = max(init["rouge_std"], after["rouge_std"])
     spread_k = max(init["reverse_kl_std"] or 0, after["reverse_kl_std"] or 0)
+    n_seeds = len(b["seeds"])
 
-    def verdict(delta: float, spread: float, better: str) -> str:
-        if len(b["seeds"]) < 2:
-            return (f"{better} by {delta:.2f} (one seed: no spread measured)" if delta > 0
-                    else f"not {better} ({delta:+.2f}; one seed)")
-        if delta > 2 * spread and delta > 0:
-            return f"{better} by {delta:.2f}, more than twice the seed spread ({spread:.2f})"
-        if delta > 0:
-            return f"{better} by {delta:.2f}, but within about twice the seed spread ({spread:.2f}) - not conclusive"
-        return f"not {better} ({delta:+.2f}; seed spread {spread:.2f})"
 
     total = sum(timings.values())
     lines = [
@@ -159,8 +165,8 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
                      f"{r['length']:.1f} |")
     lines += [
         "", "**In short:** after MiniLLM the student's Rouge-L is "
-        f"{verdict(d_rouge, spread_r, 'higher')}; its reverse KL to the teacher is "
-        f"{verdict(d_kl, spread_k, 'lower')}. The teacher row is the ceiling (its sampled answers vs its own "
+        f"{_verdict(d_rouge, spread_r, 'higher', n_seeds)}; its reverse KL to the teacher is "
+        f"{_verdict(d_kl, spread_k, 'lower', n_seeds)}. The teacher row is the ceiling (its sampled answers vs its own "
         "greedy answers). " + _closing(d_rouge, spread_r, d_kl, spread_k, init, after, b), "",
         "![methods](methods.png)", "",
     ]
