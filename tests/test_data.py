@@ -188,6 +188,23 @@ def test_encode_sft_truncation_and_dropping(tok):
     assert encode_prompt(tok, prompt, max_prompt_length=n - 1) is None
 
 
+def test_unfinished_responses_are_trained_without_eos(tok):
+    prompt = build_prompt(example())
+    cut = encode_sft(tok, prompt, "Paris is", eos=False)
+    whole = encode_sft(tok, prompt, "Paris is")
+    assert cut["input_ids"] == whole["input_ids"][:-1] and cut["labels"] == whole["labels"][:-1]
+    assert tok.eos_token_id not in cut["labels"]
+    assert encode_sft(tok, prompt, "", eos=False) is None  # nothing to learn
+    data = SFTDataset([example(id="a", finished=False), example(id="b", finished=True), example(id="c")], tok)
+    ends = [item["labels"][-1] == tok.eos_token_id for item in data]
+    assert ends == [False, True, True]
+    seqkd = SFTDataset([example(id="g", gen_answer="Teacher says", gen_answer_finished=False)], tok,
+                       response_field="gen_answer")
+    assert seqkd[0]["labels"][-1] != tok.eos_token_id
+    with pytest.raises(DataError, match="field 'finished' must be true or false"):
+        SFTDataset([example(id="d", finished="no")], tok)
+
+
 def test_sft_dataset_drops_and_logs(tok, caplog):
     examples = [example(), example(instruction="the cat " * 200, id="long"),
                 example(id="gen", gen_answer=["Teacher says Paris."])]

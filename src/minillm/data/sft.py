@@ -29,8 +29,11 @@ def encode_prompt(tokenizer, prompt: str, max_prompt_length: int = 256) -> list[
 
 
 def encode_sft(tokenizer, prompt: str, response: str, max_prompt_length: int = 256,
-               max_length: int = 512) -> dict[str, list[int]] | None:
+               max_length: int = 512, eos: bool = True) -> dict[str, list[int]] | None:
     """Token ids of prompt + response + EOS with labels only on the response (and EOS).
+
+    `eos=False` leaves the EOS out: for a response that was cut at a generation cap, which must not
+    teach the model to stop there.
 
     The response tokens are taken from the joint tokenisation, `encode(prompt + response)`, because
     a BPE merge may cross the boundary: that is what the model sees at generation time and what
@@ -45,10 +48,12 @@ def encode_sft(tokenizer, prompt: str, response: str, max_prompt_length: int = 2
     prompt_ids = encode_prompt(tokenizer, prompt, max_prompt_length)
     if prompt_ids is None or len(prompt_ids) >= max_length:
         return None
-    eos = tokenizer.eos_token_id
-    full = tokenizer.encode(prompt + response, add_special_tokens=False) + [eos]
+    end = [tokenizer.eos_token_id] if eos else []
+    full = tokenizer.encode(prompt + response, add_special_tokens=False) + end
     if full[:len(prompt_ids)] != prompt_ids:
-        full = prompt_ids + tokenizer.encode(response, add_special_tokens=False) + [eos]
+        full = prompt_ids + tokenizer.encode(response, add_special_tokens=False) + end
+    if len(full) == len(prompt_ids):
+        return None
     labels = [IGNORE_INDEX] * len(prompt_ids) + full[len(prompt_ids):]
     return {"input_ids": full[:max_length], "labels": labels[:max_length]}
 
@@ -67,6 +72,16 @@ def _response_text(example: InstructionExample, response_field: str) -> str:
     return value
 
 
+def _finished(example: InstructionExample, response_field: str) -> bool:
+    """Whether the training response ended on its own. A record may say `"finished": false` (as
+    `minillm generate` writes for answers cut at max_new_tokens); such a response is trained without EOS."""
+    key = "finished" if response_field == "output" else f"{response_field}_finished"
+    value = example.extra.get(key, True)
+    if not isinstance(value, bool):
+        raise DataError(f"example '{example.id}': field '{key}' must be true or false, got {value!r}")
+    return value
+
+
 class SFTDataset(torch.utils.data.Dataset):
     """Prompt + response sequences for SFT / word-level KD; items {"input_ids", "labels"} (lists).
 
@@ -79,7 +94,7 @@ class SFTDataset(torch.utils.data.Dataset):
         for example in examples:
             prompt = build_prompt(example, template, tokenizer)
             item = encode_sft(tokenizer, prompt, _response_text(example, response_field),
-                              max_prompt_length, max_length)
+                              max_prompt_length, max_length, eos=_finished(example, response_field))
             if item is not None:
                 self.items.append(item)
         self.num_dropped = len(examples) - len(self.items)
