@@ -317,3 +317,35 @@ def test_compare_to_teacher_sequence_kls_by_brute_force(tok, instruction_file):
     assert got["s"]["reverse_kl_median"] == pytest.approx(float(rkl.median()), abs=1e-3)  # odd count: exact median
     assert got["s"]["forward_kl"] == pytest.approx(float(fkl.mean()), abs=1e-3)
     assert got["s"]["length"] == pytest.approx(float(s.lengths.float().mean()))
+    assert got["s"]["ids"] == [ds[i]["id"] for i in range(len(ds))]
+    assert got["s"]["per_prompt"]["reverse_kl"] == pytest.approx(rkl.tolist(), abs=1e-3)  # one seed: the values
+    assert sum(got["s"]["per_prompt"]["rougeL"]) / len(ds) == pytest.approx(got["s"]["rougeL"])
+    assert set(got["teacher"]["per_prompt"]) == {"rougeL"}
+
+
+def test_per_prompt_values_average_over_seeds_and_pair(tok, instruction_file):
+    from minillm.evaluation.sequence_kl import compare_to_teacher, paired_difference
+
+    student = tiny_llama(tok, hidden_size=32, layers=1, seed=2)
+    teacher = tiny_llama(tok, hidden_size=48, layers=2, seed=1)
+    examples = load_instructions(instruction_file)[:4]
+    kw = dict(max_new_tokens=5, batch_size=8)
+    one = [compare_to_teacher({"s": student}, teacher, tok, examples, seeds=(seed,), **kw)["s"] for seed in (3, 4)]
+    both = compare_to_teacher({"s": student, "same": student}, teacher, tok, examples, seeds=(3, 4), **kw)
+    for key in ("rougeL", "reverse_kl"):
+        expect = [(a + b) / 2 for a, b in zip(one[0]["per_prompt"][key], one[1]["per_prompt"][key])]
+        assert both["s"]["per_prompt"][key] == pytest.approx(expect, abs=1e-4)
+        # the same model under the same random numbers: identical samples, a paired difference of exactly 0
+        assert paired_difference(both["same"]["per_prompt"][key], both["s"]["per_prompt"][key]) == (0.0, 0.0)
+
+
+def test_paired_difference_brute_force():
+    from minillm.evaluation.sequence_kl import paired_difference
+
+    after, before = [3.0, 5.0, 4.0, 8.0], [1.0, 2.0, 4.0, 5.0]
+    diffs = [2.0, 3.0, 0.0, 3.0]
+    mean = sum(diffs) / 4
+    sd = (sum((d - mean) ** 2 for d in diffs) / 3) ** 0.5
+    assert paired_difference(after, before) == pytest.approx((mean, sd / 2))
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([1.0], [1.0, 2.0])

