@@ -136,7 +136,6 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
     spread_k = max(init["reverse_kl_std"] or 0, after["reverse_kl_std"] or 0)
     n_seeds = len(b["seeds"])
 
-
     total = sum(timings.values())
     lines = [
         "# minillm quickstart report", "",

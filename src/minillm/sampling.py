@@ -234,8 +234,7 @@ def _draw_next(
         # At alpha = 0 the argmax of the processed logits, exactly as generate(do_sample=False) takes it.
         token = (s_scores if alpha == 0 else probs).argmax(dim=-1)
     else:
-        token = (sample_from_probs(probs, generator) if rows is None
-                 else sample_from_probs(probs, generator, rows=rows, batch=full_batch))
+        token = sample_from_probs(probs, generator, rows=rows, batch=full_batch)
     tok_logq = (s_scores.gather(1, token[:, None]) - lognorm_q).squeeze(1)
     if t_scores is None:
         return token, tok_logq, None, None
