@@ -349,3 +349,78 @@ def test_paired_difference_brute_force():
     assert paired_difference(after, before) == pytest.approx((mean, sd / 2))
     with pytest.raises(ValueError, match="equally long"):
         paired_difference([1.0], [1.0, 2.0])
+
+
+def test_kl_from_generations_by_brute_force(tok, instruction_file, tmp_path):
+    """KL from `evaluate_models` files: per record, a full forward of prompt + sampled ids (EOS included) under
+    student and teacher; reverse KL on the student's file, forward KL on the teacher's; Rouge-L from the file."""
+    import statistics
+
+    from minillm.data import PromptDataset
+    from minillm.evaluation.sequence_kl import kl_from_generations
+
+    student = tiny_llama(tok, hidden_size=32, layers=1, seed=2)
+    teacher = tiny_llama(tok, hidden_size=48, layers=2, seed=1)
+    examples = load_instructions(instruction_file)[:7]
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(json.dumps({"instruction": e.instruction, "input": e.input, "output": e.outputs[0],
+                                        "id": e.id}) + "\n" for e in examples))
+    out = tmp_path / "gen"
+    runner.evaluate_models({"s": (student, tok), "t": (teacher, tok)}, [str(data)], out, seeds=(3, 4),
+                           max_new_tokens=6, batch_size=4, max_prompt_length=512)
+    files = {m: {seed: out / m / "set" / f"seed{seed}.jsonl" for seed in (3, 4)} for m in ("s", "t")}
+    got = kl_from_generations(student, teacher, tok, examples, files["s"], files["t"], max_prompt_length=512,
+                              batch_size=3, name="s")
+
+    ds = PromptDataset(examples, tok, template="minillm", max_prompt_length=512)
+    prompts = {str(ds[i]["id"]): ds[i]["prompt_ids"] for i in range(len(ds))}
+
+    def seq_logprob(model, prompt_ids, response_ids):
+        ids = torch.tensor([prompt_ids + response_ids])
+        with torch.no_grad():
+            lp = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1].float().log_softmax(-1)
+        return float(lp.gather(1, torch.tensor(response_ids)[:, None]).sum())
+
+    rkl, fkl, rouge, lengths = {}, {}, {}, {}
+    for seed in (3, 4):
+        s_rows = [json.loads(x) for x in files["s"][seed].read_text().splitlines()]
+        t_rows = [json.loads(x) for x in files["t"][seed].read_text().splitlines()]
+        for r in s_rows:  # the stored ids are what was sampled: they decode to the stored response
+            ids = r["response_ids"][:-1] if r["response_ids"][-1:] == [tok.eos_token_id] else r["response_ids"]
+            assert tok.decode(ids, skip_special_tokens=True).strip() == r["response"]
+        rkl[seed] = [seq_logprob(student, prompts[r["id"]], r["response_ids"])
+                     - seq_logprob(teacher, prompts[r["id"]], r["response_ids"]) for r in s_rows]
+        fkl[seed] = [seq_logprob(teacher, prompts[r["id"]], r["response_ids"])
+                     - seq_logprob(student, prompts[r["id"]], r["response_ids"]) for r in t_rows]
+        rouge[seed] = [r["rougeL"] for r in s_rows]
+        lengths[seed] = [len(r["response_ids"]) for r in s_rows]
+    mean = statistics.mean
+    assert got["s"]["reverse_kl"] == pytest.approx(mean([mean(rkl[3]), mean(rkl[4])]), abs=1e-3)
+    assert got["s"]["reverse_kl_median"] == pytest.approx(mean([statistics.median(rkl[s]) for s in (3, 4)]), abs=1e-3)
+    assert got["s"]["forward_kl"] == pytest.approx(mean([mean(fkl[3]), mean(fkl[4])]), abs=1e-3)
+    assert got["s"]["rougeL"] == pytest.approx(mean([mean(rouge[3]), mean(rouge[4])]))
+    assert got["s"]["length"] == pytest.approx(mean([mean(lengths[3]), mean(lengths[4])]))
+    assert got["s"]["per_prompt"]["reverse_kl"] == pytest.approx([(a + b) / 2 for a, b in zip(rkl[3], rkl[4])],
+                                                                 abs=1e-3)
+    assert got["s"]["num_seeds"] == 2 and got["s"]["ids"] == [ds[i]["id"] for i in range(len(ds))]
+    assert set(got["teacher"]) >= {"rougeL", "length"} and "reverse_kl" not in got["teacher"]
+
+
+def test_kl_from_generations_rejects_unusable_files(tok, instruction_file, tmp_path):
+    from minillm.evaluation.sequence_kl import kl_from_generations
+
+    model = tiny_llama(tok, hidden_size=32, layers=1, seed=2)
+    examples = load_instructions(instruction_file)[:3]
+    good = [{"id": e.id, "response": "x", "references": ["x"], "response_ids": [5, 6]} for e in examples]
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "response_ids"}) + "\n" for r in good))
+    with pytest.raises(DataError, match="old.jsonl: record 1 has no .*response_ids"):
+        kl_from_generations(model, model, tok, examples, {1: old}, {1: good})
+    with pytest.raises(DataError, match="no generation for prompt id"):
+        kl_from_generations(model, model, tok, examples, {1: good[:2]}, {1: good})
+    with pytest.raises(DataError, match="outside the 4 ids"):
+        kl_from_generations(model, model, tok, examples, {1: good}, {1: good}, shared_vocab_size=4)
+    with pytest.raises(ValueError, match="same non-empty seeds"):
+        kl_from_generations(model, model, tok, examples, {1: good}, {2: good})
+    same = kl_from_generations(model, model, tok, examples, {1: good}, {1: good})["student"]
+    assert same["reverse_kl"] == pytest.approx(0.0, abs=1e-5) and same["forward_kl"] == pytest.approx(0.0, abs=1e-5)

@@ -12,7 +12,7 @@ inside via resume=true save_every=N; evaluate_models resumes per (model, set, se
   init            SFT of the pruned student on the train split, selected by validation loss
   method-<m>      sft / kd / seqkd / minillm (/ rkl / onpolicy) from the init, same optimiser steps
   eval-rouge      every method + teacher + init on both test sets, seeds, Rouge-L (evaluate_models)
-  eval-kl-<m>     sequence-level reverse / forward KL and length on DollyEval prompts (compare_to_teacher)
+  eval-kl-<m>     sequence-level reverse / forward KL and length on eval-rouge's DollyEval samples
   eval-eb-<m>     ExAccErr curve against the teacher (measure_exposure_bias)
   results         OUT/results.json, OUT/results.md, OUT/exposure_bias.png, OUT/training_curves.png
 
@@ -265,19 +265,28 @@ def stage_eval_rouge(root: Path, s: dict, data: dict, models: dict[str, str]) ->
     return res
 
 
-def stage_eval_kl(s: dict, data: dict, name: str, path: str, teacher: str) -> dict:
+def stage_eval_kl(root: Path, s: dict, data: dict, name: str, path: str, teacher: str) -> dict:
+    """Sequence-level reverse / forward KL on the DollyEval samples of eval-rouge (same samples as Rouge-L).
+
+    Scoring the stored samples (teacher-forced forwards) replaces drawing new ones: each seed's student file
+    gives the reverse KL, the teacher's file of the same seed the forward KL. Models are loaded in the dtype
+    that sampled them (eval_dtype), so log q is the distribution the samples came from.
+    """
     from minillm.data import load_instructions
-    from minillm.evaluation.sequence_kl import compare_to_teacher
+    from minillm.evaluation.sequence_kl import kl_from_generations
     from minillm.models import check_compatibility, load_model, load_tokenizer
 
     tok = load_tokenizer(path)
-    student = load_model(path)
-    teacher_model = load_model(teacher)
+    student = load_model(path, dtype=s["eval_dtype"])
+    teacher_model = load_model(teacher, dtype=s["eval_dtype"])
     shared = check_compatibility(load_tokenizer(teacher), tok, teacher_model, student)
     examples = load_instructions(data["dollyeval"], limit=s["kl_prompts"])
-    res = compare_to_teacher({name: student}, teacher_model, tok, examples, template=TEMPLATE, seeds=s["seeds"],
-                             max_new_tokens=s["max_new_tokens"], batch_size=s["eval_batch_size"],
-                             max_prompt_length=s["max_prompt_length"], shared_vocab_size=shared)
+    gen = root / "eval" / "rouge"
+    set_name = Path(data["dollyeval"]).stem
+    files = {m: {seed: gen / m / set_name / f"seed{seed}.jsonl" for seed in s["seeds"]} for m in (name, "teacher")}
+    res = kl_from_generations(student, teacher_model, tok, examples, files[name], files["teacher"], template=TEMPLATE,
+                              max_prompt_length=s["max_prompt_length"], batch_size=s["eval_batch_size"],
+                              shared_vocab_size=shared, name=name)
     return {"student": res[name], "teacher": res["teacher"]}
 
 
@@ -489,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {"teacher": teacher, "student-init": init["model"], **{m: train[m]["model"] for m in s["methods"]}}
     rouge = st.run("eval-rouge", lambda: stage_eval_rouge(root, s, data, models))
     students = {k: v for k, v in models.items() if k != "teacher"}
-    kl = {n: st.run(f"eval-kl-{n}", lambda n=n, path=path: stage_eval_kl(s, data, n, path, teacher))
+    kl = {n: st.run(f"eval-kl-{n}", lambda n=n, path=path: stage_eval_kl(root, s, data, n, path, teacher))
           for n, path in students.items()}
     eb = {n: st.run(f"eval-eb-{n}", lambda n=n, path=path: stage_eval_eb(s, data, n, path, teacher))
           for n, path in students.items()}

@@ -123,20 +123,23 @@ def _pin_settings(out_dir: Path, settings: dict, sources: dict[str, str]) -> Non
     _write_atomic(path, json.dumps(pinned, indent=2) + "\n")
 
 
-def _response_texts(rollout, tokenizer, eos_ids: set[int]) -> tuple[list[str], list[int]]:
-    """Decoded responses and their lengths in tokens, both without the terminating EOS.
+def _response_texts(rollout, tokenizer, eos_ids: set[int]) -> tuple[list[str], list[int], list[list[int]]]:
+    """Decoded responses, their lengths in tokens (both without the terminating EOS) and the sampled ids.
 
-    Decoding follows LMOps: special tokens skipped, cut at a literal "<|endoftext|>", stripped.
+    Decoding follows LMOps: special tokens skipped, cut at a literal "<|endoftext|>", stripped. The ids
+    are the generated tokens as sampled, the EOS included when one was drawn (what sequence-level KL
+    scores: `minillm.evaluation.sequence_kl.kl_from_generations`).
     """
-    texts, lengths = [], []
+    texts, lengths, sampled = [], [], []
     for ids, n in zip(rollout.response_ids.tolist(), rollout.lengths.tolist()):
         ids = ids[:n]
+        sampled.append(ids)
         if ids and ids[-1] in eos_ids:
             ids = ids[:-1]
         text = tokenizer.decode(ids, skip_special_tokens=True)
         texts.append(text.split("<|endoftext|>")[0].strip())
         lengths.append(len(ids))
-    return texts, lengths
+    return texts, lengths, sampled
 
 
 @torch.no_grad()
@@ -152,13 +155,13 @@ def _generate_job(job: _Job, model, tokenizer, sampling: SamplingConfig, batch_s
         batch = collate_prompts(items, pad)
         rollout = generate_rollouts(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                     config=sampling, eos_token_id=eos, pad_token_id=pad, generator=generator)
-        texts, lengths = _response_texts(rollout, tokenizer, {eos})
-        for item, text, length in zip(items, texts, lengths):
+        texts, lengths, sampled = _response_texts(rollout, tokenizer, {eos})
+        for item, text, length, ids in zip(items, texts, lengths, sampled):
             refs = list(item["references"])
             lines.append(json.dumps({"id": item["id"], "prompt": item["prompt"], "response": text,
                                      "references": refs, "rougeL": rouge_l(text, refs),
-                                     "exact_match": exact_match(text, refs), "length": length},
-                                    ensure_ascii=False))
+                                     "exact_match": exact_match(text, refs), "length": length,
+                                     "response_ids": ids}, ensure_ascii=False))
         bar.update(1)
     _write_atomic(job.path, "".join(line + "\n" for line in lines))
 
@@ -225,7 +228,7 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
             name the output folders.
         data_files: instruction JSONL files or hub names; the set name is the file stem.
         out_dir: receives `{model}/{set}/seed{seed}.jsonl` (id, prompt, response, references, rougeL,
-            exact_match, length), `results.json`, `results.md` and `eval_config.json`.
+            exact_match, length, response_ids), `results.json`, `results.md` and `eval_config.json`.
         limit: only the first `limit` examples of each set (None or 0: all).
         max_prompt_length: prompts longer than this many tokens are dropped (counted in `n_dropped`).
         dtype, device: for models loaded from a path (device default: CUDA when available).

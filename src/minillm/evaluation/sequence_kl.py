@@ -12,12 +12,19 @@ own Rouge-L and are scored by every student with one teacher-forced forward pass
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Union
 
 import torch
 
 from minillm.data import PromptDataset, collate_prompts
+from minillm.errors import DataError
 from minillm.evaluation.metrics import mean_and_std, rouge_l
 from minillm.losses import chunked_token_terms
 from minillm.models import lm_head_fn
@@ -60,15 +67,8 @@ def compare_to_teacher(students: dict, teacher, tokenizer, examples, *, template
     dataset = PromptDataset(examples, tokenizer, template=template, max_prompt_length=max_prompt_length)
     config = SamplingConfig(max_new_tokens=max_new_tokens)
     names = list(students) + ["teacher"]
-    per_seed: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    runs: list[dict[str, dict[str, list[float]]]] = []
     first_seed_texts: dict[str, dict[str, str]] = {n: {} for n in names}
-    prompt_sums: dict[str, dict[str, list[float]]] = {n: {} for n in names}
-
-    def add(name: str, key: str, values: list[float]) -> None:
-        per_seed[name].setdefault(key, []).append(sum(values) / max(1, len(values)))
-        if key == "reverse_kl" and values:  # per-response KLs are heavy-tailed: the median is the robust summary
-            per_seed[name].setdefault("reverse_kl_median", []).append(statistics.median(values))
-
     for seed in seeds:
         acc: dict[str, dict[str, list[float]]] = {n: {} for n in names}
         for start in range(0, len(dataset), batch_size):
@@ -94,31 +94,142 @@ def compare_to_teacher(students: dict, teacher, tokenizer, examples, *, template
                                       teacher=teacher, shared_vocab_size=shared_vocab_size, generator=gen)
                 rkl = ((s.student_logprobs - s.teacher_logprobs) * s.response_mask).sum(1)
                 fkl = t_logp - (_score(student, t, shared_vocab_size) * t.response_mask).sum(1)
-                rec = acc[name]
                 texts = _texts(s, tokenizer)
                 if seed == seeds[0]:
                     first_seed_texts[name].update(zip(ids, texts))
-                rec.setdefault("rougeL", []).extend(rouge_l(x, r) for x, r in zip(texts, refs))
-                rec.setdefault("length", []).extend(s.lengths.float().tolist())
-                rec.setdefault("reverse_kl", []).extend(rkl.tolist())
-                rec.setdefault("reverse_kl_per_token", []).extend((rkl / s.lengths.clamp(min=1)).tolist())
-                rec.setdefault("forward_kl", []).extend(fkl.tolist())
-        for name in names:
-            for key, values in acc[name].items():
-                add(name, key, values)
-                if key in ("rougeL", "reverse_kl"):
-                    sums = prompt_sums[name].setdefault(key, [0.0] * len(values))
-                    prompt_sums[name][key] = [a + v for a, v in zip(sums, values)]
-    ids = [dataset[i]["id"] for i in range(len(dataset))]
-    result: dict[str, dict[str, float]] = {}
-    for name in names:
-        result[name] = {"num_prompts": len(dataset), "num_seeds": len(seeds), "responses": first_seed_texts[name],
-                        "ids": ids, "per_prompt": {k: [v / len(seeds) for v in sums]
-                                                   for k, sums in prompt_sums[name].items()}}
-        for key, values in per_seed[name].items():
-            mean, std = mean_and_std(values)
-            result[name][key], result[name][key + "_std"] = mean, std
+                _add_student(acc[name], texts, refs, s.lengths.float(), rkl, fkl)
+        runs.append(acc)
+    return _summarise(runs, [dataset[i]["id"] for i in range(len(dataset))], first_seed_texts)
+
+
+def _add_student(rec: dict[str, list[float]], texts, refs, lengths: torch.Tensor, rkl: torch.Tensor,
+                 fkl: torch.Tensor) -> None:
+    rec.setdefault("rougeL", []).extend(rouge_l(x, r) for x, r in zip(texts, refs))
+    rec.setdefault("length", []).extend(lengths.tolist())
+    rec.setdefault("reverse_kl", []).extend(rkl.tolist())
+    rec.setdefault("reverse_kl_per_token", []).extend((rkl / lengths.clamp(min=1)).tolist())
+    rec.setdefault("forward_kl", []).extend(fkl.tolist())
+
+
+def _summarise(runs: list[dict[str, dict[str, list[float]]]], ids: list, responses: dict[str, dict]) -> dict:
+    """`runs`: one dict per seed, name -> key -> per-prompt values in the order of `ids`.
+
+    Per key: the mean over seeds of the per-seed averages and its spread (`<key>_std`); for "reverse_kl"
+    also the per-seed median ("reverse_kl_median": per-response KLs are heavy-tailed); "per_prompt" holds
+    the per-prompt means over seeds of "rougeL" and "reverse_kl".
+    """
+    result: dict[str, dict] = {}
+    for name in runs[0]:
+        entry: dict = {"num_prompts": len(ids), "num_seeds": len(runs), "responses": responses[name], "ids": ids,
+                       "per_prompt": {}}
+        for key in runs[0][name]:
+            per_seed = [run[name][key] for run in runs]
+            summaries = {key: [sum(v) / max(1, len(v)) for v in per_seed]}
+            if key == "reverse_kl":
+                summaries["reverse_kl_median"] = [statistics.median(v) for v in per_seed if v]
+            for k, values in summaries.items():
+                entry[k], entry[k + "_std"] = mean_and_std(values)
+            if key in ("rougeL", "reverse_kl"):
+                entry["per_prompt"][key] = [sum(col) / len(runs) for col in zip(*per_seed)]
+        result[name] = entry
     return result
+
+
+GenerationRecords = Union[str, os.PathLike, Sequence[dict]]
+
+
+def _records(source: GenerationRecords, what: str) -> tuple[dict[str, dict], str]:
+    if isinstance(source, (str, os.PathLike)):
+        where = str(source)
+        try:
+            rows = [json.loads(x) for x in Path(source).read_text(encoding="utf-8").splitlines() if x.strip()]
+        except (OSError, json.JSONDecodeError) as err:
+            raise DataError(f"{where}: cannot read the {what} generations ({err})") from None
+    else:
+        where, rows = f"<{what} records>", list(source)
+    by_id = {}
+    for i, row in enumerate(rows):
+        ids = row.get("response_ids") if isinstance(row, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(x, int) for x in ids) or "id" not in row:
+            raise DataError(f"{where}: record {i + 1} has no 'id' or no integer list 'response_ids' (files written "
+                            "by `evaluate_models` of minillm before 2026-11-29 lack the ids: delete them to "
+                            "regenerate)")
+        by_id[str(row["id"])] = row
+    return by_id, where
+
+
+def _as_rollout(items: list[dict], records: dict[str, dict], pad_token_id: int, where: str, vocab: int | None):
+    batch = collate_prompts(items, pad_token_id)
+    rows = []
+    for it in items:
+        rec = records.get(str(it["id"]))
+        if rec is None:
+            raise DataError(f"{where}: no generation for prompt id {it['id']!r} (generated with other data, limit "
+                            "or max_prompt_length?)")
+        if vocab is not None and any(not 0 <= x < vocab for x in rec["response_ids"]):
+            raise DataError(f"{where}: the response to prompt id {it['id']!r} has token ids outside the "
+                            f"{vocab} ids that both models score")
+        rows.append(rec["response_ids"])
+    width = max(1, max(len(r) for r in rows))
+    response_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width))
+    for i, r in enumerate(rows):
+        response_ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+        response_mask[i, :len(r)] = 1.0
+    rollout = SimpleNamespace(prompt_ids=batch["input_ids"], prompt_mask=batch["attention_mask"],
+                              response_ids=response_ids, response_mask=response_mask)
+    return rollout, [records[str(it["id"])] for it in items]
+
+
+@torch.no_grad()
+def kl_from_generations(student, teacher, tokenizer, examples, student_generations: dict[int, GenerationRecords],
+                        teacher_generations: dict[int, GenerationRecords], *, template: str = "minillm",
+                        max_prompt_length: int = 256, batch_size: int = 8, shared_vocab_size: int | None = None,
+                        name: str = "student") -> dict[str, dict]:
+    """`compare_to_teacher`'s numbers from samples already drawn, e.g. by `evaluate_models`.
+
+    `student_generations` / `teacher_generations` map seed -> that seed's generation records (an
+    `evaluate_models` file `{model}/{set}/seed{seed}.jsonl` or its rows: "id", "response", "references",
+    "response_ids" = the sampled tokens with the EOS when drawn). Each record's prompt is rebuilt from
+    `examples` with `template` and `max_prompt_length` (what generated it), then scored by teacher-forced
+    forward passes: reverse KL = sum_t log q(y_t) - log p(y_t) on the student's samples, forward KL =
+    sum_t log p - log q on the teacher's. This replaces two generation passes per seed with scoring passes,
+    and gives KL and Rouge-L on the same samples. Exact when the samples were drawn at temperature 1 with no
+    truncation from the models passed here (same dtype); Rouge-L is recomputed from "response".
+
+    Returns {name: ..., "teacher": ...} with the keys of `compare_to_teacher` ("length" counts the EOS).
+    """
+    seeds = list(student_generations)
+    if not seeds or sorted(seeds) != sorted(teacher_generations):
+        raise ValueError(f"student and teacher generations need the same non-empty seeds; got {sorted(seeds)} "
+                         f"and {sorted(teacher_generations)}")
+    dataset = PromptDataset(examples, tokenizer, template=template, max_prompt_length=max_prompt_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    runs = []
+    responses: dict[str, dict[str, str]] = {name: {}, "teacher": {}}
+    for seed in seeds:
+        s_records, s_where = _records(student_generations[seed], f"{name} seed {seed}")
+        t_records, t_where = _records(teacher_generations[seed], f"teacher seed {seed}")
+        acc: dict[str, dict[str, list[float]]] = {name: {}, "teacher": {}}
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+            refs = [it["references"] for it in items]
+            t, t_rows = _as_rollout(items, t_records, pad, t_where, shared_vocab_size)
+            s, s_rows = _as_rollout(items, s_records, pad, s_where, shared_vocab_size)
+            fkl = ((_score(teacher, t, shared_vocab_size) - _score(student, t, shared_vocab_size))
+                   * t.response_mask).sum(1)
+            rkl = ((_score(student, s, shared_vocab_size) - _score(teacher, s, shared_vocab_size))
+                   * s.response_mask).sum(1)
+            t_texts, s_texts = [r.get("response", "") for r in t_rows], [r.get("response", "") for r in s_rows]
+            if seed == seeds[0]:
+                responses["teacher"].update((it["id"], x) for it, x in zip(items, t_texts))
+                responses[name].update((it["id"], x) for it, x in zip(items, s_texts))
+            rec = acc["teacher"]
+            rec.setdefault("rougeL", []).extend(rouge_l(x, r) for x, r in zip(t_texts, refs))
+            rec.setdefault("length", []).extend(t.response_mask.sum(1).tolist())
+            _add_student(acc[name], s_texts, refs, s.response_mask.sum(1), rkl, fkl)
+        runs.append(acc)
+    return _summarise(runs, [dataset[i]["id"] for i in range(len(dataset))], responses)
 
 
 def paired_difference(after: list[float], before: list[float]) -> tuple[float, float]:
