@@ -90,6 +90,28 @@ def test_evaluate_and_report_on_dollyeval(tiny_dirs, tmp_path):
     assert (tmp_path / "cmp.png").stat().st_size > 1000
 
 
+def test_evaluate_sequence_kl(tiny_dirs, tmp_path):
+    from minillm.config import EvalConfig
+    from minillm.errors import ConfigError
+
+    dolly = shared_data("dolly_eval500.jsonl")
+    out = tmp_path / "kl"
+    assert run(["evaluate", f"data={dolly}", "limit=6", "seeds=10,20", "max_new_tokens=6", "batch_size=6",
+                f"models=s={tiny_dirs['student']}", f"teacher={tiny_dirs['teacher']}", "sequence_kl=true",
+                f"output_dir={out}"]) == 0
+    kl = json.loads((out / "sequence_kl.json").read_text())
+    row = kl["results"]["s"]["dolly_eval500"]
+    assert kl["seeds"] == [10, 20] and row["num_prompts"] == 5 and row["num_seeds"] == 2  # 1 prompt too long
+    assert row["reverse_kl"] > 0 and row["forward_kl"] > 0  # two different random models
+    # the teacher was evaluated too (its samples give the forward KL) and is in the Rouge-L table
+    assert set(json.loads((out / "results.json").read_text())["results"]) == {"s", "teacher"}
+    assert "| s | dolly_eval500 |" in (out / "sequence_kl.md").read_text()
+    with pytest.raises(ConfigError, match="temperature"):
+        EvalConfig(models=["m"], data=["d"], teacher="t", sequence_kl=True, temperature=0.7).validate()
+    with pytest.raises(ConfigError, match="needs teacher"):
+        EvalConfig(models=["m"], data=["d"], sequence_kl=True).validate()
+
+
 def test_calibration_command(tiny_dirs, tmp_path):
     rows = [{"instruction": f"Is this positive or negative? {t}", "input": "", "output": lab,
              "labels": ["negative", "positive"]} for t, lab in

@@ -121,17 +121,64 @@ def evaluate(cfg) -> Path:
     out = Path(cfg.output_dir)
     save_config(cfg, out)
     models = _model_labels(cfg.models)
+    teacher_label = None
+    if cfg.sequence_kl:  # the teacher's own generations give the forward KL
+        teacher_label = next((k for k, v in models.items() if v == str(cfg.teacher)), None)
+        if teacher_label is None:
+            if "teacher" in models:
+                raise ConfigError(f"sequence_kl=true adds the teacher as model 'teacher', but that label is "
+                                  f"already {models['teacher']!r}; name that model otherwise (name=path)")
+            teacher_label = "teacher"
+            models = {**models, "teacher": str(cfg.teacher)}
     if cfg.data:
         evaluate_models(models, [str(d) for d in cfg.data], str(out), seeds=tuple(int(s) for s in cfg.seeds),
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                         top_p=cfg.top_p, no_repeat_ngram_size=cfg.no_repeat_ngram_size, batch_size=cfg.batch_size,
                         limit=cfg.limit or None, template=cfg.template, max_prompt_length=cfg.max_prompt_length,
                         dtype=cfg.dtype)
+    if teacher_label is not None:
+        _sequence_kl(cfg, models, teacher_label, out)
     if cfg.exposure_bias:
         _exposure_bias(cfg, models, out)
     if cfg.calibration:
         _calibration(cfg, models, out)
     return out
+
+
+def _sequence_kl(cfg, models: dict[str, str], teacher_label: str, out: Path) -> None:
+    """Reverse / forward sequence KL of each model to the teacher from the generations just written."""
+    from .data import load_instructions
+    from .evaluation.runner import _check_names, _write_atomic
+    from .evaluation.sequence_kl import kl_from_generations
+    from .models import check_compatibility, load_model, load_tokenizer
+
+    teacher = load_model(str(cfg.teacher), dtype=cfg.dtype)
+    teacher_tok = load_tokenizer(str(cfg.teacher))
+    seeds = [int(s) for s in cfg.seeds]
+    sets = _check_names(models, [str(d) for d in cfg.data])
+    results: dict[str, dict] = {}
+    lines = ["| model | set | reverse KL | forward KL | reverse KL / token | length |", "|---|---|---|---|---|---|"]
+    for label, path in models.items():
+        if label == teacher_label:
+            continue
+        tok = load_tokenizer(path)
+        student = load_model(path, dtype=cfg.dtype)
+        shared = check_compatibility(teacher_tok, tok, teacher, student)
+        for set_name, source in sets.items():
+            files = {m: {s: out / m / set_name / f"seed{s}.jsonl" for s in seeds} for m in (label, teacher_label)}
+            r = kl_from_generations(student, teacher, tok, load_instructions(source, limit=cfg.limit or None),
+                                    files[label], files[teacher_label], template=cfg.template,
+                                    max_prompt_length=cfg.max_prompt_length, batch_size=cfg.batch_size,
+                                    shared_vocab_size=shared, name=label)[label]
+            keep = {k: v for k, v in r.items() if k not in ("responses", "ids", "per_prompt")}
+            results.setdefault(label, {})[set_name] = keep
+            lines.append(f"| {label} | {set_name} | " + " | ".join(
+                f"{keep[k]:.2f} ± {keep[k + '_std']:.2f}"
+                for k in ("reverse_kl", "forward_kl", "reverse_kl_per_token", "length")) + " |")
+    summary = {"teacher": str(cfg.teacher), "seeds": seeds, "results": results}
+    _write_atomic(out / "sequence_kl.json", json.dumps(summary, indent=1))
+    _write_atomic(out / "sequence_kl.md", "Sequence-level KL to the teacher (mean ± std over seeds; "
+                  f"teacher {cfg.teacher}, samples at temperature 1)\n\n" + "\n".join(lines) + "\n")
 
 
 def _exposure_bias(cfg, models: dict[str, str], out: Path) -> None:

@@ -211,7 +211,10 @@ class EvalConfig:
     template: str = _f("minillm", "Prompt format: minillm, chat or raw.", choices=("minillm", "chat", "raw"))
     max_prompt_length: int = _f(256, "Prompts longer than this are dropped.", min=1)
     dtype: str = _f("float32", "Model dtype.", choices=("float32", "bfloat16", "float16"))
-    teacher: str = _f("", "Teacher, needed by --exposure-bias.")
+    teacher: str = _f("", "Teacher, needed by exposure_bias and sequence_kl.")
+    sequence_kl: bool = _f(False, "Also sequence-level reverse / forward KL of each model to the teacher, scored on "
+                           "the generations (the teacher is evaluated too, as 'teacher'); needs temperature 1, "
+                           "top_k 0, top_p 1, no_repeat_ngram_size 0 (else the samples are not from the model).")
     exposure_bias: bool = _f(False, "Also measure ExAccErr (needs teacher).")
     exposure_bias_samples: int = _f(1, "Samples per prompt for ExAccErr.", min=1)
     calibration: list = _f([], "Classification-style files (with `labels`) for ECE and reliability diagrams.")
@@ -223,6 +226,15 @@ class EvalConfig:
             raise ConfigError("`data` is required (data=file1.jsonl,file2.jsonl).")
         if self.exposure_bias and not self.teacher:
             raise ConfigError("exposure_bias=true needs teacher=...")
+        if self.sequence_kl:
+            if not self.teacher or not self.data:
+                raise ConfigError("sequence_kl=true needs teacher=... and data=...")
+            changed = {k: v for k, v in (("temperature", self.temperature), ("top_k", self.top_k),
+                                         ("top_p", self.top_p), ("no_repeat_ngram_size", self.no_repeat_ngram_size))
+                       if v != {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "no_repeat_ngram_size": 0}[k]}
+            if changed:
+                raise ConfigError(f"sequence_kl=true scores the generations as samples of the model, which needs "
+                                  f"plain sampling; these settings change the distribution: {changed}")
 
 
 # --------------------------------------------------------------------------------------------------
