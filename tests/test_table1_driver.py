@@ -56,6 +56,14 @@ def test_smoke_run_and_resume(tmp_path):
     for method in METHODS:  # the same optimiser-step budget for every method
         assert result["budgets"][method]["steps"] == result["settings"]["steps"]
     assert result["teacher_choice"]["chosen"] in ("teacher-shipped", "teacher-sft")
+    paired = result["paired_rougeL"]
+    assert set(paired["vs_student_init"]) == set(METHODS)
+    best = paired["vs_best_baseline"]["baseline"]
+    assert best == max((m for m in METHODS if not m.startswith("minillm")),
+                       key=lambda m: rows[m]["rougeL_dollyeval"]["mean"])
+    for name in METHODS:  # one seed: the paired mean difference is the difference of the set means
+        diff = rows[name]["rougeL_dollyeval"]["mean"] - rows["student-init"]["rougeL_dollyeval"]["mean"]
+        assert paired["vs_student_init"][name]["dollyeval"][0] == pytest.approx(diff, abs=1e-6)
     assert (out / "results.md").read_text().count("\n| ") >= len(rows)
     assert (out / "exposure_bias.png").exists() and (out / "training_curves.png").exists()
     # nothing is written next to the driver or into docs/

@@ -354,6 +354,37 @@ def _fmt(m: float | None, sd: float | None = None, nd: int = 2) -> str:
     return f"{m:.{nd}f}" if sd is None or not _finite(sd) else f"{m:.{nd}f} ± {sd:.{nd}f}"
 
 
+def _per_prompt_rouge(root: Path, name: str, set_name: str, seeds: list[int]) -> dict[str, float]:
+    """Prompt id -> Rouge-L averaged over seeds, from eval-rouge's generation files."""
+    sums: dict[str, float] = {}
+    for seed in seeds:
+        for rec in _read_jsonl(root / "eval" / "rouge" / name / set_name / f"seed{seed}.jsonl"):
+            sums[str(rec["id"])] = sums.get(str(rec["id"]), 0.0) + rec["rougeL"]
+    return {k: v / len(seeds) for k, v in sums.items()}
+
+
+def paired_rouge(root: Path, s: dict, names: list[str], reference: str) -> dict[str, dict[str, list[float]]]:
+    """name -> set -> [mean, standard error] of the per-prompt Rouge-L difference (name - reference).
+
+    Each prompt's Rouge-L is first averaged over the seeds; the standard error is over prompts. This
+    answers "is the gap between two methods larger than noise" more sharply than the seed spread, since
+    both models answer the same prompts.
+    """
+    from minillm.evaluation.sequence_kl import paired_difference
+
+    out: dict[str, dict[str, list[float]]] = {}
+    for set_name in ("dollyeval", "sni"):
+        ref = _per_prompt_rouge(root, reference, set_name, s["seeds"])
+        for name in names:
+            if name == reference:
+                continue
+            other = _per_prompt_rouge(root, name, set_name, s["seeds"])
+            ids = [k for k in ref if k in other]
+            out.setdefault(name, {})[set_name] = list(paired_difference([other[k] for k in ids],
+                                                                        [ref[k] for k in ids]))
+    return out
+
+
 def stage_results(root: Path, s: dict, stages: Stages, info: dict, command: str) -> dict:
     rouge = info["rouge"]["results"]
     rows = {}
@@ -375,8 +406,14 @@ def stage_results(root: Path, s: dict, stages: Stages, info: dict, command: str)
     plots = _plot_curves(root, info["eb"], {m: root / "runs" / m for m in s["methods"]})
     budgets = {name: {k: v for k, v in st.items() if k in ("steps", "train_tokens", "rounds", "num_rollouts")}
                for name, st in info["train"].items()}
+    students = [n for n in info["models"] if n != "teacher"]
+    baselines = [m for m in s["methods"] if not m.startswith("minillm")]
+    best = max(baselines, key=lambda m: rows[m]["rougeL_dollyeval"]["mean"]) if baselines else None
+    paired = {"vs_student_init": paired_rouge(root, s, students, "student-init")}
+    if best:
+        paired["vs_best_baseline"] = {"baseline": best, **paired_rouge(root, s, students, best)}
     result = {"command": command, "settings": s, "teacher_choice": info["teacher_choice"],
-              "student": info["student"], "rows": rows, "budgets": budgets,
+              "student": info["student"], "rows": rows, "budgets": budgets, "paired_rougeL": paired,
               "stage_seconds": stages.seconds(), "plots": plots,
               "teacher_kl_reference": next((kl["teacher"] for kl in info["kl"].values()), None)}
     _write_atomic(root / "results.json", json.dumps(result, indent=1, default=str))
@@ -394,6 +431,21 @@ def stage_results(root: Path, s: dict, stages: Stages, info: dict, command: str)
                   f"{'0 (itself)' if name == 'teacher' else _fmt(r.get('reverse_kl'), r.get('reverse_kl_std'), 1)} | "
                   f"{'0 (itself)' if name == 'teacher' else _fmt(r.get('forward_kl'), r.get('forward_kl_std'), 1)} | "
                   f"{_fmt(r['length_dollyeval']['mean'], None, 1)} | {_fmt(r.get('exacc_err_final'), None, 1)} |")
+    md += ["", "## Paired Rouge-L differences", "",
+           ("Per prompt, Rouge-L averaged over the seeds; mean difference ± standard error over the prompts "
+            "(both models answer the same prompts)."
+            + (f" Best baseline on DollyEval: **{best}**." if best else "")), "",
+           "| model | DollyEval − init | S-NI − init |" + (" DollyEval − best baseline | S-NI − best baseline |"
+                                                            if best else ""),
+           "|---|---|---|" + ("---|---|" if best else "")]
+    for name in students:
+        if name == "student-init":
+            continue
+        cells = [_fmt(*paired["vs_student_init"][name][k]) for k in ("dollyeval", "sni")]
+        if best:
+            cells += (["–", "–"] if name == best else
+                      [_fmt(*paired["vs_best_baseline"][name][k]) for k in ("dollyeval", "sni")])
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
     md += ["", f"Teacher: **{tc['chosen']}** (validation Rouge-L: " +
            ", ".join(f"{k} {_fmt(v['mean'], v['std'])}" for k, v in tc["valid_rougeL"].items()) + ").",
            (f"Student: {info['student']['layers']}-layer pruned teacher "
