@@ -77,6 +77,18 @@ def test_smoke_run_and_resume(tmp_path):
     assert "INFO run " not in log2
     assert (out / "results.json").read_text() == before
 
+    # an ablation row added later: only its training stage, its evaluations and the results run again
+    proc = subprocess.run([sys.executable, str(DRIVER), "--out", str(out), "--smoke", "--allow-changed-settings",
+                           "--methods", *METHODS, "minillm-nomix"], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ran = sorted(line.split("INFO run ")[1].split()[0] for line in proc.stderr.splitlines() if "INFO run " in line)
+    assert ran == ["eval-eb-minillm-nomix", "eval-kl-minillm-nomix", "eval-rouge", "method-minillm-nomix", "results"]
+    assert "evaluate" in proc.stderr and "sft/dollyeval" not in proc.stderr  # old generation files are reused
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert list(rows) == ["teacher", "student-init", *METHODS, "minillm-nomix"]
+    assert (out / "runs" / "minillm-nomix" / "config.yaml").read_text().count("teacher_mix_alpha: 0.0") == 1
+
 
 def test_changed_settings_are_refused(tmp_path):
     out = tmp_path / "t1"

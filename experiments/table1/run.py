@@ -35,7 +35,16 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 TEACHER = "smollm2-135m-instruct"
 TEMPLATE = "minillm"  # the paper's prompt template (issue 7: "prompts in the MiniLLM template")
-METHODS = ("sft", "kd", "seqkd", "minillm", "minillm-seqret", "rkl", "onpolicy")
+# MiniLLM variants: the exact sequence-level return, and the stabiliser ablation of the paper's Table 4
+# (spec §4.5: w/o length normalisation, w/o teacher-mixed sampling, w/o single-step decomposition).
+MINILLM_VARIANTS = {
+    "minillm": {},
+    "minillm-seqret": {"advantage": "paper", "length_norm": False},
+    "minillm-nolen": {"length_norm": False},
+    "minillm-nomix": {"teacher_mix_alpha": 0.0},
+    "minillm-noss": {"single_step": False},
+}
+METHODS = ("sft", "kd", "seqkd", *MINILLM_VARIANTS, "rkl", "onpolicy")
 # minillm-seqret: MiniLLM with the exact sequence-level return (advantage=paper, length_norm=false) - the
 # quickstart found that the length-normalised return lengthens a weak student's answers (README, quickstart).
 
@@ -244,8 +253,7 @@ def stage_method(root: Path, s: dict, data: dict, method: str, init: str, teache
                   weight_decay=1e-6, num_rollouts=s["minillm_num_rollouts"], ppo_epochs=s["ppo_epochs"],
                   teacher_mix_alpha=s["teacher_mix_alpha"], single_step=True, length_norm=True,
                   clip_eps=s["clip_eps"], pt_data=data["pt_data"], pt_seq_len=s["pt_seq_len"])
-        if method == "minillm-seqret":
-            kw.update(advantage="paper", length_norm=False)
+        kw.update(MINILLM_VARIANTS[method])
     else:
         kw.update(learning_rate=s["baseline_lr"], lr_scheduler="cosine", warmup_steps=0)
     info = train_stage(root / "runs" / method, **kw)
@@ -548,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     for m in s["methods"]:
         train[m] = st.run(f"method-{m}", lambda m=m: stage_method(root, s, data, m, init["model"], teacher))
     models = {"teacher": teacher, "student-init": init["model"], **{m: train[m]["model"] for m in s["methods"]}}
+    done = st.dir / "eval-rouge.json"
+    if done.exists() and set(json.loads(done.read_text())["info"]["results"]) != set(models):
+        done.unlink()  # models were added (e.g. an ablation): evaluate_models resumes, so only they run
     rouge = st.run("eval-rouge", lambda: stage_eval_rouge(root, s, data, models))
     students = {k: v for k, v in models.items() if k != "teacher"}
     kl = {n: st.run(f"eval-kl-{n}", lambda n=n, path=path: stage_eval_kl(root, s, data, n, path, teacher))
@@ -556,7 +567,9 @@ def main(argv: list[str] | None = None) -> int:
           for n, path in students.items()}
     info = {"models": models, "rouge": rouge, "kl": kl, "eb": eb, "train": train, "teacher_choice": choice,
             "student": student}
-    # results is rebuilt from the cached stage outputs; it is cheap and skipped like the rest
+    # results is rebuilt from the cached stage outputs: cheap, redone whenever another stage ran
+    if st.ran:
+        (st.dir / "results.json").unlink(missing_ok=True)
     st.run("results", lambda: stage_results(root, s, st, info, command))
     logger.info("table1: %d stage(s) run, %d skipped; results in %s", len(st.ran), len(st.skipped),
                 root / "results.md")
