@@ -503,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minillm-rounds", type=int, default=8, help="MiniLLM rounds within --steps")
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--save-every", type=int, default=16, help="resumable checkpoint every N steps")
-    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--eval-batch-size", type=int, default=32,
+                   help="prompts sampled together in evaluation (2 threads, bf16, 16-layer student, 128 new "
+                        "tokens: 2.7-3.1 ms/token at 32 vs 3.2-4.2 at 16, measured 2026-11-29)")
     p.add_argument("--eval-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="weights dtype for evaluation sampling (the paper evaluates in fp16; bf16 samples ~1.5x "
                         "faster than fp32 on CPU)")
