@@ -7,7 +7,9 @@ Both are Monte-Carlo averages over prompts (one sample per prompt and seed, temp
 truncation), so each sample's log-ratio is an unbiased estimate of its prompt's sequence-level KL.
 The work is shared: each student's samples are decoded with the teacher in lockstep (its log-probs come
 for free) and also scored with Rouge-L; the teacher's samples, drawn once per seed, give the teacher's
-own Rouge-L and are scored by every student with one teacher-forced forward pass.
+own Rouge-L and are scored by every student with one teacher-forced forward pass (`compare_to_teacher`).
+`kl_from_generations` computes the same numbers from samples already drawn and stored by
+`evaluate_models` (their token ids), with forward passes only.
 """
 
 from __future__ import annotations
