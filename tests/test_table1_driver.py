@@ -98,3 +98,20 @@ def test_changed_settings_are_refused(tmp_path):
                           text=True, timeout=120, cwd=ROOT, check=False)
     assert proc.returncode != 0
     assert "different settings" in proc.stderr
+
+
+def test_run_budget_counts_each_step_once(tmp_path):
+    """A run resumed from a checkpoint logs the redone steps again: the last record of each step counts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("table1_run", DRIVER)
+    driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(driver)
+    rows = [{"step": 1, "loss": 1.0, "tokens": 10, "step_seconds": 2.0},
+            {"step": 2, "loss": 1.0, "tokens": 20, "step_seconds": 3.0},  # lost: the run died before a checkpoint
+            {"step": 2, "valid_loss": 0.5},  # a validation row is not a step
+            {"step": 2, "loss": 1.0, "tokens": 25, "step_seconds": 4.0},  # redone after the resume
+            {"step": 3, "loss": 1.0, "tokens": 30, "step_seconds": 5.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert driver.run_budget(tmp_path) == {"train_tokens": 65, "step_seconds": 11.0}
+    assert driver.run_budget(tmp_path / "missing") == {"train_tokens": 0, "step_seconds": 0.0}

@@ -189,11 +189,22 @@ def train_stage(out_dir: Path, **kw) -> dict:
                                            "log_every": 1, "seed": 0, **kw})
     t0 = time.perf_counter()
     model = Path(api.train(cfg))
-    rows = _read_jsonl(out_dir / "metrics.jsonl") if (out_dir / "metrics.jsonl").exists() else []
     summary = json.loads((out_dir / "summary.json").read_text())
-    return {"model": str(model), "steps": summary["steps"], "best": summary["best"],
-            "train_tokens": int(sum(r.get("tokens", 0) for r in rows)),
+    return {"model": str(model), "steps": summary["steps"], "best": summary["best"], **run_budget(out_dir),
             "train_seconds_this_sitting": time.perf_counter() - t0}
+
+
+def run_budget(out_dir: Path) -> dict:
+    """Training tokens and summed step time of a run, one record per optimiser step.
+
+    A run resumed from a checkpoint repeats the steps after it in metrics.jsonl; the last record of each
+    step is the one that counts. `step_seconds` covers the optimiser steps (rollouts included), not the
+    validations; it is the training compute even when the run took several sittings.
+    """
+    path = out_dir / "metrics.jsonl"
+    last = {r["step"]: r for r in (_read_jsonl(path) if path.exists() else []) if "loss" in r and "step" in r}
+    return {"train_tokens": int(sum(r.get("tokens", 0) for r in last.values())),
+            "step_seconds": round(sum(r.get("step_seconds", 0.0) for r in last.values()), 1)}
 
 
 def common_train(s: dict, data: dict) -> dict:
@@ -412,7 +423,9 @@ def stage_results(root: Path, s: dict, stages: Stages, info: dict, command: str)
             row["exacc_err_max"] = max(errs) if errs else None
         rows[name] = row
     plots = _plot_curves(root, info["eb"], {m: root / "runs" / m for m in s["methods"]})
-    budgets = {name: {k: v for k, v in st.items() if k in ("steps", "train_tokens", "rounds", "num_rollouts")}
+    runs = {"teacher-sft": "teacher-sft", "init": "init-sft"}
+    budgets = {name: {**{k: v for k, v in st.items() if k in ("steps", "rounds", "num_rollouts")},
+                      **run_budget(root / "runs" / runs.get(name, name))}  # recounted: markers may predate dedup
                for name, st in info["train"].items()}
     students = [n for n in info["models"] if n != "teacher"]
     baselines = [m for m in s["methods"] if not m.startswith("minillm")]
@@ -459,13 +472,16 @@ def stage_results(root: Path, s: dict, stages: Stages, info: dict, command: str)
            (f"Student: {info['student']['layers']}-layer pruned teacher "
             f"({info['student']['parameters'] / 1e6:.1f}M of {info['student']['teacher_parameters'] / 1e6:.1f}M "
             "parameters), SFT init selected by validation loss."), "",
-           "## Budgets (per training run)", "", "| run | optimiser steps | training tokens | wall-clock (s) |",
-           "|---|---|---|---|"]
+           "## Budgets (per training run)", "",
+           ("Step time = the summed optimiser-step times of the run (rollouts included, validations not), over "
+            "all sittings; stage wall-clock = the stage's last sitting, validations included."), "",
+           "| run | optimiser steps | training tokens | step time (s) | stage wall-clock (s) |", "|---|---|---|---|---|"]
     secs = stages.seconds()
     for name, b in budgets.items():
         stage = {"teacher-sft": "teacher-sft", "init": "init"}.get(name, f"method-{name}")
         extra = f" ({b['rounds']} rounds × {b['num_rollouts']} rollouts)" if "rounds" in b else ""
-        md.append(f"| {name}{extra} | {b.get('steps')} | {b.get('train_tokens')} | {secs.get(stage, 0):.0f} |")
+        md.append(f"| {name}{extra} | {b.get('steps')} | {b.get('train_tokens')} | {b.get('step_seconds', 0):.0f} | "
+                  f"{secs.get(stage, 0):.0f} |")
     md += ["", "## Wall-clock per stage (s)", "", "| stage | seconds |", "|---|---|"]
     md += [f"| {k} | {v:.0f} |" for k, v in secs.items()]
     md += ["", "## Settings", "", "```json", json.dumps(s, indent=1, default=str), "```", "",
