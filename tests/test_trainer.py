@@ -97,6 +97,23 @@ def test_kill_during_checkpoint_keeps_previous(tiny_dirs, instruction_file, tmp_
     assert state["steps"] == 4
 
 
+def test_full_disk_during_checkpoint_is_a_clear_error(tiny_dirs, instruction_file, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_dirs, instruction_file, tmp_path / "run", save_every=2, max_steps=4)
+    real_save = torch.save
+
+    def full_disk(obj, path, *a, **k):
+        if "step-0000004" in str(path) and str(path).endswith("optimizer.pt"):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(TrainingError, match=r"checkpoint of step 4 .*No space left on device.*resume=true; it "
+                                            r"continues from step-0000002, which is intact"):
+        api.train(cfg)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000002"]  # the partial folder is gone
+
+
 def test_nan_loss_stops_with_step_and_term(tiny_dirs, instruction_file, tmp_path, monkeypatch):
     from minillm.algorithms.supervised import Supervised
 

@@ -215,17 +215,16 @@ class Trainer:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         acc.wait_for_everyone()
-        rank = acc.process_index
-        torch.save({"rng": _rng_state(), "algorithm": self.algorithm.state_dict()}, tmp / f"rank{rank}.pt")
-        if acc.is_main_process:
-            from safetensors.torch import save_file
-
-            state = {k: v.detach().contiguous().cpu() for k, v in acc.unwrap_model(self.model).lm.state_dict().items()}
-            _save_tied_safe(state, tmp / "student.safetensors", save_file)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps(
-                {"step": self.step, "best": self.best, "world_size": acc.num_processes}, indent=1))
+        try:
+            self._write_checkpoint_files(tmp)
+        except Exception as err:  # a full disk, a quota, a vanished mount: say so, keep the last checkpoint
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = self.list_checkpoints()
+            raise TrainingError(
+                f"could not write the checkpoint of step {self.step} into {tmp.parent} ({type(err).__name__}: "
+                f"{err}). Free space there (or set output_dir elsewhere) and re-run with resume=true; "
+                + (f"it continues from {last[-1].name}, which is intact." if last else
+                   "no earlier checkpoint exists, so the run starts over.")) from err
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / COMPLETE_MARKER).write_text("ok\n")
@@ -235,6 +234,19 @@ class Trainer:
             self._prune_checkpoints()
         acc.wait_for_everyone()
         return final
+
+    def _write_checkpoint_files(self, tmp: Path) -> None:
+        acc = self.accelerator
+        torch.save({"rng": _rng_state(), "algorithm": self.algorithm.state_dict()}, tmp / f"rank{acc.process_index}.pt")
+        if acc.is_main_process:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().contiguous().cpu() for k, v in acc.unwrap_model(self.model).lm.state_dict().items()}
+            _save_tied_safe(state, tmp / "student.safetensors", save_file)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {"step": self.step, "best": self.best, "world_size": acc.num_processes}, indent=1))
 
     def _prune_checkpoints(self) -> None:
         ckpts = self.list_checkpoints()
