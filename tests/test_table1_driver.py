@@ -66,6 +66,9 @@ def test_smoke_run_and_resume(tmp_path):
         assert paired["vs_student_init"][name]["dollyeval"][0] == pytest.approx(diff, abs=1e-6)
     assert (out / "results.md").read_text().count("\n| ") >= len(rows)
     assert (out / "exposure_bias.png").exists() and (out / "training_curves.png").exists()
+    # finished training runs keep their models, not their resume checkpoints
+    for run in ("teacher-sft", "init-sft", *METHODS):
+        assert (out / "runs" / run / "final").is_dir() and not (out / "runs" / run / "checkpoints").exists(), run
     # nothing is written next to the driver or into docs/
     assert not (DRIVER.parent / "data").exists()
 

@@ -27,6 +27,7 @@ import logging
 import math
 import random
 import shlex
+import shutil
 import sys
 import time
 from importlib import resources
@@ -90,6 +91,16 @@ class Stages:
         _write_atomic(marker, json.dumps({"seconds": seconds, "info": info}, indent=1, default=str))
         logger.info("done %s (%.1f s)", name, seconds)
         self.ran.append(name)
+        return info
+
+    def run_training(self, name: str, run_dir: Path, fn):
+        """`run` for a training stage; once its marker exists, the run's resume checkpoints are deleted.
+
+        They hold the optimiser state (~2 GB for the 85M student, ~3 GB for the teacher) and are only
+        needed until the stage finishes; the selected and final models stay.
+        """
+        info = self.run(name, fn)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         return info
 
     def seconds(self) -> dict[str, float]:
@@ -564,15 +575,17 @@ def main(argv: list[str] | None = None) -> int:
 
     data = st.run("data", lambda: stage_data(root, s))
     shipped = shipped_teacher(root, s)
-    t_sft = st.run("teacher-sft", lambda: stage_teacher_sft(root, s, data, shipped))
+    t_sft = st.run_training("teacher-sft", root / "runs" / "teacher-sft",
+                            lambda: stage_teacher_sft(root, s, data, shipped))
     choice = st.run("teacher-select", lambda: stage_teacher_select(
         root, s, data, {"teacher-shipped": shipped, "teacher-sft": t_sft["model"]}))
     teacher = choice["path"]
     student = st.run("student-pruned", lambda: stage_prune(root, s, teacher))
-    init = st.run("init", lambda: stage_init(root, s, data, student["path"]))
+    init = st.run_training("init", root / "runs" / "init-sft", lambda: stage_init(root, s, data, student["path"]))
     train = {"teacher-sft": t_sft, "init": init}
     for m in s["methods"]:
-        train[m] = st.run(f"method-{m}", lambda m=m: stage_method(root, s, data, m, init["model"], teacher))
+        train[m] = st.run_training(f"method-{m}", root / "runs" / m,
+                                   lambda m=m: stage_method(root, s, data, m, init["model"], teacher))
     models = {"teacher": teacher, "student-init": init["model"], **{m: train[m]["model"] for m in s["methods"]}}
     done = st.dir / "eval-rouge.json"
     if done.exists() and set(json.loads(done.read_text())["info"]["results"]) != set(models):
