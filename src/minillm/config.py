@@ -229,9 +229,8 @@ class EvalConfig:
         if self.sequence_kl:
             if not self.teacher or not self.data:
                 raise ConfigError("sequence_kl=true needs teacher=... and data=...")
-            changed = {k: v for k, v in (("temperature", self.temperature), ("top_k", self.top_k),
-                                         ("top_p", self.top_p), ("no_repeat_ngram_size", self.no_repeat_ngram_size))
-                       if v != {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "no_repeat_ngram_size": 0}[k]}
+            plain = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "no_repeat_ngram_size": 0}
+            changed = {k: getattr(self, k) for k, v in plain.items() if getattr(self, k) != v}
             if changed:
                 raise ConfigError(f"sequence_kl=true scores the generations as samples of the model, which needs "
                                   f"plain sampling; these settings change the distribution: {changed}")
