@@ -393,9 +393,10 @@ def _per_prompt_rouge(root: Path, name: str, set_name: str, seeds: list[int]) ->
     return {k: v / len(seeds) for k, v in sums.items()}
 
 
-def paired_rouge(root: Path, s: dict, names: list[str], reference: str) -> dict[str, dict[str, list[float]]]:
+def paired_rouge(per_prompt, names: list[str], reference: str) -> dict[str, dict[str, list[float]]]:
     """name -> set -> [mean, standard error] of the per-prompt Rouge-L difference (name - reference).
 
+    `per_prompt(name, set)` gives prompt id -> Rouge-L averaged over the seeds (`_per_prompt_rouge`, memoised).
     Each prompt's Rouge-L is first averaged over the seeds; the standard error is over prompts. This
     answers "is the gap between two methods larger than noise" more sharply than the seed spread, since
     both models answer the same prompts.
@@ -404,11 +405,11 @@ def paired_rouge(root: Path, s: dict, names: list[str], reference: str) -> dict[
 
     out: dict[str, dict[str, list[float]]] = {}
     for set_name in ("dollyeval", "sni"):
-        ref = _per_prompt_rouge(root, reference, set_name, s["seeds"])
+        ref = per_prompt(reference, set_name)
         for name in names:
             if name == reference:
                 continue
-            other = _per_prompt_rouge(root, name, set_name, s["seeds"])
+            other = per_prompt(name, set_name)
             ids = [k for k in ref if k in other]
             out.setdefault(name, {})[set_name] = list(paired_difference([other[k] for k in ids],
                                                                         [ref[k] for k in ids]))
@@ -441,9 +442,16 @@ def stage_results(root: Path, s: dict, stages: Stages, info: dict, command: str)
     students = [n for n in info["models"] if n != "teacher"]
     baselines = [m for m in s["methods"] if not m.startswith("minillm")]
     best = max(baselines, key=lambda m: rows[m]["rougeL_dollyeval"]["mean"]) if baselines else None
-    paired = {"vs_student_init": paired_rouge(root, s, students, "student-init")}
+    cache: dict[tuple[str, str], dict[str, float]] = {}  # each generation file is read once
+
+    def per_prompt(name: str, set_name: str) -> dict[str, float]:
+        if (name, set_name) not in cache:
+            cache[name, set_name] = _per_prompt_rouge(root, name, set_name, s["seeds"])
+        return cache[name, set_name]
+
+    paired = {"vs_student_init": paired_rouge(per_prompt, students, "student-init")}
     if best:
-        paired["vs_best_baseline"] = {"baseline": best, **paired_rouge(root, s, students, best)}
+        paired["vs_best_baseline"] = {"baseline": best, **paired_rouge(per_prompt, students, best)}
     result = {"command": command, "settings": s, "teacher_choice": info["teacher_choice"],
               "student": info["student"], "rows": rows, "budgets": budgets, "paired_rougeL": paired,
               "stage_seconds": stages.seconds(), "plots": plots,
