@@ -92,6 +92,20 @@ def test_smoke_run_and_resume(tmp_path):
     assert list(rows) == ["teacher", "student-init", *METHODS, "minillm-nomix"]
     assert (out / "runs" / "minillm-nomix" / "config.yaml").read_text().count("teacher_mix_alpha: 0.0") == 1
 
+    # a second seed added to the finished run: its generations, the KL rescoring and the results run again
+    students = ["student-init", *METHODS, "minillm-nomix"]
+    proc = subprocess.run([sys.executable, str(DRIVER), "--out", str(out), "--smoke", "--allow-changed-settings",
+                           "--seeds", "10", "20", "--methods", *METHODS, "minillm-nomix"], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ran = sorted(line.split("INFO run ")[1].split()[0] for line in proc.stderr.splitlines() if "INFO run " in line)
+    assert ran == sorted(["eval-rouge", "results", *(f"eval-kl-{n}" for n in students)])
+    assert "/seed20" in proc.stderr and "/seed10" not in proc.stderr  # seed 10's files are reused
+    rouge = json.loads((out / "stages" / "eval-rouge.json").read_text())["info"]["results"]
+    assert {tuple(r["seeds"]) for per_set in rouge.values() for r in per_set.values()} == {(10, 20)}
+    kl = json.loads((out / "stages" / "eval-kl-kd.json").read_text())["info"]
+    assert kl["seeds"] == [10, 20] and kl["student"]["num_seeds"] == 2
+
 
 def test_changed_settings_are_refused(tmp_path):
     out = tmp_path / "t1"

@@ -93,6 +93,13 @@ class Stages:
         self.ran.append(name)
         return info
 
+    def drop_stale(self, name: str, stale) -> None:
+        """Delete stage `name`'s marker if `stale(info)` says its result no longer matches the settings."""
+        marker = self.dir / f"{name}.json"
+        if marker.exists() and stale(json.loads(marker.read_text())["info"]):
+            logger.info("redo %s: its models or seeds changed", name)
+            marker.unlink()
+
     def run_training(self, name: str, run_dir: Path, fn):
         """`run` for a training stage; once its marker exists, the run's resume checkpoints are deleted.
 
@@ -117,12 +124,13 @@ def settings_from_args(args) -> dict:
     """Every size and hyperparameter of the run; --smoke only changes numbers, never code paths."""
     s = dict(  # noqa: C408
         n_train=900, n_valid=100, n_dolly_test=500, n_sni_test=500, split_seed=0,
-        layers=args.layers, prune_strategy=args.prune_strategy, steps=args.steps, seeds=args.seeds,
+        layers=args.layers, prune_strategy=args.prune_strategy, steps=args.steps,
+        seeds=list(args.seeds or [10, 20, 30]),
         max_new_tokens=args.max_new_tokens,
         train_max_new_tokens=args.train_max_new_tokens or args.max_new_tokens,
         max_prompt_length=256, batch_size=8, eval_batch_size=args.eval_batch_size,
         teacher_sft_steps=args.teacher_sft_steps, teacher_sft_lr=args.teacher_sft_lr,
-        teacher_select_seeds=args.seeds[:3],
+        teacher_select_seeds=list(args.seeds or [10, 20, 30])[:3],
         init_steps=args.init_steps, init_lr=args.init_lr,
         baseline_lr=args.baseline_lr, minillm_lr=args.minillm_lr, minillm_rounds=args.minillm_rounds,
         ppo_epochs=args.ppo_epochs, teacher_mix_alpha=0.2, clip_eps=0.2, pt_seq_len=128,
@@ -133,8 +141,9 @@ def settings_from_args(args) -> dict:
         max_input_chars=0,  # 0 = texts as they are; --smoke cuts instruction/input to keep prompts short
     )
     if args.smoke:
-        s.update(n_train=16, n_valid=8, n_dolly_test=8, n_sni_test=8, layers=2, steps=2, seeds=[10],
-                 teacher_select_seeds=[10], max_new_tokens=8, train_max_new_tokens=8, batch_size=4,
+        s.update(n_train=16, n_valid=8, n_dolly_test=8, n_sni_test=8, layers=2, steps=2,
+                 seeds=list(args.seeds or [10]), teacher_select_seeds=list(args.seeds or [10])[:1],
+                 max_new_tokens=8, train_max_new_tokens=8, batch_size=4,
                  eval_batch_size=8, teacher_sft_steps=2, init_steps=2, minillm_rounds=2, ppo_epochs=1,
                  pt_seq_len=16, save_every=1, kl_prompts=8, eb_prompts=4, eb_samples=1,
                  teacher_dtype="float32", max_input_chars=120, max_prompt_length=512)
@@ -317,7 +326,7 @@ def stage_eval_kl(root: Path, s: dict, data: dict, name: str, path: str, teacher
     res = kl_from_generations(student, teacher_model, tok, examples, files[name], files["teacher"], template=TEMPLATE,
                               max_prompt_length=s["max_prompt_length"], batch_size=s["eval_batch_size"],
                               shared_vocab_size=shared, name=name)
-    return {"student": res[name], "teacher": res["teacher"]}
+    return {"student": res[name], "teacher": res["teacher"], "seeds": list(s["seeds"])}
 
 
 def stage_eval_eb(s: dict, data: dict, name: str, path: str, teacher: str) -> dict:
@@ -523,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="which teacher layers the student keeps (minillm.models.pruned_layer_indices); 'ends' "
                    "keeps the first and last K/2 and hurts least on SmolLM2 (see its docstring)")
     p.add_argument("--steps", type=int, default=128, help="optimiser steps of every method (equal budget)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30])
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="evaluation seeds (default 10 20 30; --smoke: 10). A finished run can be given more "
+                        "seeds later: only the new generations, the KL scoring and the results run")
     p.add_argument("--max-new-tokens", type=int, default=256, help="evaluation generation cap (paper: 256)")
     p.add_argument("--train-max-new-tokens", type=int, default=0,
                    help="rollout / seqkd / validation generation cap (0 = --max-new-tokens)")
@@ -595,11 +606,16 @@ def main(argv: list[str] | None = None) -> int:
         train[m] = st.run_training(f"method-{m}", root / "runs" / m,
                                    lambda m=m: stage_method(root, s, data, m, init["model"], teacher))
     models = {"teacher": teacher, "student-init": init["model"], **{m: train[m]["model"] for m in s["methods"]}}
-    done = st.dir / "eval-rouge.json"
-    if done.exists() and set(json.loads(done.read_text())["info"]["results"]) != set(models):
-        done.unlink()  # models were added (e.g. an ablation): evaluate_models resumes, so only they run
+    # Evaluation markers are dropped when models or seeds were added (an ablation row, more seeds for a run
+    # first evaluated with one): evaluate_models resumes from its per-(model, set, seed) files, so only the
+    # new generations run; the KL stages rescore from those files.
+    seeds = sorted(s["seeds"])
+    st.drop_stale("eval-rouge", lambda info: set(info["results"]) != set(models) or any(
+        sorted(r["seeds"]) != seeds for per_set in info["results"].values() for r in per_set.values()))
     rouge = st.run("eval-rouge", lambda: stage_eval_rouge(root, s, data, models))
     students = {k: v for k, v in models.items() if k != "teacher"}
+    for n in students:
+        st.drop_stale(f"eval-kl-{n}", lambda info: sorted(info.get("seeds", [])) != seeds)
     kl = {n: st.run(f"eval-kl-{n}", lambda n=n, path=path: stage_eval_kl(root, s, data, n, path, teacher))
           for n, path in students.items()}
     eb = {n: st.run(f"eval-eb-{n}", lambda n=n, path=path: stage_eval_eb(s, data, n, path, teacher))
