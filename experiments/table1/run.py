@@ -44,6 +44,10 @@ MINILLM_VARIANTS = {
     "minillm-nolen": {"length_norm": False},
     "minillm-nomix": {"teacher_mix_alpha": 0.0},
     "minillm-noss": {"single_step": False},
+    # optimisation checks (not in the paper's tables): a 5x lower lr, and 4 instead of 16 optimiser steps per
+    # round (16 rollouts a round, closer to the released GPT-2 base script's 4 steps per round)
+    "minillm-lr1e-5": {"learning_rate": 1e-5},
+    "minillm-r4": {"num_rollouts": 16},
 }
 METHODS = ("sft", "kd", "seqkd", *MINILLM_VARIANTS, "rkl", "onpolicy")
 # minillm-seqret: MiniLLM with the exact sequence-level return (advantage=paper, length_norm=false) - the
@@ -289,8 +293,8 @@ def stage_method(root: Path, s: dict, data: dict, method: str, init: str, teache
         kw.update(learning_rate=s["baseline_lr"], lr_scheduler="cosine", warmup_steps=0)
     info = train_stage(root / "runs" / method, **kw)
     if base == "minillm":
-        info["rounds"] = s["steps"] // max(1, (s["minillm_num_rollouts"] // s["batch_size"]) * s["ppo_epochs"])
-        info["num_rollouts"] = s["minillm_num_rollouts"]
+        info["rounds"] = s["steps"] // max(1, (kw["num_rollouts"] // s["batch_size"]) * s["ppo_epochs"])
+        info["num_rollouts"] = kw["num_rollouts"]
     return info
 
 
@@ -612,7 +616,11 @@ def main(argv: list[str] | None = None) -> int:
     seeds = sorted(s["seeds"])
     st.drop_stale("eval-rouge", lambda info: set(info["results"]) != set(models) or any(
         sorted(r["seeds"]) != seeds for per_set in info["results"].values() for r in per_set.values()))
-    rouge = st.run("eval-rouge", lambda: stage_eval_rouge(root, s, data, models))
+    # Generation order: MiniLLM rows, then the baselines, the init and the teacher, so that a sitting that ends
+    # mid-evaluation leaves the method comparison's files first (each (model, set, seed) file is kept).
+    order = sorted(models, key=lambda n: (not n.startswith("minillm"), n in ("student-init", "teacher"),
+                                          n == "teacher"))
+    rouge = st.run("eval-rouge", lambda: stage_eval_rouge(root, s, data, {n: models[n] for n in order}))
     students = {k: v for k, v in models.items() if k != "teacher"}
     for n in students:
         st.drop_stale(f"eval-kl-{n}", lambda info: sorted(info.get("seeds", [])) != seeds)
