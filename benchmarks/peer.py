@@ -59,7 +59,7 @@ def run_ours(name: str, teacher: Path, student: Path, steps: int, env: dict) -> 
     if res["rc"]:
         rec["error"] = res["stderr"][-3000:]
         return rec
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().split("\n") if x.strip()]
     steps_rows = [r for r in rows if "step_seconds" in r]
     rollout_rows = [r for r in rows if "rollout/seconds" in r]
     rec["step_s"] = [r["step_seconds"] for r in steps_rows]

@@ -263,6 +263,19 @@ def test_evaluate_models_resumes_without_regenerating(eval_run, tiny_model_dir, 
                                **{**EVAL_KW, "max_new_tokens": 8})
 
 
+def test_generation_file_with_unicode_line_separators_is_complete(tmp_path):
+    """A sampled response may hold U+2028 / U+0085 / U+001E: JSONL records are split on "\\n" only (a 500-record
+    S-NI file of the Table 1 run had one, and str.splitlines() cut that record in two)."""
+    import json
+
+    rows = [{"id": "a", "response": "one\u2028two\x85three\x1efour\rfive"}, {"id": "b", "response": "ok"}]
+    path = tmp_path / "seed10.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert len(path.read_text(encoding="utf-8").splitlines()) > 2  # the trap this test guards against
+    assert runner._read_complete(path, ["a", "b"]) == rows
+    assert runner._read_complete(path, ["a"]) is None
+
+
 def test_evaluate_models_rejects_bad_names(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="folder name"):
         runner.evaluate_models({"a/b": str(tiny_model_dir)}, ["x.jsonl"], tmp_path)

@@ -70,7 +70,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    return [json.loads(x) for x in Path(path).read_text().split("\n") if x.strip()]
 
 
 class Stages:

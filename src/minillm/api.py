@@ -48,7 +48,7 @@ def seqkd_examples(cfg: TrainConfig, teacher, tokenizer, examples):
                       sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0),
                       batch_size=cfg.rollout_batch_size, seed=cfg.seed, model_name=cfg.teacher, desc="seqkd data")
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text().split("\n"):  # not splitlines: U+2028 etc. may be in a response
         if line.strip():
             rec = json.loads(line)
             out.append(InstructionExample(instruction=rec.get("instruction", ""), input=rec.get("input", ""),

@@ -38,7 +38,7 @@ def generate_file(model, tokenizer, examples, output: str | os.PathLike, *, temp
     dataset = PromptDataset(examples, tokenizer, template=template, max_prompt_length=max_prompt_length)
     done = 0
     if partial.exists():
-        lines = [ln for ln in partial.read_text().splitlines() if ln.strip()]
+        lines = [ln for ln in partial.read_text().split("\n") if ln.strip()]
         done = len(lines)
         done -= done % batch_size  # restart the last (possibly incomplete) batch
         partial.write_text("".join(ln + "\n" for ln in lines[:done]))

@@ -18,7 +18,7 @@ CURVES = [("rollout/reward", "reward (per token, scaled)"),
 
 
 def _records(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return [json.loads(x) for x in path.read_text().split("\n") if x.strip()] if path.exists() else []
 
 
 def plot_training_curves(metrics_file: Path, out_png: Path) -> Path | None:
@@ -128,7 +128,7 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
     plot_methods(rows, root / "methods.png")
     teacher_params = _count_params(builtin_model_dir("smollm2-135m-instruct"))
     student_params = _count_params(root / "student")
-    n = {s: len((root / "data" / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "valid", "test")}
+    n = {s: len([x for x in (root / "data" / f"{s}.jsonl").read_text().split("\n") if x.strip()]) for s in ("train", "valid", "test")}
     init, after = rows[0], rows[1]
     d_rouge = after["rouge"] - init["rouge"]
     d_kl = (init["reverse_kl"] or 0) - (after["reverse_kl"] or 0)

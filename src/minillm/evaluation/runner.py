@@ -75,8 +75,8 @@ def _read_complete(path: Path, ids: list[str]) -> list[dict] | None:
     """The records of a finished generation file, or None if it is missing or not for exactly `ids`."""
     if not path.is_file():
         return None
-    try:
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:  # split on "\n" only: str.splitlines also splits inside responses holding U+2028, U+0085, ...
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     except json.JSONDecodeError:
         return None
     return records if [str(r.get("id")) for r in records] == ids else None

@@ -144,7 +144,7 @@ def _records(source: GenerationRecords, what: str) -> tuple[dict[str, dict], str
     if isinstance(source, (str, os.PathLike)):
         where = str(source)
         try:
-            rows = [json.loads(x) for x in Path(source).read_text(encoding="utf-8").splitlines() if x.strip()]
+            rows = [json.loads(x) for x in Path(source).read_text(encoding="utf-8").split("\n") if x.strip()]
         except (OSError, json.JSONDecodeError) as err:
             raise DataError(f"{where}: cannot read the {what} generations ({err})") from None
     else:
