@@ -8,7 +8,6 @@ The first step of every run (warm-up) is excluded from the medians, as the peer 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -59,7 +58,9 @@ def run_ours(name: str, teacher: Path, student: Path, steps: int, env: dict) -> 
     if res["rc"]:
         rec["error"] = res["stderr"][-3000:]
         return rec
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().split("\n") if x.strip()]
+    from minillm.data import read_jsonl
+
+    rows = read_jsonl(out / "metrics.jsonl")
     steps_rows = [r for r in rows if "step_seconds" in r]
     rollout_rows = [r for r in rows if "rollout/seconds" in r]
     rec["step_s"] = [r["step_seconds"] for r in steps_rows]

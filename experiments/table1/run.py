@@ -70,7 +70,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in Path(path).read_text().split("\n") if x.strip()]
+    from minillm.data import read_jsonl
+
+    return read_jsonl(path)
 
 
 class Stages:

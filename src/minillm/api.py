@@ -34,7 +34,7 @@ def load_pair(cfg: TrainConfig):
 
 def seqkd_examples(cfg: TrainConfig, teacher, tokenizer, examples):
     """Teacher samples for the training prompts (cached in output_dir), as SFT targets (spec §3.3)."""
-    from .data import InstructionExample
+    from .data import InstructionExample, read_jsonl
     from .generation import generate_file
     from .sampling import SamplingConfig
 
@@ -48,12 +48,10 @@ def seqkd_examples(cfg: TrainConfig, teacher, tokenizer, examples):
                       sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0),
                       batch_size=cfg.rollout_batch_size, seed=cfg.seed, model_name=cfg.teacher, desc="seqkd data")
     out = []
-    for line in path.read_text().split("\n"):  # not splitlines: U+2028 etc. may be in a response
-        if line.strip():
-            rec = json.loads(line)
-            out.append(InstructionExample(instruction=rec.get("instruction", ""), input=rec.get("input", ""),
-                                          outputs=[rec["response"]], id=str(rec.get("id", len(out))),
-                                          extra={"teacher_response": True}))
+    for rec in read_jsonl(path):
+        out.append(InstructionExample(instruction=rec.get("instruction", ""), input=rec.get("input", ""),
+                                      outputs=[rec["response"]], id=str(rec.get("id", len(out))),
+                                      extra={"teacher_response": True}))
     return out
 
 

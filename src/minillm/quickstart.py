@@ -78,7 +78,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def build_data(out: Path, budget: dict, teacher, tokenizer) -> dict[str, Path]:
     """Split the built-in prompts and answer them with the teacher once (greedy, cached)."""
-    from .data import load_instructions
+    from .data import load_instructions, read_jsonl
     from .generation import generate_file
     from .sampling import SamplingConfig
 
@@ -102,7 +102,7 @@ def build_data(out: Path, budget: dict, teacher, tokenizer) -> dict[str, Path]:
         generate_file(teacher, tokenizer, examples, raw, template="chat", sampling=sampling, batch_size=16,
                       model_name=TEACHER, desc=f"teacher answers ({name})")
         rows = []
-        for rec in map(json.loads, filter(str.strip, raw.read_text().split("\n"))):
+        for rec in read_jsonl(raw):
             # Answers cut at the token cap would teach the student to stop mid-sentence (and MiniLLM's teacher
             # then penalises every early stop, so the student learns never to stop): keep finished answers only.
             if rec["response"].strip() and rec.get("finished", True):
@@ -126,6 +126,7 @@ def _train(out_dir: Path, **kw) -> Path:
 
 def quickstart(out: str = "quickstart", budget: str = "small", compare: bool = False) -> Path:
     from . import api  # noqa: F401  (imports the training stack early: clearer errors)
+    from .data import read_jsonl
     from .models import builtin_model_dir, load_model, load_tokenizer, prune_model, save_pretrained_atomic
 
     if budget not in BUDGETS:
@@ -162,7 +163,7 @@ def quickstart(out: str = "quickstart", budget: str = "small", compare: bool = F
 
     common = dict(train_data=str(paths["train"]), valid_data=str(paths["valid"]), max_prompt_length=256,
                   max_length=256 + b["teacher_tokens"], seed=0, log_every=1)
-    steps_per_epoch = max(1, len([x for x in paths["train"].read_text().split("\n") if x.strip()]) // b["sft_batch"])
+    steps_per_epoch = max(1, len(read_jsonl(paths["train"])) // b["sft_batch"])
     init = _train(root / "runs" / "init-sft", method="sft", student=str(pruned), learning_rate=b["sft_lr"],
                   batch_size=b["sft_batch"], max_steps=b["sft_epochs"] * steps_per_epoch, lr_scheduler="cosine",
                   warmup_steps=min(10, steps_per_epoch), select_by="valid_loss", precision=b["sft_precision"],
@@ -223,7 +224,9 @@ def evaluate(root: Path, models: dict[str, Path], teacher_dir: Path, tokenizer, 
 
 def examples_for_report(root: Path, results: dict, names: list[str], k: int = 3) -> list[dict]:
     """A few test prompts with the teacher's reference answer and each model's first-seed answer."""
-    test = [json.loads(x) for x in (root / "data" / "test.jsonl").read_text().split("\n") if x.strip()]
+    from .data import read_jsonl
+
+    test = read_jsonl(root / "data" / "test.jsonl")
     picks = test[:: max(1, len(test) // k)][:k]
     return [{"instruction": p["instruction"], "input": p["input"], "teacher": p["output"],
              **{n: results[n]["responses"].get(p["id"], "") for n in names}} for p in picks]

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .data import read_jsonl  # noqa: E402
+
 CURVES = [("rollout/reward", "reward (per token, scaled)"),
           ("rollout/reverse_kl_per_token_mixed", "reverse KL per token (rollouts)"),
           ("rollout/mixed_length", "rollout length (tokens)"),
@@ -18,7 +20,7 @@ CURVES = [("rollout/reward", "reward (per token, scaled)"),
 
 
 def _records(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().split("\n") if x.strip()] if path.exists() else []
+    return read_jsonl(path) if path.exists() else []
 
 
 def plot_training_curves(metrics_file: Path, out_png: Path) -> Path | None:
@@ -128,7 +130,7 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
     plot_methods(rows, root / "methods.png")
     teacher_params = _count_params(builtin_model_dir("smollm2-135m-instruct"))
     student_params = _count_params(root / "student")
-    n = {s: len([x for x in (root / "data" / f"{s}.jsonl").read_text().split("\n") if x.strip()]) for s in ("train", "valid", "test")}
+    n = {s: len(read_jsonl(root / "data" / f"{s}.jsonl")) for s in ("train", "valid", "test")}
     init, after = rows[0], rows[1]
     d_rouge = after["rouge"] - init["rouge"]
     d_kl = (init["reverse_kl"] or 0) - (after["reverse_kl"] or 0)

@@ -10,6 +10,7 @@ Every other field (category, task, id-like metadata, a teacher's generated answe
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,15 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{line_no}: not valid JSON ({error.msg} at column {error.colno}); "
                                 "each line must be one JSON object") from error
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """The records of a JSONL file, blank lines skipped; a bad line raises DataError naming it.
+
+    Lines end at "\\n" only (file iteration), never inside a record: `str.splitlines()` would also split at
+    U+2028 / U+0085 / U+001C-1E, which sampled responses can hold and `json.dumps(ensure_ascii=False)` writes raw.
+    """
+    return [record for _, record in _read_jsonl(Path(path))]
 
 
 def _read_json_array(path: Path) -> Iterator[tuple[str, Any]]:

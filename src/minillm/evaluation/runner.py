@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from minillm.data import PromptDataset, collate_prompts, load_instructions
+from minillm.data import PromptDataset, collate_prompts, load_instructions, read_jsonl
 from minillm.errors import ConfigError, DataError
 from minillm.evaluation.metrics import distinct_n, exact_match, mean_and_std, rouge_l
 from minillm.evaluation.report import format_mean_std
@@ -75,9 +75,9 @@ def _read_complete(path: Path, ids: list[str]) -> list[dict] | None:
     """The records of a finished generation file, or None if it is missing or not for exactly `ids`."""
     if not path.is_file():
         return None
-    try:  # split on "\n" only: str.splitlines also splits inside responses holding U+2028, U+0085, ...
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-    except json.JSONDecodeError:
+    try:
+        records = read_jsonl(path)
+    except DataError:
         return None
     return records if [str(r.get("id")) for r in records] == ids else None
 

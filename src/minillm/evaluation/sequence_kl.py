@@ -14,18 +14,16 @@ own Rouge-L and are scored by every student with one teacher-forced forward pass
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
 from collections.abc import Sequence
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Union
 
 import torch
 
-from minillm.data import PromptDataset, collate_prompts
+from minillm.data import PromptDataset, collate_prompts, read_jsonl
 from minillm.errors import DataError
 from minillm.evaluation.metrics import mean_and_std, rouge_l
 from minillm.losses import chunked_token_terms
@@ -144,8 +142,8 @@ def _records(source: GenerationRecords, what: str) -> tuple[dict[str, dict], str
     if isinstance(source, (str, os.PathLike)):
         where = str(source)
         try:
-            rows = [json.loads(x) for x in Path(source).read_text(encoding="utf-8").split("\n") if x.strip()]
-        except (OSError, json.JSONDecodeError) as err:
+            rows = read_jsonl(source)
+        except (OSError, DataError) as err:
             raise DataError(f"{where}: cannot read the {what} generations ({err})") from None
     else:
         where, rows = f"<{what} records>", list(source)
