@@ -8,13 +8,13 @@ so there is no padding and no attention mask.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+from minillm.data.instructions import _read_jsonl as _read_jsonl_records
 from minillm.errors import DataError
 
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
@@ -29,22 +29,13 @@ def _read_txt(path: Path) -> list[str]:
 
 def _read_jsonl(path: Path) -> list[str]:
     documents = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno}); each line must be "
-                                'one JSON object like {"text": "..."}') from error
-            if not isinstance(record, dict) or "text" not in record:
-                raise DataError(f'{where}: missing field \'text\'; each line must be a JSON object like {{"text": "..."}}')
-            if not isinstance(record["text"], str):
-                raise DataError(f"{where}: field 'text' must be a string, got {type(record['text']).__name__}")
-            if record["text"].strip():
-                documents.append(record["text"])
+    for where, record in _read_jsonl_records(path, shape='one JSON object like {"text": "..."}'):
+        if not isinstance(record, dict) or "text" not in record:
+            raise DataError(f'{where}: missing field \'text\'; each line must be a JSON object like {{"text": "..."}}')
+        if not isinstance(record["text"], str):
+            raise DataError(f"{where}: field 'text' must be a string, got {type(record['text']).__name__}")
+        if record["text"].strip():
+            documents.append(record["text"])
     return documents
 
 

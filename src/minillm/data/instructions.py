@@ -74,8 +74,8 @@ def _to_example(record: Any, where: str, default_id: str, require_output: bool =
     return InstructionExample(instruction, input_text, list(outputs), str(example_id), extra)
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield ("file:line", parsed record), skipping blank lines; errors name the line."""
+def _read_jsonl(path: Path, shape: str = "one JSON object") -> Iterator[tuple[str, Any]]:
+    """Yield ("file:line", parsed record), skipping blank lines; errors name the line and the expected `shape`."""
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -84,7 +84,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"{path}:{line_no}", json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}:{line_no}: not valid JSON ({error.msg} at column {error.colno}); "
-                                "each line must be one JSON object") from error
+                                f"each line must be {shape}") from error
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Any]:
