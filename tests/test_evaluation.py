@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -293,6 +294,8 @@ def test_render_report_from_two_runs(eval_run, tmp_path, tok):
     md = (tmp_path / "report.md").read_text()
     mean = summary["results"]["tiny"]["dolly_eval500"]["rougeL"]["mean"]
     assert f"| tiny | {mean:.2f} ± " in md and "| other |" in md
+    # one seed has no spread: the cell says so instead of a measured-looking "± 0.00"
+    assert re.search(r"\| other \| \d+\.\d\d \(1 seed\) \|", md) and "± 0.00" not in md.split("| other |")[1]
     assert (tmp_path / "report.png").stat().st_size > 0
     with pytest.raises(DataError, match="results.json"):
         render_report([tmp_path / "missing"], tmp_path / "r.md", tmp_path / "r.png")

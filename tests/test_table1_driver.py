@@ -64,7 +64,11 @@ def test_smoke_run_and_resume(tmp_path):
     for name in METHODS:  # one seed: the paired mean difference is the difference of the set means
         diff = rows[name]["rougeL_dollyeval"]["mean"] - rows["student-init"]["rougeL_dollyeval"]["mean"]
         assert paired["vs_student_init"][name]["dollyeval"][0] == pytest.approx(diff, abs=1e-6)
-    assert (out / "results.md").read_text().count("\n| ") >= len(rows)
+    md = (out / "results.md").read_text()
+    assert md.count("\n| ") >= len(rows)
+    table = md.split("## Paired")[0]  # one seed has no spread: no "± 0.00" cells in the main table
+    cells = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert "(one seed: no spread yet)" in table and len(cells) == len(rows) and not any(" ± " in c for c in cells)
     assert (out / "exposure_bias.png").exists() and (out / "training_curves.png").exists()
     # finished training runs keep their models, not their resume checkpoints
     for run in ("teacher-sft", "init-sft", *METHODS):
@@ -105,6 +109,9 @@ def test_smoke_run_and_resume(tmp_path):
     assert {tuple(r["seeds"]) for per_set in rouge.values() for r in per_set.values()} == {(10, 20)}
     kl = json.loads((out / "stages" / "eval-kl-kd.json").read_text())["info"]
     assert kl["seeds"] == [10, 20] and kl["student"]["num_seeds"] == 2
+    table = (out / "results.md").read_text().split("## Paired")[0]
+    cells = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert "no spread yet" not in table and all(c.count(" ± ") >= 2 for c in cells)
 
 
 def test_changed_settings_are_refused(tmp_path):

@@ -475,16 +475,20 @@ def stage_results(root: Path, s: dict, stages: Stages, info: dict, command: str)
 
     tc = info["teacher_choice"]
     md = ["# Table 1, scaled down: results", "",
-          (f"Rouge-L (×100) mean ± std over seeds {s['seeds']}; sampling at temperature 1, top-k 0, top-p 1, "
+          (f"Rouge-L (×100) mean ± std over seeds {s['seeds']}"
+           f"{' (one seed: no spread yet)' if len(s['seeds']) == 1 else ''}; sampling at temperature 1, top-k 0, top-p 1, "
            f"≤ {s['max_new_tokens']} new tokens; MiniLLM prompt template."), "",
           ("| model | DollyEval Rouge-L | S-NI Rouge-L | reverse KL[q‖p] (seq) | forward KL[p‖q] (seq) | "
            "length (DollyEval) | ExAccErr(final) % |"),
           "|---|---|---|---|---|---|---|"]
+    def spread(sd):  # one seed has no spread: print the mean alone rather than a measured-looking "± 0.00"
+        return sd if len(s["seeds"]) > 1 else None
+
     for name, r in rows.items():
-        md.append(f"| {name} | {_fmt(r['rougeL_dollyeval']['mean'], r['rougeL_dollyeval']['std'])} | "
-                  f"{_fmt(r['rougeL_sni']['mean'], r['rougeL_sni']['std'])} | "
-                  f"{'0 (itself)' if name == 'teacher' else _fmt(r.get('reverse_kl'), r.get('reverse_kl_std'), 1)} | "
-                  f"{'0 (itself)' if name == 'teacher' else _fmt(r.get('forward_kl'), r.get('forward_kl_std'), 1)} | "
+        md.append(f"| {name} | {_fmt(r['rougeL_dollyeval']['mean'], spread(r['rougeL_dollyeval']['std']))} | "
+                  f"{_fmt(r['rougeL_sni']['mean'], spread(r['rougeL_sni']['std']))} | "
+                  f"{'0 (itself)' if name == 'teacher' else _fmt(r.get('reverse_kl'), spread(r.get('reverse_kl_std')), 1)} | "
+                  f"{'0 (itself)' if name == 'teacher' else _fmt(r.get('forward_kl'), spread(r.get('forward_kl_std')), 1)} | "
                   f"{_fmt(r['length_dollyeval']['mean'], None, 1)} | {_fmt(r.get('exacc_err_final'), None, 1)} |")
     md += ["", "## Paired Rouge-L differences", "",
            ("Per prompt, Rouge-L averaged over the seeds; mean difference ± standard error over the prompts "

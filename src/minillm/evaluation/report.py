@@ -28,7 +28,12 @@ def load_results(run_dir: str | Path) -> dict:
 
 
 def format_mean_std(stat: dict) -> str:
-    """A table cell "mean ± std" (two decimals, as the paper's tables)."""
+    """A table cell "mean ± std" (two decimals, as the paper's tables); "mean (1 seed)" when there is no spread.
+
+    A single seed has no standard deviation: "± 0.00" would read as a measured, zero spread.
+    """
+    if len(stat.get("per_seed", (0, 0))) == 1:
+        return f"{stat['mean']:.2f} (1 seed)"
     return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
 
 
