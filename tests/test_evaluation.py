@@ -373,7 +373,7 @@ def test_kl_from_generations_by_brute_force(tok, instruction_file, tmp_path):
     import statistics
 
     from minillm.data import PromptDataset
-    from minillm.evaluation.sequence_kl import kl_from_generations
+    from minillm.evaluation.sequence_kl import kl_from_generations, teacher_self_logprobs
 
     student = tiny_llama(tok, hidden_size=32, layers=1, seed=2)
     teacher = tiny_llama(tok, hidden_size=48, layers=2, seed=1)
@@ -420,6 +420,20 @@ def test_kl_from_generations_by_brute_force(tok, instruction_file, tmp_path):
                                                                  abs=1e-3)
     assert got["s"]["num_seeds"] == 2 and got["s"]["ids"] == [ds[i]["id"] for i in range(len(ds))]
     assert set(got["teacher"]) >= {"rougeL", "length"} and "reverse_kl" not in got["teacher"]
+
+    # the teacher's log p of its own samples, computed once and passed in, is what the call computes itself
+    self_logp = teacher_self_logprobs(teacher, tok, examples, files["t"], max_prompt_length=512, batch_size=2)
+    for seed in (3, 4):
+        t_rows = [json.loads(x) for x in files["t"][seed].read_text().splitlines()]
+        assert self_logp[seed] == pytest.approx(
+            {r["id"]: seq_logprob(teacher, prompts[r["id"]], r["response_ids"]) for r in t_rows}, abs=1e-3)
+    again = kl_from_generations(student, teacher, tok, examples, files["s"], files["t"], max_prompt_length=512,
+                                batch_size=3, name="s", teacher_logprobs=self_logp)
+    for key in ("reverse_kl", "forward_kl", "rougeL", "length"):
+        assert again["s"][key] == pytest.approx(got["s"][key], abs=1e-4), key
+    with pytest.raises(ValueError, match="no seed-4 entry"):
+        kl_from_generations(student, teacher, tok, examples, files["s"], files["t"], max_prompt_length=512,
+                            name="s", teacher_logprobs={3: self_logp[3]})
 
 
 def test_kl_from_generations_rejects_unusable_files(tok, instruction_file, tmp_path):

@@ -103,7 +103,7 @@ def test_smoke_run_and_resume(tmp_path):
                           text=True, timeout=600, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ran = sorted(line.split("INFO run ")[1].split()[0] for line in proc.stderr.splitlines() if "INFO run " in line)
-    assert ran == sorted(["eval-rouge", "results", *(f"eval-kl-{n}" for n in students)])
+    assert ran == sorted(["eval-rouge", "results", "eval-kl-teacher", *(f"eval-kl-{n}" for n in students)])
     assert "/seed20" in proc.stderr and "/seed10" not in proc.stderr  # seed 10's files are reused
     rouge = json.loads((out / "stages" / "eval-rouge.json").read_text())["info"]["results"]
     assert {tuple(r["seeds"]) for per_set in rouge.values() for r in per_set.values()} == {(10, 20)}

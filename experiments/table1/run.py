@@ -12,6 +12,7 @@ inside via resume=true save_every=N; evaluate_models resumes per (model, set, se
   init            SFT of the pruned student on the train split, selected by validation loss
   method-<m>      sft / kd / seqkd / minillm (/ rkl / onpolicy) from the init, same optimiser steps
   eval-rouge      every method + teacher + init on both test sets, seeds, Rouge-L (evaluate_models)
+  eval-kl-teacher the teacher's log p of its own DollyEval samples (shared by every eval-kl-<m>)
   eval-kl-<m>     sequence-level reverse / forward KL and length on eval-rouge's DollyEval samples
   eval-eb-<m>     ExAccErr curve against the teacher (measure_exposure_bias)
   results         OUT/results.json, OUT/results.md, OUT/exposure_bias.png, OUT/training_curves.png
@@ -105,6 +106,9 @@ class Stages:
         if marker.exists() and stale(json.loads(marker.read_text())["info"]):
             logger.info("redo %s: its models or seeds changed", name)
             marker.unlink()
+
+    def done(self, name: str) -> bool:
+        return (self.dir / f"{name}.json").exists()
 
     def run_training(self, name: str, run_dir: Path, fn):
         """`run` for a training stage; once its marker exists, the run's resume checkpoints are deleted.
@@ -310,12 +314,36 @@ def stage_eval_rouge(root: Path, s: dict, data: dict, models: dict[str, str]) ->
     return res
 
 
-def stage_eval_kl(root: Path, s: dict, data: dict, name: str, path: str, teacher: str) -> dict:
+def _kl_files(root: Path, s: dict, data: dict, name: str) -> dict[int, Path]:
+    set_name = Path(data["dollyeval"]).stem
+    return {seed: root / "eval" / "rouge" / name / set_name / f"seed{seed}.jsonl" for seed in s["seeds"]}
+
+
+def stage_eval_kl_teacher(root: Path, s: dict, data: dict, teacher: str) -> dict:
+    """The teacher's log p of its own DollyEval samples, per seed and prompt: the first term of every student's
+    forward KL, computed once instead of once per student (a third of eval-kl's forwards)."""
+    from minillm.data import load_instructions
+    from minillm.evaluation.sequence_kl import teacher_self_logprobs
+    from minillm.models import check_compatibility, load_model, load_tokenizer
+
+    tok = load_tokenizer(teacher)
+    teacher_model = load_model(teacher, dtype=s["eval_dtype"])
+    shared = check_compatibility(tok, tok, teacher_model, teacher_model)
+    logp = teacher_self_logprobs(teacher_model, tok, load_instructions(data["dollyeval"], limit=s["kl_prompts"]),
+                                 _kl_files(root, s, data, "teacher"), template=TEMPLATE,
+                                 max_prompt_length=s["max_prompt_length"], batch_size=s["eval_batch_size"],
+                                 shared_vocab_size=shared)
+    return {"seeds": sorted(logp), "shared_vocab_size": shared, "logprobs": logp}
+
+
+def stage_eval_kl(root: Path, s: dict, data: dict, name: str, path: str, teacher: str,
+                  teacher_self: dict | None = None) -> dict:
     """Sequence-level reverse / forward KL on the DollyEval samples of eval-rouge (same samples as Rouge-L).
 
     Scoring the stored samples (teacher-forced forwards) replaces drawing new ones: each seed's student file
     gives the reverse KL, the teacher's file of the same seed the forward KL. Models are loaded in the dtype
-    that sampled them (eval_dtype), so log q is the distribution the samples came from.
+    that sampled them (eval_dtype), so log q is the distribution the samples came from. `teacher_self`: the
+    eval-kl-teacher stage's result (used when it scored the same shared vocabulary).
     """
     from minillm.data import load_instructions
     from minillm.evaluation.sequence_kl import kl_from_generations
@@ -326,12 +354,13 @@ def stage_eval_kl(root: Path, s: dict, data: dict, name: str, path: str, teacher
     teacher_model = load_model(teacher, dtype=s["eval_dtype"])
     shared = check_compatibility(load_tokenizer(teacher), tok, teacher_model, student)
     examples = load_instructions(data["dollyeval"], limit=s["kl_prompts"])
-    gen = root / "eval" / "rouge"
-    set_name = Path(data["dollyeval"]).stem
-    files = {m: {seed: gen / m / set_name / f"seed{seed}.jsonl" for seed in s["seeds"]} for m in (name, "teacher")}
-    res = kl_from_generations(student, teacher_model, tok, examples, files[name], files["teacher"], template=TEMPLATE,
+    t_logp = None
+    if teacher_self and teacher_self["shared_vocab_size"] == shared:  # JSON keys are strings: back to int seeds
+        t_logp = {int(seed): v for seed, v in teacher_self["logprobs"].items()}
+    res = kl_from_generations(student, teacher_model, tok, examples, _kl_files(root, s, data, name),
+                              _kl_files(root, s, data, "teacher"), template=TEMPLATE,
                               max_prompt_length=s["max_prompt_length"], batch_size=s["eval_batch_size"],
-                              shared_vocab_size=shared, name=name)
+                              shared_vocab_size=shared, name=name, teacher_logprobs=t_logp)
     return {"student": res[name], "teacher": res["teacher"], "seeds": list(s["seeds"])}
 
 
@@ -628,9 +657,13 @@ def main(argv: list[str] | None = None) -> int:
                                           n == "teacher"))
     rouge = st.run("eval-rouge", lambda: stage_eval_rouge(root, s, data, {n: models[n] for n in order}))
     students = {k: v for k, v in models.items() if k != "teacher"}
-    for n in students:
+    for n in ("teacher", *students):
         st.drop_stale(f"eval-kl-{n}", lambda info: sorted(info.get("seeds", [])) != seeds)
-    kl = {n: st.run(f"eval-kl-{n}", lambda n=n, path=path: stage_eval_kl(root, s, data, n, path, teacher))
+    teacher_self = None  # the teacher's scores of its own samples: run when some student's KL stage is to run
+    if st.done("eval-kl-teacher") or not all(st.done(f"eval-kl-{n}") for n in students):
+        teacher_self = st.run("eval-kl-teacher", lambda: stage_eval_kl_teacher(root, s, data, teacher))
+    kl = {n: st.run(f"eval-kl-{n}", lambda n=n, path=path: stage_eval_kl(root, s, data, n, path, teacher,
+                                                                         teacher_self))
           for n, path in students.items()}
     eb = {n: st.run(f"eval-eb-{n}", lambda n=n, path=path: stage_eval_eb(s, data, n, path, teacher))
           for n, path in students.items()}

@@ -147,7 +147,7 @@ def _sequence_kl(cfg, models: dict[str, str], teacher_label: str, out: Path) -> 
     """Reverse / forward sequence KL of each model to the teacher from the generations just written."""
     from .data import load_instructions
     from .evaluation.runner import _check_names, _write_atomic
-    from .evaluation.sequence_kl import kl_from_generations
+    from .evaluation.sequence_kl import kl_from_generations, teacher_self_logprobs
     from .models import check_compatibility, load_model, load_tokenizer
 
     teacher = load_model(str(cfg.teacher), dtype=cfg.dtype)
@@ -156,6 +156,7 @@ def _sequence_kl(cfg, models: dict[str, str], teacher_label: str, out: Path) -> 
     sets = _check_names(models, [str(d) for d in cfg.data])
     results: dict[str, dict] = {}
     lines = ["| model | set | reverse KL | forward KL | reverse KL / token | length |", "|---|---|---|---|---|---|"]
+    self_logp: dict[tuple, dict] = {}  # (set, shared vocab) -> the teacher's log p of its own samples, per seed
     for label, path in models.items():
         if label == teacher_label:
             continue
@@ -164,10 +165,13 @@ def _sequence_kl(cfg, models: dict[str, str], teacher_label: str, out: Path) -> 
         shared = check_compatibility(teacher_tok, tok, teacher, student)
         for set_name, source in sets.items():
             files = {m: {s: out / m / set_name / f"seed{s}.jsonl" for s in seeds} for m in (label, teacher_label)}
-            r = kl_from_generations(student, teacher, tok, load_instructions(source, limit=cfg.limit or None),
-                                    files[label], files[teacher_label], template=cfg.template,
-                                    max_prompt_length=cfg.max_prompt_length, batch_size=cfg.batch_size,
-                                    shared_vocab_size=shared, name=label)[label]
+            examples = load_instructions(source, limit=cfg.limit or None)
+            kw = {"template": cfg.template, "max_prompt_length": cfg.max_prompt_length,
+                  "batch_size": cfg.batch_size, "shared_vocab_size": shared}
+            if (set_name, shared) not in self_logp:
+                self_logp[set_name, shared] = teacher_self_logprobs(teacher, tok, examples, files[teacher_label], **kw)
+            r = kl_from_generations(student, teacher, tok, examples, files[label], files[teacher_label], name=label,
+                                    teacher_logprobs=self_logp[set_name, shared], **kw)[label]
             keep = {k: v for k, v in r.items() if k not in ("responses", "ids", "per_prompt")}
             results.setdefault(label, {})[set_name] = keep
             lines.append(f"| {label} | {set_name} | " + " | ".join(

@@ -9,7 +9,8 @@ The work is shared: each student's samples are decoded with the teacher in locks
 for free) and also scored with Rouge-L; the teacher's samples, drawn once per seed, give the teacher's
 own Rouge-L and are scored by every student with one teacher-forced forward pass (`compare_to_teacher`).
 `kl_from_generations` computes the same numbers from samples already drawn and stored by
-`evaluate_models` (their token ids), with forward passes only.
+`evaluate_models` (their token ids), with forward passes only; the teacher's log-probabilities of its own
+samples do not depend on the student, so `teacher_self_logprobs` computes them once for all students.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from types import SimpleNamespace
 from typing import Union
 
 import torch
+from tqdm.auto import tqdm
 
 from minillm.data import PromptDataset, collate_prompts, read_jsonl
 from minillm.errors import DataError
@@ -181,11 +183,41 @@ def _as_rollout(items: list[dict], records: dict[str, dict], pad_token_id: int, 
     return rollout, [records[str(it["id"])] for it in items]
 
 
+def _batches(dataset, batch_size: int, desc: str):
+    """Lists of dataset items of at most `batch_size`, with a progress bar."""
+    starts = range(0, len(dataset), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", dynamic_ncols=True, leave=False):
+        yield [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+
+
+@torch.no_grad()
+def teacher_self_logprobs(teacher, tokenizer, examples, teacher_generations: dict[int, GenerationRecords], *,
+                          template: str = "minillm", max_prompt_length: int = 256, batch_size: int = 8,
+                          shared_vocab_size: int | None = None) -> dict[int, dict[str, float]]:
+    """seed -> {prompt id: sum_t log p(y_t | y_<t, x)} of the teacher's own stored samples (one forward each).
+
+    The first term of the forward KL; it does not depend on the student, so one call serves every student's
+    `kl_from_generations(..., teacher_logprobs=...)`. `shared_vocab_size` must be the one those calls use.
+    """
+    dataset = PromptDataset(examples, tokenizer, template=template, max_prompt_length=max_prompt_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: dict[int, dict[str, float]] = {}
+    for seed, source in teacher_generations.items():
+        records, where = _records(source, f"teacher seed {seed}")
+        scores = out[seed] = {}
+        for items in _batches(dataset, batch_size, f"teacher log p, seed {seed}"):
+            t, _ = _as_rollout(items, records, pad, where, shared_vocab_size)
+            logp = (_score(teacher, t, shared_vocab_size) * t.response_mask).sum(1)
+            scores.update((str(it["id"]), float(v)) for it, v in zip(items, logp.tolist()))
+    return out
+
+
 @torch.no_grad()
 def kl_from_generations(student, teacher, tokenizer, examples, student_generations: dict[int, GenerationRecords],
                         teacher_generations: dict[int, GenerationRecords], *, template: str = "minillm",
                         max_prompt_length: int = 256, batch_size: int = 8, shared_vocab_size: int | None = None,
-                        name: str = "student") -> dict[str, dict]:
+                        name: str = "student",
+                        teacher_logprobs: dict[int, dict[str, float]] | None = None) -> dict[str, dict]:
     """`compare_to_teacher`'s numbers from samples already drawn, e.g. by `evaluate_models`.
 
     `student_generations` / `teacher_generations` map seed -> that seed's generation records (an
@@ -196,6 +228,8 @@ def kl_from_generations(student, teacher, tokenizer, examples, student_generatio
     sum_t log p - log q on the teacher's. This replaces two generation passes per seed with scoring passes,
     and gives KL and Rouge-L on the same samples. Exact when the samples were drawn at temperature 1 with no
     truncation from the models passed here (same dtype); Rouge-L is recomputed from "response".
+    `teacher_logprobs`: `teacher_self_logprobs` of the same teacher files (saves one teacher forward per
+    batch when several students are scored); computed here when absent.
 
     Returns {name: ..., "teacher": ...} with the keys of `compare_to_teacher` ("length" counts the EOS).
     """
@@ -203,6 +237,10 @@ def kl_from_generations(student, teacher, tokenizer, examples, student_generatio
     if not seeds or sorted(seeds) != sorted(teacher_generations):
         raise ValueError(f"student and teacher generations need the same non-empty seeds; got {sorted(seeds)} "
                          f"and {sorted(teacher_generations)}")
+    if teacher_logprobs is None:
+        teacher_logprobs = teacher_self_logprobs(teacher, tokenizer, examples, teacher_generations,
+                                                 template=template, max_prompt_length=max_prompt_length,
+                                                 batch_size=batch_size, shared_vocab_size=shared_vocab_size)
     dataset = PromptDataset(examples, tokenizer, template=template, max_prompt_length=max_prompt_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     runs = []
@@ -210,14 +248,18 @@ def kl_from_generations(student, teacher, tokenizer, examples, student_generatio
     for seed in seeds:
         s_records, s_where = _records(student_generations[seed], f"{name} seed {seed}")
         t_records, t_where = _records(teacher_generations[seed], f"teacher seed {seed}")
+        t_self = teacher_logprobs.get(seed, {})
         acc: dict[str, dict[str, list[float]]] = {name: {}, "teacher": {}}
-        for start in range(0, len(dataset), batch_size):
-            items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        for items in _batches(dataset, batch_size, f"KL {name}, seed {seed}"):
+            missing = [it["id"] for it in items if str(it["id"]) not in t_self]
+            if missing:
+                raise ValueError(f"teacher_logprobs has no seed-{seed} entry for prompt id {missing[0]!r}; compute "
+                                 "it with teacher_self_logprobs on the same teacher files, examples and settings")
             refs = [it["references"] for it in items]
             t, t_rows = _as_rollout(items, t_records, pad, t_where, shared_vocab_size)
             s, s_rows = _as_rollout(items, s_records, pad, s_where, shared_vocab_size)
-            fkl = ((_score(teacher, t, shared_vocab_size) - _score(student, t, shared_vocab_size))
-                   * t.response_mask).sum(1)
+            t_logp = torch.tensor([t_self[str(it["id"])] for it in items])
+            fkl = t_logp - (_score(student, t, shared_vocab_size) * t.response_mask).sum(1)
             rkl = ((_score(student, s, shared_vocab_size) - _score(teacher, s, shared_vocab_size))
                    * s.response_mask).sum(1)
             t_texts, s_texts = [r.get("response", "") for r in t_rows], [r.get("response", "") for r in s_rows]
