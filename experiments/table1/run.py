@@ -42,6 +42,9 @@ TEMPLATE = "minillm"  # the paper's prompt template (issue 7: "prompts in the Mi
 MINILLM_VARIANTS = {
     "minillm": {},
     "minillm-seqret": {"advantage": "paper", "length_norm": False},
+    # the paper's Eq. 6/7 as written: R_{t+1} (current reward left to the single-step term), no discount,
+    # length-normalised; the released code's return (the `minillm` row) adds r_t and discounts by 0.95
+    "minillm-paper": {"advantage": "paper"},
     "minillm-nolen": {"length_norm": False},
     "minillm-nomix": {"teacher_mix_alpha": 0.0},
     "minillm-noss": {"single_step": False},
