@@ -139,3 +139,6 @@ def test_run_budget_counts_each_step_once(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert driver.run_budget(tmp_path) == {"train_tokens": 65, "step_seconds": 11.0}
     assert driver.run_budget(tmp_path / "missing") == {"train_tokens": 0, "step_seconds": 0.0}
+    # the training-curve plot draws the same records: each step once, in order
+    steps = driver._step_records(tmp_path / "metrics.jsonl")
+    assert list(steps) == [1, 2, 3] and steps[2]["tokens"] == 25

@@ -227,6 +227,13 @@ def train_stage(out_dir: Path, **kw) -> dict:
             "train_seconds_this_sitting": time.perf_counter() - t0}
 
 
+def _step_records(path: Path) -> dict[int, dict]:
+    """The optimiser-step records of a metrics.jsonl, by step in step order: the last record of each step
+    (a run resumed from a checkpoint logs the steps after it again)."""
+    last = {r["step"]: r for r in (_read_jsonl(path) if path.exists() else []) if "loss" in r and "step" in r}
+    return dict(sorted(last.items()))
+
+
 def run_budget(out_dir: Path) -> dict:
     """Training tokens and summed step time of a run, one record per optimiser step.
 
@@ -234,8 +241,7 @@ def run_budget(out_dir: Path) -> dict:
     step is the one that counts. `step_seconds` covers the optimiser steps (rollouts included), not the
     validations; it is the training compute even when the run took several sittings.
     """
-    path = out_dir / "metrics.jsonl"
-    last = {r["step"]: r for r in (_read_jsonl(path) if path.exists() else []) if "loss" in r and "step" in r}
+    last = _step_records(out_dir / "metrics.jsonl")
     return {"train_tokens": int(sum(r.get("tokens", 0) for r in last.values())),
             "step_seconds": round(sum(r.get("step_seconds", 0.0) for r in last.values()), 1)}
 
@@ -408,12 +414,9 @@ def _plot_curves(root: Path, eb: dict[str, dict], runs: dict[str, Path]) -> dict
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for name, run in runs.items():
-        f = run / "metrics.jsonl"
-        if not f.exists():
-            continue
-        rows = [r for r in _read_jsonl(f) if "loss" in r and "step" in r]
+        rows = _step_records(run / "metrics.jsonl")  # a resumed run's repeated steps drawn once
         if rows:
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
+            ax.plot(list(rows), [r["loss"] for r in rows.values()], label=name)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("training loss")
     ax.set_title("Training curves")
