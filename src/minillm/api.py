@@ -174,12 +174,13 @@ def _sequence_kl(cfg, models: dict[str, str], teacher_label: str, out: Path) -> 
                                     teacher_logprobs=self_logp[set_name, shared], **kw)[label]
             keep = {k: v for k, v in r.items() if k not in ("responses", "ids", "per_prompt")}
             results.setdefault(label, {})[set_name] = keep
-            lines.append(f"| {label} | {set_name} | " + " | ".join(
-                f"{keep[k]:.2f} ± {keep[k + '_std']:.2f}"
+            lines.append(f"| {label} | {set_name} | " + " | ".join(  # one seed: no spread to show
+                f"{keep[k]:.2f}" + (f" ± {keep[k + '_std']:.2f}" if len(seeds) > 1 else "")
                 for k in ("reverse_kl", "forward_kl", "reverse_kl_per_token", "length")) + " |")
     summary = {"teacher": str(cfg.teacher), "seeds": seeds, "results": results}
     _write_atomic(out / "sequence_kl.json", json.dumps(summary, indent=1))
-    _write_atomic(out / "sequence_kl.md", "Sequence-level KL to the teacher (mean ± std over seeds; "
+    spread = "mean ± std over seeds" if len(seeds) > 1 else "one seed: no spread"
+    _write_atomic(out / "sequence_kl.md", f"Sequence-level KL to the teacher ({spread}; "
                   f"teacher {cfg.teacher}, samples at temperature 1)\n\n" + "\n".join(lines) + "\n")
 
 
