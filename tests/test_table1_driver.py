@@ -113,6 +113,18 @@ def test_smoke_run_and_resume(tmp_path):
     cells = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model")]
     assert "no spread yet" not in table and all(c.count(" ± ") >= 2 for c in cells)
 
+    # a third seed for Rouge-L only (--kl-seeds keeps the KL on seeds 10 and 20): no KL stage runs again
+    proc = subprocess.run([sys.executable, str(DRIVER), "--out", str(out), "--smoke", "--allow-changed-settings",
+                           "--seeds", "10", "20", "30", "--kl-seeds", "10", "20", "--methods", *METHODS,
+                           "minillm-nomix"], capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ran = sorted(line.split("INFO run ")[1].split()[0] for line in proc.stderr.splitlines() if "INFO run " in line)
+    assert ran == ["eval-rouge", "results"]
+    result = json.loads((out / "results.json").read_text())
+    assert result["settings"]["kl_seeds"] == [10, 20] and result["settings"]["seeds"] == [10, 20, 30]
+    assert json.loads((out / "stages" / "eval-kl-kd.json").read_text())["info"]["seeds"] == [10, 20]
+    assert "on the samples of seed(s) [10, 20], mean ± std" in (out / "results.md").read_text()
+
 
 def test_changed_settings_are_refused(tmp_path):
     out = tmp_path / "t1"
@@ -122,6 +134,13 @@ def test_changed_settings_are_refused(tmp_path):
                           text=True, timeout=120, cwd=ROOT, check=False)
     assert proc.returncode != 0
     assert "different settings" in proc.stderr
+
+
+def test_kl_seeds_must_be_evaluation_seeds(tmp_path):
+    proc = subprocess.run([sys.executable, str(DRIVER), "--out", str(tmp_path / "t1"), "--smoke", "--seeds", "10",
+                           "--kl-seeds", "20"], capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    assert proc.returncode != 0 and "--kl-seeds 20" in proc.stderr and "--seeds (10)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "t1").exists()
 
 
 def test_run_budget_counts_each_step_once(tmp_path):

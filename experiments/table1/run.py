@@ -14,6 +14,7 @@ inside via resume=true save_every=N; evaluate_models resumes per (model, set, se
   eval-rouge      every method + teacher + init on both test sets, seeds, Rouge-L (evaluate_models)
   eval-kl-teacher the teacher's log p of its own DollyEval samples (shared by every eval-kl-<m>)
   eval-kl-<m>     sequence-level reverse / forward KL and length on eval-rouge's DollyEval samples
+                  (of the --kl-seeds seeds; default all)
   eval-eb-<m>     ExAccErr curve against the teacher (measure_exposure_bias)
   results         OUT/results.json, OUT/results.md, OUT/exposure_bias.png, OUT/training_curves.png
 
@@ -139,6 +140,7 @@ def settings_from_args(args) -> dict:
         n_train=900, n_valid=100, n_dolly_test=500, n_sni_test=500, split_seed=0,
         layers=args.layers, prune_strategy=args.prune_strategy, steps=args.steps,
         seeds=list(args.seeds or [10, 20, 30]),
+        kl_seeds=list(args.kl_seeds or args.seeds or [10, 20, 30]),
         max_new_tokens=args.max_new_tokens,
         train_max_new_tokens=args.train_max_new_tokens or args.max_new_tokens,
         max_prompt_length=256, batch_size=8, eval_batch_size=args.eval_batch_size,
@@ -155,13 +157,17 @@ def settings_from_args(args) -> dict:
     )
     if args.smoke:
         s.update(n_train=16, n_valid=8, n_dolly_test=8, n_sni_test=8, layers=2, steps=2,
-                 seeds=list(args.seeds or [10]), teacher_select_seeds=list(args.seeds or [10])[:1],
+                 seeds=list(args.seeds or [10]), kl_seeds=list(args.kl_seeds or args.seeds or [10]),
+                 teacher_select_seeds=list(args.seeds or [10])[:1],
                  max_new_tokens=8, train_max_new_tokens=8, batch_size=4,
                  eval_batch_size=8, teacher_sft_steps=2, init_steps=2, minillm_rounds=2, ppo_epochs=1,
                  pt_seq_len=16, save_every=1, kl_prompts=8, eb_prompts=4, eb_samples=1,
                  teacher_dtype="float32", max_input_chars=120, max_prompt_length=512)
         # the tiny BPE of minillm.testing needs ~4x more tokens per character than SmolLM2's
     s["max_length"] = s["max_prompt_length"] + s["train_max_new_tokens"]
+    if not set(s["kl_seeds"]) <= set(s["seeds"]):
+        raise SystemExit(f"--kl-seeds {' '.join(map(str, s['kl_seeds']))}: the KL is scored on eval-rouge's samples, "
+                         f"so every KL seed must be one of --seeds ({' '.join(map(str, s['seeds']))})")
     # MiniLLM: one round = num_rollouts prompts, ppo_epochs passes of num_rollouts / batch_size steps.
     # The rollouts per round are chosen so that `minillm_rounds` rounds use exactly `steps` optimiser steps.
     steps_per_round = max(1, s["steps"] // s["minillm_rounds"])
@@ -325,7 +331,7 @@ def stage_eval_rouge(root: Path, s: dict, data: dict, models: dict[str, str]) ->
 
 def _kl_files(root: Path, s: dict, data: dict, name: str) -> dict[int, Path]:
     set_name = Path(data["dollyeval"]).stem
-    return {seed: root / "eval" / "rouge" / name / set_name / f"seed{seed}.jsonl" for seed in s["seeds"]}
+    return {seed: root / "eval" / "rouge" / name / set_name / f"seed{seed}.jsonl" for seed in s["kl_seeds"]}
 
 
 def stage_eval_kl_teacher(root: Path, s: dict, data: dict, teacher: str) -> dict:
@@ -370,7 +376,7 @@ def stage_eval_kl(root: Path, s: dict, data: dict, name: str, path: str, teacher
                               _kl_files(root, s, data, "teacher"), template=TEMPLATE,
                               max_prompt_length=s["max_prompt_length"], batch_size=s["eval_batch_size"],
                               shared_vocab_size=shared, name=name, teacher_logprobs=t_logp)
-    return {"student": res[name], "teacher": res["teacher"], "seeds": list(s["seeds"])}
+    return {"student": res[name], "teacher": res["teacher"], "seeds": list(s["kl_seeds"])}
 
 
 def stage_eval_eb(s: dict, data: dict, name: str, path: str, teacher: str) -> dict:
@@ -512,18 +518,20 @@ def stage_results(root: Path, s: dict, stages: Stages, info: dict, command: str)
     md = ["# Table 1, scaled down: results", "",
           (f"Rouge-L (×100) mean ± std over seeds {s['seeds']}"
            f"{' (one seed: no spread yet)' if len(s['seeds']) == 1 else ''}; sampling at temperature 1, top-k 0, top-p 1, "
-           f"≤ {s['max_new_tokens']} new tokens; MiniLLM prompt template."), "",
+           f"≤ {s['max_new_tokens']} new tokens; MiniLLM prompt template. Sequence-level KL (nats per answer, "
+           f"DollyEval) on the samples of seed(s) {s['kl_seeds']}"
+           f"{', mean ± std over those seeds' if len(s['kl_seeds']) > 1 else ''}."), "",
           ("| model | DollyEval Rouge-L | S-NI Rouge-L | reverse KL[q‖p] (seq) | forward KL[p‖q] (seq) | "
            "length (DollyEval) | ExAccErr(final) % |"),
           "|---|---|---|---|---|---|---|"]
-    def spread(sd):  # one seed has no spread: print the mean alone rather than a measured-looking "± 0.00"
-        return sd if len(s["seeds"]) > 1 else None
+    def spread(sd, seeds=s["seeds"]):  # one seed has no spread: the mean alone, not a measured-looking "± 0.00"
+        return sd if len(seeds) > 1 else None
 
     for name, r in rows.items():
         md.append(f"| {name} | {_fmt(r['rougeL_dollyeval']['mean'], spread(r['rougeL_dollyeval']['std']))} | "
                   f"{_fmt(r['rougeL_sni']['mean'], spread(r['rougeL_sni']['std']))} | "
-                  f"{'0 (itself)' if name == 'teacher' else _fmt(r.get('reverse_kl'), spread(r.get('reverse_kl_std')), 1)} | "
-                  f"{'0 (itself)' if name == 'teacher' else _fmt(r.get('forward_kl'), spread(r.get('forward_kl_std')), 1)} | "
+                  f"{'0 (itself)' if name == 'teacher' else _fmt(r.get('reverse_kl'), spread(r.get('reverse_kl_std'), s['kl_seeds']), 1)} | "
+                  f"{'0 (itself)' if name == 'teacher' else _fmt(r.get('forward_kl'), spread(r.get('forward_kl_std'), s['kl_seeds']), 1)} | "
                   f"{_fmt(r['length_dollyeval']['mean'], None, 1)} | {_fmt(r.get('exacc_err_final'), None, 1)} |")
     md += ["", "## Paired Rouge-L differences", "",
            ("Per prompt, Rouge-L averaged over the seeds; mean difference ± standard error over the prompts "
@@ -580,6 +588,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="evaluation seeds (default 10 20 30; --smoke: 10). A finished run can be given more "
                         "seeds later: only the new generations, the KL scoring and the results run")
+    p.add_argument("--kl-seeds", type=int, nargs="+", default=None,
+                   help="the seeds (of --seeds) whose DollyEval samples are scored for sequence-level KL (default: "
+                        "all). Scoring costs about as much as generating; one seed's ~500 prompts already give "
+                        "the KL's standard error over prompts")
     p.add_argument("--max-new-tokens", type=int, default=256, help="evaluation generation cap (paper: 256)")
     p.add_argument("--train-max-new-tokens", type=int, default=0,
                    help="rollout / seqkd / validation generation cap (0 = --max-new-tokens)")
@@ -620,8 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(shlex.quote(a) for a in [sys.executable, str(Path(__file__)), *(argv or sys.argv[1:])])
 
     root = Path(args.out).resolve()
+    s = settings_from_args(args)  # checks the options before anything is written
     root.mkdir(parents=True, exist_ok=True)
-    s = settings_from_args(args)
     settings_file = root / "settings.json"
     if settings_file.exists():
         old = json.loads(settings_file.read_text())
@@ -663,8 +675,9 @@ def main(argv: list[str] | None = None) -> int:
                                           n == "teacher"))
     rouge = st.run("eval-rouge", lambda: stage_eval_rouge(root, s, data, {n: models[n] for n in order}))
     students = {k: v for k, v in models.items() if k != "teacher"}
+    kl_seeds = sorted(s["kl_seeds"])
     for n in ("teacher", *students):
-        st.drop_stale(f"eval-kl-{n}", lambda info: sorted(info.get("seeds", [])) != seeds)
+        st.drop_stale(f"eval-kl-{n}", lambda info: sorted(info.get("seeds", [])) != kl_seeds)
     teacher_self = None  # the teacher's scores of its own samples: run when some student's KL stage is to run
     if st.done("eval-kl-teacher") or not all(st.done(f"eval-kl-{n}") for n in students):
         teacher_self = st.run("eval-kl-teacher", lambda: stage_eval_kl_teacher(root, s, data, teacher))
