@@ -24,7 +24,14 @@ from minillm.evaluation.exposure_bias import (
     plot_exposure_bias,
     prefix_forward_kl,
 )
-from minillm.evaluation.metrics import distinct_n, exact_match, mean_and_std, normalize_answer, rouge_l
+from minillm.evaluation.metrics import (
+    distinct_n,
+    exact_match,
+    mean_and_std,
+    normalize_answer,
+    rouge_l,
+    rouge_l_scores,
+)
 from minillm.evaluation.report import render_report
 from minillm.sampling import SamplingConfig, generate_rollouts
 from minillm.testing import tiny_llama, tiny_tokenizer
@@ -65,6 +72,17 @@ def test_rouge_l_matches_rouge_score_including_multi_reference_sni():
     # max over references, not the first one: the truncated second reference scores best against itself
     assert rouge_l(cases[-1][0], multi.outputs) > rouge_l(cases[-1][0], multi.outputs[:1])
     assert rouge_l("the cat", "the cat") == 100.0
+
+
+def test_rouge_l_precision_recall_by_hand():
+    # LCS of "the cat sat on the mat today" and "the cat sat on the mat" is 6 words: P = 6/7, R = 1
+    p, r, f = rouge_l_scores("the cat sat on the mat today", "the cat sat on the mat")
+    assert (p, r) == (pytest.approx(600 / 7), pytest.approx(100.0)) and f == pytest.approx(100 * 12 / 13)
+    # P and R come from the reference with the best F, as rouge_l picks it (here the short second one)
+    refs = ["the cat sat on the mat today and every day after that", "the cat sat"]
+    p, r, f = rouge_l_scores("the cat sat down", refs)
+    assert f == pytest.approx(rouge_l("the cat sat down", refs)) and (p, r) == (pytest.approx(75.0), pytest.approx(100.0))
+    assert rouge_l_scores("", "x") == (0.0, 0.0, 0.0)
 
 
 def test_exact_match_squad_normalisation():

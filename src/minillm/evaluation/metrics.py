@@ -36,6 +36,18 @@ def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
     return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in _as_references(references))
 
 
+def rouge_l_scores(prediction: str, references: str | Sequence[str]) -> tuple[float, float, float]:
+    """(precision, recall, F) ×100 of Rouge-L against the reference with the best F (the one `rouge_l` scores).
+
+    Precision and recall separate an answer that misses the reference's content (low recall) from one that
+    has it but says much more (low precision), which F alone cannot.
+    """
+    scorer = _rouge_l_scorer()
+    best = max((scorer.score(ref, prediction)["rougeL"] for ref in _as_references(references)),
+               key=lambda s: s.fmeasure)
+    return 100.0 * best.precision, 100.0 * best.recall, 100.0 * best.fmeasure
+
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
 
