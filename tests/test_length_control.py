@@ -80,3 +80,6 @@ def test_length_control_errors_name_the_missing_files(tmp_path):
     bad.write_text('{"id": "a", "response": "x"}\n')
     with pytest.raises(SystemExit, match=r"seed10\.jsonl:1: not a generation record"):
         lc.length_control(tmp_path, "sft", seeds=[10])
+    bad.write_text('{"id": "a", "response": "x", "references": ["x"]}\n{not json\n')
+    with pytest.raises(SystemExit, match=r"seed10\.jsonl:2: not valid JSON"):
+        lc.length_control(tmp_path, "sft", seeds=[10])

@@ -34,16 +34,19 @@ def truncate_words(text: str, n: int) -> str:
 
 
 def _load(path: Path) -> dict[str, dict]:
+    """Prompt id -> {response, references} of a generation file (the package's JSONL reader: errors name the line)."""
+    from minillm.data.instructions import _read_jsonl
+    from minillm.errors import DataError
+
     out = {}
-    with path.open() as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    try:
+        for where, rec in _read_jsonl(path, shape="a generation record of minillm evaluate"):
             try:
-                rec = json.loads(line)
                 out[str(rec["id"])] = {"response": rec["response"], "references": rec["references"]}
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise SystemExit(f"{path}:{i}: not a generation record of minillm evaluate ({e})") from None
+            except (KeyError, TypeError) as e:
+                raise SystemExit(f"{where}: not a generation record of minillm evaluate (missing {e})") from None
+    except DataError as e:
+        raise SystemExit(str(e)) from None
     return out
 
 
@@ -66,6 +69,8 @@ def length_control(root: Path, reference: str, models: list[str] | None = None, 
         if not use:
             raise SystemExit(f"{ref_dir}: no generation file for seeds {seeds or 'any'}")
         ref = {s: _load(ref_dir / f"seed{s}.jsonl") for s in use}
+        # the reference model's own Rouge-L per (seed, prompt): scored once, shared by every model's paired difference
+        ref_score = {s: {k: rouge_l(x["response"], x["references"]) for k, x in ref[s].items()} for s in use}
         for model in models:
             files = {s: base / model / set_name / f"seed{s}.jsonl" for s in use}
             missing = [str(f) for f in files.values() if not f.exists()]
@@ -76,7 +81,7 @@ def length_control(root: Path, reference: str, models: list[str] | None = None, 
             words: list[int] = []
             prec: list[float] = []
             rec: list[float] = []
-            f1, matched, ref_f1 = dict.fromkeys(ids, 0.0), dict.fromkeys(ids, 0.0), dict.fromkeys(ids, 0.0)
+            f1, matched = dict.fromkeys(ids, 0.0), dict.fromkeys(ids, 0.0)
             for s in use:
                 for k in ids:
                     r, refs = per_seed[s][k]["response"], per_seed[s][k]["references"]
@@ -85,15 +90,14 @@ def length_control(root: Path, reference: str, models: list[str] | None = None, 
                     prec.append(p_)
                     rec.append(r_)
                     f1[k] += f_ / len(use)
-                    ref_answer = ref[s][k]["response"]
-                    matched[k] += rouge_l(truncate_words(r, len(ref_answer.split())), refs) / len(use)
-                    ref_f1[k] += rouge_l(ref_answer, refs) / len(use)
+                    matched[k] += rouge_l(truncate_words(r, len(ref[s][k]["response"].split())), refs) / len(use)
             mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
             entry = {"n": len(ids), "seeds": use, "words": mean(words), "rougeL": mean(list(f1.values())),
                      "precision": mean(prec), "recall": mean(rec),
                      "rougeL_at_ref_length": mean(list(matched.values()))}
             if model != reference:
-                entry["paired_vs_ref"] = list(paired_difference([matched[k] for k in ids], [ref_f1[k] for k in ids]))
+                ref_f1 = [sum(ref_score[s][k] for s in use) / len(use) for k in ids]
+                entry["paired_vs_ref"] = list(paired_difference([matched[k] for k in ids], ref_f1))
             result.setdefault(model, {})[set_name] = entry
     return result
 

@@ -140,7 +140,6 @@ def settings_from_args(args) -> dict:
         n_train=900, n_valid=100, n_dolly_test=500, n_sni_test=500, split_seed=0,
         layers=args.layers, prune_strategy=args.prune_strategy, steps=args.steps,
         seeds=list(args.seeds or [10, 20, 30]),
-        kl_seeds=list(args.kl_seeds or args.seeds or [10, 20, 30]),
         max_new_tokens=args.max_new_tokens,
         train_max_new_tokens=args.train_max_new_tokens or args.max_new_tokens,
         max_prompt_length=256, batch_size=8, eval_batch_size=args.eval_batch_size,
@@ -157,14 +156,14 @@ def settings_from_args(args) -> dict:
     )
     if args.smoke:
         s.update(n_train=16, n_valid=8, n_dolly_test=8, n_sni_test=8, layers=2, steps=2,
-                 seeds=list(args.seeds or [10]), kl_seeds=list(args.kl_seeds or args.seeds or [10]),
-                 teacher_select_seeds=list(args.seeds or [10])[:1],
+                 seeds=list(args.seeds or [10]), teacher_select_seeds=list(args.seeds or [10])[:1],
                  max_new_tokens=8, train_max_new_tokens=8, batch_size=4,
                  eval_batch_size=8, teacher_sft_steps=2, init_steps=2, minillm_rounds=2, ppo_epochs=1,
                  pt_seq_len=16, save_every=1, kl_prompts=8, eb_prompts=4, eb_samples=1,
                  teacher_dtype="float32", max_input_chars=120, max_prompt_length=512)
         # the tiny BPE of minillm.testing needs ~4x more tokens per character than SmolLM2's
     s["max_length"] = s["max_prompt_length"] + s["train_max_new_tokens"]
+    s["kl_seeds"] = list(args.kl_seeds or s["seeds"])
     if not set(s["kl_seeds"]) <= set(s["seeds"]):
         raise SystemExit(f"--kl-seeds {' '.join(map(str, s['kl_seeds']))}: the KL is scored on eval-rouge's samples, "
                          f"so every KL seed must be one of --seeds ({' '.join(map(str, s['seeds']))})")
