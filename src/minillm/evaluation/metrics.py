@@ -32,8 +32,7 @@ def _as_references(references: str | Sequence[str]) -> list[str]:
 
 def rouge_l(prediction: str, references: str | Sequence[str]) -> float:
     """Rouge-L F-measure (×100) of `prediction`, best over `references` (S-NI items have several)."""
-    scorer = _rouge_l_scorer()
-    return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in _as_references(references))
+    return rouge_l_scores(prediction, references)[2]
 
 
 def rouge_l_scores(prediction: str, references: str | Sequence[str]) -> tuple[float, float, float]:
