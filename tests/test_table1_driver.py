@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "experiments" / "table1" / "run.py"
+PROBE = ROOT / "experiments" / "table1" / "probe.py"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 pytestmark = pytest.mark.skipif(not (DATA / "dolly_dev1000.jsonl").exists(),
@@ -125,6 +126,24 @@ def test_smoke_run_and_resume(tmp_path):
     assert json.loads((out / "stages" / "eval-kl-kd.json").read_text())["info"]["seeds"] == [10, 20]
     assert "on the samples of seed(s) [10, 20], mean ± std" in (out / "results.md").read_text()
 
+    # probe.py: the first step of the minillm row again, from the same init; it repeats the row exactly up to
+    # the row's first validation (constant lr, same seed), so its one validation equals the row's at step 1
+    probe_out = tmp_path / "probe"
+    cmd = [sys.executable, str(PROBE), "--out", str(out), "--method", "minillm", "--steps", "1",
+           "--probe-out", str(probe_out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    probe = json.loads((probe_out / "probe.json").read_text())
+    row = probe["run_rows"]["minillm"]["valid"]
+    assert probe["valid"] == row and set(row) >= {"valid_rougeL", "valid_length", "valid_reverse_kl"}
+    assert probe["train"]["steps"] == 1 and len(probe["rollout_lengths"]) == 1
+    assert probe["rollout_lengths"] == probe["run_rows"]["minillm"]["rollout_lengths"]
+    assert "| probe: minillm |" in proc.stdout and "| minillm |" in proc.stdout
+    assert not (probe_out / "runs" / "minillm" / "checkpoints").exists()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert proc.returncode == 0 and "skip method-minillm" in proc.stderr  # a finished probe is not retrained
+    assert json.loads((probe_out / "probe.json").read_text())["valid"] == row
+
 
 def test_changed_settings_are_refused(tmp_path):
     out = tmp_path / "t1"
@@ -161,3 +180,19 @@ def test_run_budget_counts_each_step_once(tmp_path):
     # the training-curve plot draws the same records: each step once, in order
     steps = driver._step_records(tmp_path / "metrics.jsonl")
     assert list(steps) == [1, 2, 3] and steps[2]["tokens"] == 25
+
+
+def test_probe_refuses_what_it_cannot_repeat(tmp_path):
+    def probe(*args):
+        return subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True, timeout=120,
+                              cwd=ROOT, check=False)
+
+    proc = probe("--out", str(tmp_path), "--method", "minillm-nomix", "--steps", "4")
+    assert proc.returncode != 0 and "settings.json is missing" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "settings.json").write_text(json.dumps({"smoke": True}))
+    proc = probe("--out", str(tmp_path), "--method", "kd", "--steps", "4")  # cosine lr: not repeatable
+    assert proc.returncode != 0 and "constant-lr MiniLLM row" in proc.stderr and "minillm-nomix" in proc.stderr
+    proc = probe("--out", str(tmp_path), "--method", "minillm", "--steps", "0")
+    assert proc.returncode != 0 and "--steps 0" in proc.stderr
+    proc = probe("--out", str(tmp_path), "--method", "minillm", "--steps", "4")
+    assert proc.returncode != 0 and "stages/data.json is missing" in proc.stderr and "Traceback" not in proc.stderr
