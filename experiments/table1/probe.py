@@ -92,8 +92,9 @@ def format_table(result: dict) -> str:
     def line(name: str, v: dict | None, lengths: list[float]) -> str:
         if v is None:
             return f"| {name} | – | – | – | – |"
+        kl = v.get("valid_reverse_kl")  # not measured by the rows without a teacher (sft)
         return (f"| {name} | {v['valid_rougeL']:.2f} | {v['valid_length']:.0f} | "
-                f"{v.get('valid_reverse_kl', float('nan')):.1f} | "
+                f"{'–' if kl is None else f'{kl:.1f}'} | "
                 f"{' / '.join(f'{x:.0f}' for x in lengths) or '–'} |")
 
     rows = [f"Validation at step {result['steps']} ({result['run']}):", "",
