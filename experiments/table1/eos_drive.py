@@ -171,6 +171,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from minillm.data import PromptDataset, load_instructions
+    from minillm.evaluation.runner import _write_atomic
     from minillm.models import check_compatibility, load_model, load_tokenizer
 
     root = Path(args.out)
@@ -192,10 +193,7 @@ def main(argv=None) -> int:
                     clip_eps=settings["clip_eps"], shared_vocab_size=shared)
     res.update(student=student_path, teacher=teacher_path, seconds=time.perf_counter() - t0, seed=args.seed)
     dest = root / "diagnostics" / f"eos_drive{'-' + args.tag if args.tag else ''}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(dest)
+    _write_atomic(dest, json.dumps(res, indent=1))
 
     print(f"student {student_path}; {res['rollouts']} rollouts, {res['tokens']} tokens, mean length "
           f"{res['mean_length']:.1f}, capped {res['capped']}, mean reward {res['reward_mean']:.3f}")

@@ -129,14 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds (default: every seed the reference model has files for)")
     args = p.parse_args(argv)
+    from minillm.evaluation.runner import _write_atomic
+
     root = Path(args.out).resolve()
     result = length_control(root, args.reference, args.models, args.seeds)
     md = to_markdown(result, args.reference)
     out = root / "diagnostics" / f"length_control-{args.reference}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    _write_atomic(out, json.dumps(result, indent=1))
     print(md)
     print(f"written: {out}")
     return 0

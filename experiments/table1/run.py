@@ -64,10 +64,9 @@ logger = logging.getLogger("table1")
 # --------------------------------------------------------------------------------------------- utils
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from minillm.evaluation.runner import _write_atomic as write_atomic  # the package's (fsynced) writer
+
+    write_atomic(path, text)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
