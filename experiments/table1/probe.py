@@ -44,16 +44,17 @@ def _records(metrics: Path) -> list[dict]:
     return table1._read_jsonl(metrics) if metrics.exists() else []
 
 
-def validation_at(metrics: Path, step: int) -> dict | None:
-    """The validation record of `step` in a run's metrics.jsonl (the last one, if a resumed run logged it twice)."""
-    found = [r for r in _records(metrics) if r.get("step") == step and "valid_rougeL" in r]
+def validation_at(records: list[dict], step: int) -> dict | None:
+    """The validation record of `step` among a run's metrics records (the last one, if a resumed run logged it
+    twice)."""
+    found = [r for r in records if r.get("step") == step and "valid_rougeL" in r]
     return {k: found[-1][k] for k in VALID_KEYS if k in found[-1]} if found else None
 
 
-def rollout_lengths(metrics: Path, max_step: int) -> list[float]:
+def rollout_lengths(records: list[dict], max_step: int) -> list[float]:
     """Mean (teacher-mixed) rollout length of each round that started before `max_step`."""
     rounds = {}
-    for r in _records(metrics):
+    for r in records:
         if "rollout/round" in r and r.get("step", 0) < max_step:
             rounds[int(r["rollout/round"])] = r["rollout/mixed_length"]
     return [rounds[k] for k in sorted(rounds)]
@@ -75,15 +76,17 @@ def probe(root: Path, method: str, steps: int, out: Path) -> dict:
     # resume checkpoints are deleted once it is done
     info = table1.Stages(out).run_training(f"method-{method}", out / "runs" / method, lambda: table1.stage_method(
         out, s, data, method, init["model"], teacher["path"]))
-    metrics = out / "runs" / method / "metrics.jsonl"
+    records = _records(out / "runs" / method / "metrics.jsonl")
     result = {"method": method, "steps": steps, "run": str(root), "train": info,
-              "valid": validation_at(metrics, steps), "rollout_lengths": rollout_lengths(metrics, steps),
+              "valid": validation_at(records, steps), "rollout_lengths": rollout_lengths(records, steps),
               "run_rows": {}}
     for row in sorted(p.name for p in (root / "runs").iterdir() if p.is_dir()):
-        v = validation_at(root / "runs" / row / "metrics.jsonl", steps)
-        if v is not None and row not in ("teacher-sft", "init-sft"):
-            result["run_rows"][row] = {"valid": v, "rollout_lengths": rollout_lengths(
-                root / "runs" / row / "metrics.jsonl", steps)}
+        if row in ("teacher-sft", "init-sft"):
+            continue
+        records = _records(root / "runs" / row / "metrics.jsonl")
+        v = validation_at(records, steps)
+        if v is not None:
+            result["run_rows"][row] = {"valid": v, "rollout_lengths": rollout_lengths(records, steps)}
     table1._write_atomic(out / "probe.json", json.dumps(result, indent=1))
     return result
 
