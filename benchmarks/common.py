@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: subprocess runs with peak-RSS accounting, medians, machine info."""
+"""Helpers shared by the benchmark scripts: subprocess runs with peak-RSS accounting, medians, machine
+info."""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ def machine_info() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")),
+                     "")
         isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
     except OSError:
         isa = []

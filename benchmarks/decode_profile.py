@@ -1,4 +1,5 @@
-"""Student-only decode throughput: `generate_rollouts` (teacher=None) against HF `generate` on the same prompts.
+"""Student-only decode throughput: `generate_rollouts` (teacher=None) against HF `generate` on the same
+prompts.
 
 usage: decode_profile.py --student DIR [--data JSONL] [--threads 1] [--batch 8] [--max-new 128] [--reps 5]
                          [--padded-prefill] [--profile]
@@ -6,8 +7,10 @@ usage: decode_profile.py --student DIR [--data JSONL] [--threads 1] [--batch 8] 
 Both decodes sample at temperature 1 without truncation and run exactly --max-new tokens (eos_token_id=-1 for
 ours, min_new_tokens for HF), as the student_alone / hf_generate_student rows of phases.py do. The repetitions
 alternate the two (one warm-up each first), so the ratio compares runs seconds apart; it prints the median
-new tokens/s of each and the ratio of the medians. --padded-prefill adds a third decoder to the rotation: ours with
-the CPU unpadded prompt prefill switched off (one left-padded batched prefill, the code before it). --profile adds
+new tokens/s of each and the ratio of the medians. --padded-prefill adds a third decoder to the rotation:
+ours with
+the CPU unpadded prompt prefill switched off (one left-padded batched prefill, the code before it). --profile
+adds
 a torch.profiler table of one decode of ours.
 """
 
@@ -42,7 +45,8 @@ def main():
 
     tok = load_tokenizer(a.student)
     student = load_model(a.student, dtype="float32").eval()
-    prompts = PromptDataset(load_instructions(a.data, limit=4 * a.batch), tok, template="chat", max_prompt_length=256)
+    prompts = PromptDataset(load_instructions(a.data, limit=4 * a.batch), tok, template="chat",
+                            max_prompt_length=256)
     batch = collate_prompts([prompts[i] for i in range(a.batch)], tok.pad_token_id)
     pids, pmask = batch["input_ids"], batch["attention_mask"]
     cfg = SamplingConfig(max_new_tokens=a.max_new)
@@ -78,7 +82,8 @@ def main():
     tps = {k: new_tokens / statistics.median(v[1:]) for k, v in times.items()}
     ratios = [h / o for o, h in zip(times["ours"][1:], times["hf_generate"][1:])]
     lengths = pmask.sum(dim=1).tolist()
-    print(f"threads={torch.get_num_threads()} batch={a.batch} max_new={a.max_new} prompt_width={pids.shape[1]} "
+    print(f"threads={torch.get_num_threads()} batch={a.batch} max_new={a.max_new} "
+          f"prompt_width={pids.shape[1]} "
           f"reps={a.reps} padding={1 - sum(lengths) / pmask.numel():.0%} "
           f"prefill_groups={sampling._prefill_groups(lengths, pids.shape[1])}")
     print(f"{'decoder':<12} {'tokens/s':>9} {'ms/step':>8}")

@@ -75,7 +75,8 @@ def main():
         scfg = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "batch": a.batch, "prompt_len": a.prompt_len, "max_new": a.max_new,
-           "alpha": a.alpha, "reps": a.reps, "left_padding": not a.no_pad, "teacher_cfg": tcfg, "student_cfg": scfg}
+           "alpha": a.alpha, "reps": a.reps, "left_padding": not a.no_pad, "teacher_cfg": tcfg,
+           "student_cfg": scfg}
     import transformers
     res["transformers"] = transformers.__version__
     t_start = time.perf_counter()
@@ -101,7 +102,8 @@ def main():
     V = tcfg["vocab_size"]
     prompt_ids = torch.randint(0, V - 1, (a.batch, a.prompt_len), generator=g)
     prompt_mask = torch.ones_like(prompt_ids)
-    for i in range(0 if a.no_pad else a.batch):  # left padding of various lengths, as real prompt batches have
+    # left padding of various lengths, as real prompt batches have
+    for i in range(0 if a.no_pad else a.batch):
         pad = (i * a.prompt_len) // (2 * a.batch)
         prompt_mask[i, :pad] = 0
         prompt_ids[i, :pad] = V - 1
@@ -125,14 +127,16 @@ def main():
         with torch.no_grad():
             for m in (student, teacher):
                 hid = final_hidden(m, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask))
-                print("probe hidden nonfinite per layer-out", int((~torch.isfinite(hid.float())).any(-1).sum()), flush=True)
+                print("probe hidden nonfinite per layer-out",
+                      int((~torch.isfinite(hid.float())).any(-1).sum()), flush=True)
         r, t = timed_rollout(student, prompt_ids, prompt_mask, max_new_tokens=4, pad_token_id=V - 1)
         print("PROBE OK", a.no_pad, r.response_ids[:2].tolist(), flush=True)
         return
     kw = dict(max_new_tokens=a.max_new, pad_token_id=V - 1)
     new_tokens = a.batch * a.max_new
 
-    times = {k: [] for k in ("teacher_decode", "student_decode", "mixed_rollout", "hf_generate", "teacher_forward",
+    times = {k: [] for k in ("teacher_decode", "student_decode", "mixed_rollout", "hf_generate",
+                             "teacher_forward",
                              "student_fwd_bwd")}
     upd = []
     opt = torch.optim.AdamW([p for p in student.parameters()], lr=1e-5)
@@ -147,7 +151,8 @@ def main():
         sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            student.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
+            student.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0,
+                             top_p=1.0,
                              temperature=1.0, max_new_tokens=a.max_new, min_new_tokens=a.max_new,
                              pad_token_id=V - 1, eos_token_id=V - 1)
         sync(device)
@@ -168,7 +173,8 @@ def main():
         times["student_fwd_bwd"].append(time.perf_counter() - t0)
         del out
         upd.append(update_step(student, s_head, t_head, batch, opt))
-        print("rep", rep, {k: round(v[-1], 3) for k, v in times.items()}, round(upd[-1]["update_s"], 3), flush=True)
+        print("rep", rep, {k: round(v[-1], 3) for k, v in times.items()}, round(upd[-1]["update_s"], 3),
+              flush=True)
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -205,7 +211,8 @@ def main():
     res["wall_s"] = time.perf_counter() - t_start
     print("GPU_STEP " + json.dumps(res), flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / ("gpu_step_tiny.json" if a.tiny else "gpu_step.json")).write_text(json.dumps(res, indent=1))
+    (Path(a.out) / ("gpu_step_tiny.json" if a.tiny else "gpu_step.json")).write_text(json.dumps(res,
+                                                                                                indent=1))
 
 
 if __name__ == "__main__":

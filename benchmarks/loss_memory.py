@@ -11,7 +11,8 @@ i.e. the single-step term plus the log-probs the PPO term needs. With --fused th
     f = fused_token_loss(h, student_head, lambda lp, div, a, b: {"single_step": div.sum() / N,
                          "nll": -lp.sum() / N}, <same arguments>)
     f.loss.backward()
-(gradients formed chunk by chunk in the forward pass, no head recompute in backward). "Extra memory" = peak RSS during
+(gradients formed chunk by chunk in the forward pass, no head recompute in backward). "Extra memory" = peak
+RSS during
 forward+backward minus the RSS just before it (inputs, weights and gradient buffers already resident).
 Prints 'LOSS_MEMORY {json}'.
 """
@@ -63,7 +64,8 @@ def main() -> None:
         if a.fused:
             n = hidden.shape[0]
             return fused_token_loss(hidden, student_head,
-                                    lambda lp, div, start, stop: {"single_step": div.sum() / n, "nll": -lp.sum() / n},
+                                    lambda lp, div, start, stop: {"single_step": div.sum() / n,
+                                                                  "nll": -lp.sum() / n},
                                     **kw).loss
         t = chunked_token_terms(hidden, student_head, **kw)
         return t.divergence.mean() - t.logprobs.mean()

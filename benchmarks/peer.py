@@ -29,7 +29,8 @@ OUR_SETTINGS = {
                         "full MiniLLM, bf16 teacher, fp32 update"),
 }
 
-COMMON = {"method": "minillm", "template": "chat", "num_rollouts": 8, "batch_size": 8, "rollout_batch_size": 8,
+COMMON = {"method": "minillm", "template": "chat", "num_rollouts": 8, "batch_size": 8,
+          "rollout_batch_size": 8,
           "ppo_epochs": 1, "max_new_tokens": 128, "single_step": "true", "length_norm": "true",
           "valid_fraction": 0.0, "save_every": 0, "log_every": 1, "seed": 0}
 
@@ -42,7 +43,8 @@ def minillm_cli() -> list[str]:
 def our_command(name: str, teacher: Path, student: Path, steps: int) -> tuple[list[str], Path]:
     out = WORK / "runs" / name
     overrides = {**COMMON, **OUR_SETTINGS[name][0], "teacher": str(teacher), "student": str(student),
-                 "train_data": str(DOLLY), "limit_train": steps * 8, "max_steps": steps, "output_dir": str(out)}
+                 "train_data": str(DOLLY), "limit_train": steps * 8, "max_steps": steps,
+                 "output_dir": str(out)}
     cmd = [*minillm_cli(), "distill", "--method", "minillm"]
     cmd += [f"{k}={v}" for k, v in overrides.items() if k != "method"]
     return cmd, out
@@ -72,13 +74,16 @@ def run_ours(name: str, teacher: Path, student: Path, steps: int, env: dict) -> 
     rec["median_rollout_s"] = median(rec["rollout_s"][later])
     rec["median_update_s"] = median([s - r for s, r in zip(rec["step_s"][later], rec["rollout_s"][later])])
     rec["median_tokens"] = median(rec["tokens"][later])
-    rec["ms_per_token"] = median([1000 * s / t for s, t in zip(rec["step_s"][later], rec["tokens"][later]) if t])
+    rec["ms_per_token"] = median([1000 * s / t for s, t in zip(rec["step_s"][later], rec["tokens"][later])
+                                  if t])
     return rec
 
 
 def run_trl(teacher: Path, student: Path, steps: int, env: dict) -> dict:
-    cmd = [str(TRL_PY), str(TRL_PEER), "--trainer", "minillm", "--teacher", str(teacher), "--student", str(student),
-           "--prompts", str(DOLLY), "--steps", str(steps), "--batch", "8", "--max-new", "128", "--threads", "2",
+    cmd = [str(TRL_PY), str(TRL_PEER), "--trainer", "minillm", "--teacher", str(teacher), "--student",
+           str(student),
+           "--prompts", str(DOLLY), "--steps", str(steps), "--batch", "8", "--max-new", "128", "--threads",
+           "2",
            "--out", str(WORK / "runs" / "trl")]
     rec = {"name": "trl", "setting": "TRL 1.14.2 MiniLLMTrainer, fp32", "command": " ".join(cmd)}
     if not TRL_PY.exists():

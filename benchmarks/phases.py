@@ -1,4 +1,5 @@
-"""Per-phase timings of our MiniLLM step next to their floors, sampling throughput, matmul peak, bf16 tolerance.
+"""Per-phase timings of our MiniLLM step next to their floors, sampling throughput, matmul peak, bf16
+tolerance.
 
 usage: phases.py --teacher DIR --student DIR [--reps 3] [--max-new 128] [--batch 8] [--threads 2]
 Prints 'PHASES {json}'. Every timing is the median of --reps repetitions after one warm-up, and the
@@ -65,7 +66,8 @@ def main():
         student, teacher = tiny_llama(tok, layers=1), tiny_llama(tok, layers=2, seed=1)
         teacher_bf16 = tiny_llama(tok, layers=2, seed=1).to(torch.bfloat16)
         vocab = len(tok)
-        examples = [InstructionExample(instruction=f"say something {i}", input="", outputs=["x"], id=str(i), extra={})
+        examples = [InstructionExample(instruction=f"say something {i}", input="", outputs=["x"], id=str(i),
+                                       extra={})
                     for i in range(a.batch)]
         template = "raw"
     else:
@@ -97,9 +99,11 @@ def main():
         dec["teacher_alone_fp32"].append(t)
         _, t = timed_rollout(teacher_bf16, pids, pmask, seed=rep, **kw)
         dec["teacher_alone_bf16"].append(t)
-        keep["fp32"], t = timed_rollout(student, pids, pmask, teacher=teacher, alpha=0.2, hidden=True, seed=rep, **kw)
+        keep["fp32"], t = timed_rollout(student, pids, pmask, teacher=teacher, alpha=0.2, hidden=True,
+                                        seed=rep, **kw)
         dec["mixed_a0.2_fp32"].append(t)
-        keep["bf16"], t = timed_rollout(student, pids, pmask, teacher=teacher_bf16, alpha=0.2, hidden=True, seed=rep,
+        keep["bf16"], t = timed_rollout(student, pids, pmask, teacher=teacher_bf16, alpha=0.2, hidden=True,
+                                        seed=rep,
                                         **kw)
         dec["mixed_a0.2_teacher_bf16"].append(t)
         t0 = time.perf_counter()
@@ -119,10 +123,12 @@ def main():
     s_head, t_head = lm_head_fn(student), lm_head_fn(teacher)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-7)
     upd = {"fp32": [], "bf16_autocast": []}
-    floors = {k: [] for k in ("student_forward", "student_fwd_bwd", "teacher_forward_fp32", "teacher_forward_bf16")}
+    floors = {k: [] for k in ("student_forward", "student_fwd_bwd", "teacher_forward_fp32",
+                              "teacher_forward_bf16")}
     for rep in range(a.reps + 1):
         upd["fp32"].append(update_step(student, s_head, t_head, b32, opt, vocab=vocab, chunk_size=a.chunk))
-        upd["bf16_autocast"].append(update_step(student, s_head, t_head, b32, opt, vocab=vocab, chunk_size=a.chunk,
+        upd["bf16_autocast"].append(update_step(student, s_head, t_head, b32, opt, vocab=vocab,
+                                                chunk_size=a.chunk,
                                                 autocast=torch.bfloat16))
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -139,11 +145,14 @@ def main():
             with torch.no_grad():
                 m(input_ids=ids, attention_mask=attn)
             floors[name].append(time.perf_counter() - t0)
-        print("update rep", rep, round(upd["fp32"][-1]["update_s"], 2), round(upd["bf16_autocast"][-1]["update_s"], 2),
+        print("update rep", rep, round(upd["fp32"][-1]["update_s"], 2),
+              round(upd["bf16_autocast"][-1]["update_s"], 2),
               {k: round(v[-1], 2) for k, v in floors.items()}, flush=True)
-    res["update_seconds"] = {k: {f: statistics.median([x[f] for x in v[1:]]) for f in v[0] if f.endswith("_s")}
+    res["update_seconds"] = {k: {f: statistics.median([x[f] for x in v[1:]]) for f in v[0]
+                                 if f.endswith("_s")}
                              for k, v in upd.items()}
-    res["update_tokens"] = {f: upd["fp32"][-1][f] for f in ("response_tokens", "sequence_tokens", "padded_tokens")}
+    res["update_tokens"] = {f: upd["fp32"][-1][f] for f in ("response_tokens", "sequence_tokens",
+                                                            "padded_tokens")}
     res["floor_seconds"] = {k: statistics.median(v[1:]) for k, v in floors.items()}
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -178,7 +187,9 @@ def main():
         tol["reward_std"] = float(rew.std())
         tol["teacher_kl_fp32_vs_bf16_per_token"] = float(
             (lp["fp32"].exp() * (lp["fp32"] - lp["bf16"])).sum(-1)[m].mean())
-        tol["teacher_logp_decode_vs_forward_abs_err_mean"] = float((r.teacher_logprobs[m] - tok_lp["fp32"]).abs().mean())
+        tol["teacher_logp_decode_vs_forward_abs_err_mean"] = float(
+            (r.teacher_logprobs[m] - tok_lp["fp32"]).abs().mean()
+        )
         del lp
     # one update's gradient under bf16 autocast vs fp32 on the same rollout (step_parts.update_gradient)
     g32, loss32 = update_gradient(student, s_head, t_head, b32, vocab=vocab, chunk_size=a.chunk)

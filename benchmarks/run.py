@@ -1,6 +1,7 @@
 """minillm benchmark suite: one command, tables on stdout, docs/benchmarks.md written.
 
-    python benchmarks/run.py            # full run (~21 min on 2 CPU cores: peer 7.5, peer2 4, phases 6.5, memory 2.5)
+    python benchmarks/run.py            # full run (~21 min on 2 CPU cores: peer 7.5, peer2 4, phases 6.5,
+    memory 2.5)
     python benchmarks/run.py --quick    # smoke-sized (~6 min): fewer steps/repetitions, shorter decodes
     python benchmarks/run.py --sections memory,phases   # rerun some sections; the others are read back
                                                         # from benchmarks/results/*.json
@@ -58,22 +59,27 @@ def section_memory(quick: bool) -> dict:
     reps = 1 if quick else 2
     rows = []
     for n in lengths:
-        for fused in (True, False):  # fused_token_loss (what training uses) and the checkpointed chunked_token_terms
+        # fused_token_loss (what training uses) and the checkpointed chunked_token_terms
+        for fused in (True, False):
             for chunk in sorted({min(c, n) for c in (512, 256, n)}, reverse=True):  # effective chunk sizes
                 if fused and chunk == n and n > 512:
                     continue  # one huge fused chunk is not a configuration anyone runs
                 vals = []
                 for _ in range(reps):
-                    cmd = [PY, str(ROOT / "benchmarks" / "loss_memory.py"), str(n), str(chunk)] + (["--fused"] if fused else [])
+                    cmd = [PY, str(ROOT / "benchmarks" / "loss_memory.py"), str(n),
+                           str(chunk)] + (["--fused"] if fused else [])
                     r = run_measured(cmd, env=ENV, timeout=600)
                     rec = last_json_line(r["stdout"], "LOSS_MEMORY")
                     if rec is None:
-                        raise RuntimeError(f"loss_memory {n} {chunk} fused={fused} failed:\n{r['stderr'][-2000:]}")
+                        raise RuntimeError(f"loss_memory {n} {chunk} fused={fused} "
+                                           f"failed:\n{r['stderr'][-2000:]}")
                     vals.append(rec)
-                row = {"n": n, "chunk": chunk, "fused": fused, "extra_mb": median([v["extra_mb"] for v in vals]),
+                row = {"n": n, "chunk": chunk, "fused": fused, "extra_mb": median([v["extra_mb"]
+                                                                                   for v in vals]),
                        "seconds": median([v["seconds"] for v in vals]), "runs": vals}
                 rows.append(row)
-                log(f"memory n={n} chunk={chunk} fused={fused}: extra {row['extra_mb']:.0f} MB, {row['seconds']:.2f} s")
+                log(f"memory n={n} chunk={chunk} fused={fused}: extra {row['extra_mb']:.0f} MB, "
+                    f"{row['seconds']:.2f} s")
     return {"rows": rows, "reps": reps, "vocab": 49152, "hidden": 576}
 
 
@@ -104,13 +110,15 @@ def section_peer(quick: bool, teacher: Path, student: Path, which: str = "peer")
     runs = {}
     for name in order:
         log(f"peer: {name} ({steps} steps)")
-        runs[name] = run_trl(teacher, student, steps, ENV) if name == "trl" else run_ours(name, teacher, student,
+        runs[name] = run_trl(teacher, student, steps, ENV) if name == "trl" else run_ours(name, teacher,
+                                                                                          student,
                                                                                         steps, ENV)
         r = runs[name]
         if "error" in r:
             log(f"  FAILED: {r['error'][-500:]}")
         else:
-            log(f"  median {r['median_step_s']:.2f} s/step, steps {r['step_s']}, tokens/step {r.get('median_tokens')}, "
+            log(f"  median {r['median_step_s']:.2f} s/step, steps {r['step_s']}, tokens/step "
+                f"{r.get('median_tokens')}, "
                 f"peak RSS {r.get('peak_rss_gb', 0):.2f} GB")
     try:
         trl_v = subprocess.run(["/tmp/trl-peer/bin/python", "-c", "import trl,torch,transformers;"
@@ -160,14 +168,17 @@ def render(meta: dict) -> str:
          "that run, before the fused loss, the fp32 head and unpadded teacher scoring), "
          "`python benchmarks/run.py --sections memory` (21:33 UTC: section 4, fused loss) and "
          "`python benchmarks/run.py --sections phases,peer2` (the date below: set B and sections 2, 3 and 5, "
-         "current code, after the decode-loop changes), on an otherwise idle machine; the GPU figures come from `PYTHONPATH=src python benchmarks/gpu_step.py --no-pad` on the "
+         "current code, after the decode-loop changes), on an otherwise idle machine; the GPU figures come "
+         "from `PYTHONPATH=src python benchmarks/gpu_step.py --no-pad` on the "
          "lent H200, with its JSON copied to `benchmarks/results/gpu_step.json`.", "",
          f"- Date: {meta.get('date')}",
          f"- Machine: {mi.get('cpu')} ({', '.join(mi.get('isa', []))}), {mi.get('cores')} cores, "
          f"{mi.get('mem_gb')} GiB RAM; torch threads 2 (OMP_NUM_THREADS=2)",
-         f"- Ours: Python {mi.get('python')}, torch {mi.get('torch')}, transformers {mi.get('transformers')}, "
+         f"- Ours: Python {mi.get('python')}, torch {mi.get('torch')}, transformers "
+         f"{mi.get('transformers')}, "
          f"accelerate {mi.get('accelerate')}",
-         f"- Peer venv (/tmp/trl-peer): trl / torch / transformers = {' / '.join((peer or {}).get('trl_env', []))}",
+         "- Peer venv (/tmp/trl-peer): trl / torch / transformers = "
+         f"{' / '.join((peer or {}).get('trl_env', []))}",
          f"- Wall time of the suite: {fmt(meta.get('suite_wall_s'), 0)} s", ""]
     targets = []
 
@@ -176,18 +187,26 @@ def render(meta: dict) -> str:
     sets = [(n, p) for n, p in (("A", peer), ("B", peer2)) if p]
     if sets:
         L += ["## 1. Peer comparison: one MiniLLM step, ours vs TRL 1.14.2 `MiniLLMTrainer`", "",
-              "Same teacher (SmolLM2-135M-Instruct, fp32 HF folder from `builtin_model_dir`), same 4-layer student "
-              "(`minillm prune --model smollm2-135m-instruct --layers 4`), the first `8 × steps` Dolly prompts of "
-              "`dolly_dev1000.jsonl` in chat format, 8 prompts and one optimiser step per step, up to 128 new "
-              f"tokens, {sets[0][1]['steps']} steps per run (median of the last {sets[0][1]['steps'] - 1}). Ours: "
-              "`minillm distill --method minillm template=chat num_rollouts=8 batch_size=8 rollout_batch_size=8 "
+              "Same teacher (SmolLM2-135M-Instruct, fp32 HF folder from `builtin_model_dir`), same 4-layer "
+              "student "
+              "(`minillm prune --model smollm2-135m-instruct --layers 4`), the first `8 × steps` Dolly "
+              "prompts of "
+              "`dolly_dev1000.jsonl` in chat format, 8 prompts and one optimiser step per step, up to 128 "
+              "new "
+              f"tokens, {sets[0][1]['steps']} steps per run (median of the last {sets[0][1]['steps'] - 1}). "
+              "Ours: "
+              "`minillm distill --method minillm template=chat num_rollouts=8 batch_size=8 "
+              "rollout_batch_size=8 "
               "ppo_epochs=1 max_new_tokens=128 single_step=true length_norm=true valid_fraction=0 ...` (no "
-              "pt_data; exact commands in `benchmarks/results/peer*.json`); TRL: `trl_peer.py --trainer minillm "
+              "pt_data; exact commands in `benchmarks/results/peer*.json`); TRL: `trl_peer.py --trainer "
+              "minillm "
               "--steps N --batch 8 --max-new 128 --threads 2` (fp32, num_generations=1; single-step term and "
-              "length normalisation on by default). Our step time is `step_seconds` of metrics.jsonl (rollout "
+              "length normalisation on by default). Our step time is `step_seconds` of metrics.jsonl "
+              "(rollout "
               "included; rollout = `rollout/seconds`, update = the rest); peak RSS is the process's maximum "
               "resident set size (wait4 rusage, as `/usr/bin/time -v`). Each set (A: `--sections peer`, "
-              "B: `--sections peer2`) has its own TRL run, between our runs; ratios are to the TRL run of the "
+              "B: `--sections peer2`) has its own TRL run, between our runs; ratios are to the TRL run of "
+              "the "
               "same set. Settings that use bf16 autocast for the update are shown but do not count for the "
               "targets unless section 4 finds them within tolerance.", ""]
     cands = {"a0": [], "full": [], "rss": []}
@@ -203,7 +222,8 @@ def render(meta: dict) -> str:
             ratio = r["median_step_s"] / t_step if t_step else None
             pt = r["ms_per_token"] / t_mspt if (t_mspt and r.get("ms_per_token")) else None
             rss = r["peak_rss_gb"] / t_rss if (t_rss and r.get("peak_rss_gb")) else None
-            rows.append([r["setting"], r["median_step_s"], ratio, r.get("median_tokens"), r.get("ms_per_token"), pt,
+            rows.append([r["setting"], r["median_step_s"], ratio, r.get("median_tokens"),
+                         r.get("ms_per_token"), pt,
                          r.get("median_rollout_s"), r.get("median_update_s"), r.get("peak_rss_gb"), rss])
             if name == "trl" or ratio is None:
                 continue
@@ -213,11 +233,14 @@ def render(meta: dict) -> str:
                 cands["a0" if "_a0_" in name else "full"].append((ratio, label))
             if rss is not None:
                 cands["rss"].append((rss, label))
-        L += [f"Set {set_name}:", "", table(["setting", "s / step", "× TRL", "gen. tokens / step", "ms / gen. token",
-                                             "× TRL per token", "rollout s", "update s", "peak RSS GB", "RSS × TRL"],
+        L += [f"Set {set_name}:", "", table(["setting", "s / step", "× TRL", "gen. tokens / step",
+                                             "ms / gen. token",
+                                             "× TRL per token", "rollout s", "update s", "peak RSS GB",
+                                             "RSS × TRL"],
                                             rows), "",
               "Per-step times, s (first = warm-up): " + "; ".join(
-                  f"{n}: {[round(x, 1) for x in runs[n]['step_s']]}" for n in runs if "step_s" in runs[n]), ""]
+                  f"{n}: {[round(x, 1) for x in runs[n]['step_s']]}" for n in runs if "step_s" in runs[n]),
+                  ""]
     if sets:
         a0 = min(cands["a0"], default=(None, None))
         full = min(cands["full"], default=(None, None))
@@ -235,10 +258,14 @@ def render(meta: dict) -> str:
         d, f, u = ph["decode_seconds"], ph["floor_seconds"], ph["update_seconds"]
         n_new, mm = ph["new_tokens"], ph["matmul_gflops"]
         L += ["## 2. Our step, phase by phase, next to its floors", "",
-              f"In-process (`benchmarks/phases.py`, {ph['reps']} repetitions + 1 warm-up, interleaved): the first "
-              f"{ph['batch']} Dolly prompts in chat format ({ph['prompt_tokens']} prompt tokens, padded width "
-              f"{ph['prompt_width']}), every row decoding exactly {ph['max_new']} tokens (EOS disabled) so that "
-              "variants do the same work. The update phase is the library's MiniLLM update (student hidden states, "
+              f"In-process (`benchmarks/phases.py`, {ph['reps']} repetitions + 1 warm-up, interleaved): the "
+              "first "
+              f"{ph['batch']} Dolly prompts in chat format ({ph['prompt_tokens']} prompt tokens, padded "
+              "width "
+              f"{ph['prompt_width']}), every row decoding exactly {ph['max_new']} tokens (EOS disabled) so "
+              "that "
+              "variants do the same work. The update phase is the library's MiniLLM update (student hidden "
+              "states, "
               "chunked log-probs + single-step reverse KL with the teacher hidden states recorded during the "
               "rollout, PPO-clipped term, backward, clip, AdamW) on the teacher-mixed rollout "
               "(`benchmarks/step_parts.py`).", ""]
@@ -250,7 +277,8 @@ def render(meta: dict) -> str:
         rows = [
             ["rollout, α = 0.2, fp32 teacher (lockstep decode)", d["mixed_a0.2_fp32"],
              "teacher decode alone + student decode alone", floor_mixed, floor_mixed / d["mixed_a0.2_fp32"]],
-            ["rollout, α = 0.2, bf16 teacher", d["mixed_a0.2_teacher_bf16"], "bf16 teacher decode + student decode",
+            ["rollout, α = 0.2, bf16 teacher", d["mixed_a0.2_teacher_bf16"], "bf16 teacher decode + student "
+                                                                             "decode",
              floor_mixed16, floor_mixed16 / d["mixed_a0.2_teacher_bf16"]],
             ["teacher scoring inside the rollout (= teacher decode alone, fp32)", d["teacher_alone_fp32"],
              "teacher forward over the same prompt+response tokens, fp32", f["teacher_forward_fp32"],
@@ -261,7 +289,8 @@ def render(meta: dict) -> str:
              d["hf_generate_student"], d["hf_generate_student"] / d["student_alone"]],
             ["update, fp32", u["fp32"]["update_s"], "student forward+backward alone (HF, CE loss)",
              f["student_fwd_bwd"], f["student_fwd_bwd"] / u["fp32"]["update_s"]],
-            ["update, bf16 autocast", u["bf16_autocast"]["update_s"], "same floor (fp32)", f["student_fwd_bwd"],
+            ["update, bf16 autocast", u["bf16_autocast"]["update_s"], "same floor (fp32)",
+             f["student_fwd_bwd"],
              f["student_fwd_bwd"] / u["bf16_autocast"]["update_s"]],
         ]
         L += [table(["our phase", "s", "floor", "floor s", "floor / ours"], rows), ""]
@@ -269,8 +298,10 @@ def render(meta: dict) -> str:
             f"{k[:-2]} {fmt(u['fp32'][k])} / {fmt(u['bf16_autocast'][k])}"
             for k in ("body_forward_s", "loss_terms_s", "backward_s", "optimizer_s")) +
             f". Tokens: {ph['update_tokens']['response_tokens']} response tokens, "
-            f"{ph['update_tokens']['sequence_tokens']} sequence tokens ({ph['update_tokens']['padded_tokens']} "
-            f"with padding). Student forward alone (full logits, no grad): {fmt(f['student_forward'])} s.", "",
+            f"{ph['update_tokens']['sequence_tokens']} sequence tokens "
+            f"({ph['update_tokens']['padded_tokens']} "
+            f"with padding). Student forward alone (full logits, no grad): {fmt(f['student_forward'])} s.",
+            "",
             f"Achieved throughput of the update phase (FLOPs counted by `torch.utils.flop_counter` on one "
             f"update, checkpoint recomputation included: {ph['update_flops'] / 1e9:,.0f} GFLOP): "
             f"**{upd_gflops:,.0f} GFLOP/s fp32** = {upd_gflops / mm['fp32']:.0%} of the measured fp32 matmul "
@@ -292,11 +323,14 @@ def render(meta: dict) -> str:
         ]
         tol = ph["bf16_tolerance"]
         L += ["## 4. bf16 against fp32 (tolerance check for the bf16 settings)", "",
-              "On the fp32 teacher-mixed rollout above: teacher log-probabilities of the sampled tokens from a bf16 "
-              "teacher vs the fp32 teacher (same tokens, one forward each), and one full update's gradient under "
+              "On the fp32 teacher-mixed rollout above: teacher log-probabilities of the sampled tokens from "
+              "a bf16 "
+              "teacher vs the fp32 teacher (same tokens, one forward each), and one full update's gradient "
+              "under "
               "bf16 autocast vs fp32.", "",
               table(["quantity", "value"], [
-                  ["mean abs error of teacher log p(y_t), bf16 vs fp32 (nats)", tol["teacher_logp_abs_err_mean"]],
+                  ["mean abs error of teacher log p(y_t), bf16 vs fp32 (nats)",
+                   tol["teacher_logp_abs_err_mean"]],
                   ["99th percentile of that error (nats)", tol["teacher_logp_abs_err_p99"]],
                   ["std of the per-token reward log p − log q_old (nats), for scale", tol["reward_std"]],
                   ["KL(p_fp32 ‖ p_bf16) per token (nats)", tol["teacher_kl_fp32_vs_bf16_per_token"]],
@@ -304,32 +338,42 @@ def render(meta: dict) -> str:
                    tol["teacher_logp_decode_vs_forward_abs_err_mean"]],
                   ["update gradient cosine, bf16 autocast vs fp32", tol["update_grad_cosine"]],
                   ["update gradient relative L2 error", tol["update_grad_rel_err"]],
-                  ["update loss fp32 / bf16", f"{tol['update_loss_fp32']:.5f} / {tol['update_loss_bf16']:.5f}"],
+                  ["update loss fp32 / bf16",
+                   f"{tol['update_loss_fp32']:.5f} / {tol['update_loss_bf16']:.5f}"],
               ]), "",
-              "Tolerance used here: bf16 teacher if its mean log-prob error is < 5 % of the reward's standard "
-              "deviation; bf16 autocast update if its gradient has cosine ≥ 0.99 with the fp32 gradient. Verdict: "
-              f"bf16 teacher **{'within' if teacher_bf16_ok(ph) else 'outside'}** tolerance; bf16 autocast update "
+              "Tolerance used here: bf16 teacher if its mean log-prob error is < 5 % of the reward's "
+              "standard "
+              "deviation; bf16 autocast update if its gradient has cosine ≥ 0.99 with the fp32 gradient. "
+              "Verdict: "
+              f"bf16 teacher **{'within' if teacher_bf16_ok(ph) else 'outside'}** tolerance; bf16 autocast "
+              "update "
               f"**{'within' if bf16_ok(ph) else 'outside'}** tolerance.", ""]
         newer = load("tolerance")
         if newer and "fp32_head_fused" in newer:
             f = newer["fp32_head_fused"]
-            L += ["The update rows above predate the fp32 LM head under autocast and the fused loss. The current "
+            L += ["The update rows above predate the fp32 LM head under autocast and the fused loss. The "
+                  "current "
                   f"code, re-measured by `{newer.get('command', 'benchmarks/tolerance.py')}` "
                   "(`benchmarks/results/tolerance.json`, fp64 cosine): gradient cosine "
                   f"{f['update_grad_cosine']:.4f}, relative L2 error {f['update_grad_rel_err']:.3f}, loss "
-                  f"{f['update_loss_fp32']:.4f} (fp32) / {f['update_loss_bf16']:.4f} (bf16). That figure decides the "
+                  f"{f['update_loss_fp32']:.4f} (fp32) / {f['update_loss_bf16']:.4f} (bf16). That figure "
+                  "decides the "
                   "verdict.", ""]
 
     # ---------------------------------------------------------------- memory
     if mem:
         L += ["## 5. Memory of the chunked reverse-KL / single-step term", "",
-              "Forward + backward of the single-step reverse KL plus the log-probs the PPO term needs (loss = mean "
-              f"RKL − mean log q) on N response positions, vocabulary {mem['vocab']:,}, hidden {mem['hidden']}, "
+              "Forward + backward of the single-step reverse KL plus the log-probs the PPO term needs (loss "
+              "= mean "
+              f"RKL − mean log q) on N response positions, vocabulary {mem['vocab']:,}, hidden "
+              f"{mem['hidden']}, "
               "trainable student head (its gradient buffer pre-allocated), frozen teacher head. *fused* = "
-              "`fused_token_loss` (what MiniLLM training uses: each chunk's gradient is formed in the forward pass, "
+              "`fused_token_loss` (what MiniLLM training uses: each chunk's gradient is formed in the "
+              "forward pass, "
               "the heads are never recomputed, one gradient buffer per head parameter); *checkpointed* = "
               "`chunked_token_terms` (activation checkpointing per chunk). Extra memory = peak RSS during "
-              "forward+backward minus RSS just before (fresh process per figure, after a 4-position warm-up; median "
+              "forward+backward minus RSS just before (fresh process per figure, after a 4-position warm-up; "
+              "median "
               f"of {mem['reps']}). The default `chunk_size` is 256.", ""]
         rows = []
         by = {}
@@ -355,7 +399,8 @@ def render(meta: dict) -> str:
             L.append("")
             base = by.get((256, 256, False))
             if (2048, 2048, False) in by and base:
-                L += [f"Unchunked, the same term needs {by[(2048, 2048, False)] / base:.1f}× the memory at 2048 as at "
+                L += [f"Unchunked, the same term needs {by[(2048, 2048, False)] / base:.1f}× the memory at "
+                      "2048 as at "
                       "256.", ""]
 
     # ---------------------------------------------------------------- gpu
@@ -364,32 +409,43 @@ def render(meta: dict) -> str:
         L += ["## 6. GPU: GPT-2-XL-shaped teacher, GPT-2-base-shaped student, bf16", "",
               f"`{gpu.get('command', 'PYTHONPATH=src python benchmarks/gpu_step.py')}` on {gpu['device']} "
               f"(torch {gpu['torch']}, transformers {gpu['transformers']}): random weights, teacher "
-              f"{gpu['teacher_params_m']:.0f}M, student {gpu['student_params_m']:.0f}M parameters, both held in bf16 "
+              f"{gpu['teacher_params_m']:.0f}M, student {gpu['student_params_m']:.0f}M parameters, both held "
+              "in bf16 "
               f"(pure bf16 AdamW for the student), batch {gpu['batch']}, prompt {gpu['prompt_len']}, "
-              f"{gpu['max_new']} new tokens, α = {gpu['alpha']}, median of {gpu['reps']} after a warm-up.", ""]
-        rows = [["teacher decode alone (our KV loop)", s["teacher_decode"], tps["teacher_decode"], "new tokens"],
-                ["student decode alone (our KV loop)", s["student_decode"], tps["student_decode"], "new tokens"],
-                ["teacher-mixed rollout (α = 0.2, hidden states kept)", s["mixed_rollout"], tps["mixed_rollout"],
+              f"{gpu['max_new']} new tokens, α = {gpu['alpha']}, median of {gpu['reps']} after a warm-up.",
+              ""]
+        rows = [["teacher decode alone (our KV loop)", s["teacher_decode"], tps["teacher_decode"],
                  "new tokens"],
-                ["HF generate(do_sample) student", s["hf_generate"], tps["hf_generate_student"], "new tokens"],
+                ["student decode alone (our KV loop)", s["student_decode"], tps["student_decode"],
+                 "new tokens"],
+                ["teacher-mixed rollout (α = 0.2, hidden states kept)", s["mixed_rollout"],
+                 tps["mixed_rollout"],
+                 "new tokens"],
+                ["HF generate(do_sample) student", s["hf_generate"], tps["hf_generate_student"],
+                 "new tokens"],
                 ["teacher forward over prompt+response", s["teacher_forward"], tps["teacher_forward_scoring"],
                  "sequence tokens"],
                 ["update (fwd, chunked terms, bwd, AdamW)", gpu["update_seconds"]["update_s"],
                  tps["update_response_tokens"], "response tokens"]]
         L += [table(["phase", "s", "tokens / s", "counted"], rows), "",
               f"Update phase: {gpu['update_flops'] / 1e12:.2f} TFLOP per update, "
-              f"{gpu['update_tflops_achieved']:.0f} TFLOP/s achieved = **MFU {gpu['update_mfu_vs_measured_matmul']:.1%}"
-              f"** of the measured bf16 matmul rate ({gpu['matmul_bf16_tflops']:.0f} TFLOP/s, 8192³). The teacher "
-              f"forward reaches {gpu['teacher_forward_mfu']:.0%}. Teacher-mixed rollout vs its floor (teacher "
+              f"{gpu['update_tflops_achieved']:.0f} TFLOP/s achieved = **MFU "
+              f"{gpu['update_mfu_vs_measured_matmul']:.1%}"
+              f"** of the measured bf16 matmul rate ({gpu['matmul_bf16_tflops']:.0f} TFLOP/s, 8192³). The "
+              "teacher "
+              f"forward reaches {gpu['teacher_forward_mfu']:.0%}. Teacher-mixed rollout vs its floor "
+              "(teacher "
               f"decode + student decode): {gpu['mixed_vs_floor']:.2f}×; our student sampling vs HF generate: "
-              f"{gpu['student_vs_hf_generate']:.2f}×. Peak GPU memory {gpu.get('max_memory_allocated_gb', 0):.1f} GB.",
+              f"{gpu['student_vs_hf_generate']:.2f}×. Peak GPU memory "
+              f"{gpu.get('max_memory_allocated_gb', 0):.1f} GB.",
               ""]
         if gpu.get("note"):
             L += [f"Note: {gpu['note']}", ""]
 
     if gpu:
         targets.append(("GPU script ≤ 8 min; tokens/s per phase and update MFU reported", 1.0, 1.0,
-                        f"{gpu['wall_s']:.0f} s in-script; MFU {gpu['update_mfu_vs_measured_matmul']:.1%} (section 6; "
+                        f"{gpu['wall_s']:.0f} s in-script; MFU {gpu['update_mfu_vs_measured_matmul']:.1%} "
+                        "(section 6; "
                         "run without left padding, see the note)"))
 
     # ---------------------------------------------------------------- targets
@@ -399,7 +455,8 @@ def render(meta: dict) -> str:
             ok = None if val is None else (val <= thr if thr > 0 else val >= -thr)
             rows.append([name, text, verdict(ok)])
         L[L.index("## 1. Peer comparison: one MiniLLM step, ours vs TRL 1.14.2 `MiniLLMTrainer`")
-          if peer else len(L):0] = ["## Targets (issue 6)", "", table(["target", "measured", "verdict"], rows), ""]
+          if peer else len(L):0] = ["## Targets (issue 6)", "", table(["target", "measured", "verdict"],
+                                                                      rows), ""]
     L += [ANALYSIS]
     return "\n".join(L) + "\n"
 
@@ -413,8 +470,10 @@ def teacher_bf16_ok(ph) -> bool:
 
 
 def update_cosine(ph) -> float:
-    """Gradient cosine of the bf16 autocast update vs fp32: benchmarks/results/tolerance.json (the current code: fp32
-    LM heads, fused loss, backward outside autocast; fp64 cosine) when present, else the phases section's figure."""
+    """Gradient cosine of the bf16 autocast update vs fp32: benchmarks/results/tolerance.json (the current
+    code: fp32
+    LM heads, fused loss, backward outside autocast; fp64 cosine) when present, else the phases section's
+    figure."""
     tol = load("tolerance")
     if tol and "fp32_head_fused" in tol:
         return tol["fp32_head_fused"]["update_grad_cosine"]

@@ -33,7 +33,8 @@ def _sync(device) -> None:
 
 def timed_rollout(student, prompt_ids, prompt_mask, *, max_new_tokens, teacher=None, alpha=0.0, vocab=None,
                   hidden=False, eos_token_id=-1, pad_token_id=0, seed=0, autocast=None):
-    """(rollout, seconds). eos_token_id=-1 (no token matches) makes every row decode exactly max_new_tokens."""
+    """(rollout, seconds). eos_token_id=-1 (no token matches) makes every row decode exactly
+    max_new_tokens."""
     device = prompt_ids.device
     gen = torch.Generator().manual_seed(seed)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens)
@@ -51,7 +52,8 @@ def timed_rollout(student, prompt_ids, prompt_mask, *, max_new_tokens, teacher=N
 def make_batch(r, *, gamma=0.95, length_norm=True, device="cpu") -> dict:
     """What MiniLLM.collect_round + _next_batch hand to loss_terms (advantage=lmops, token weights)."""
     mask = r.response_mask
-    rewards = per_token_rewards(r.teacher_logprobs, r.student_logprobs, mask, reward_scaling=0.5, reward_clip=100.0)
+    rewards = per_token_rewards(r.teacher_logprobs, r.student_logprobs, mask, reward_scaling=0.5,
+                                reward_clip=100.0)
     adv = whiten(advantages(rewards, mask, gamma=gamma, length_norm=length_norm, variant="lmops"), mask)
     ids, attn = r.full_sequence()
     b = {"input_ids": ids, "attention_mask": attn, "response_ids": r.response_ids, "response_mask": mask,
@@ -119,7 +121,8 @@ def update_gradient(student, student_head, teacher_head, batch, *, vocab=None, c
 
     device = batch["input_ids"].device
     student.zero_grad(set_to_none=True)
-    ctx = torch.autocast(device.type, dtype=autocast) if autocast else torch.autocast(device.type, enabled=False)
+    ctx = torch.autocast(device.type, dtype=autocast) if autocast else torch.autocast(device.type,
+                                                                                      enabled=False)
     ids, attn, P = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
     T = batch["response_ids"].shape[1]
     with ctx:

@@ -1,6 +1,7 @@
 """The update half of section 4 (bf16 vs fp32 tolerance) alone, with the LM head as it was and as it is.
 
-usage: tolerance.py [--teacher DIR --student DIR --data FILE] [--tiny] [--batch 8] [--max-new 128] [--threads 2]
+usage: tolerance.py [--teacher DIR --student DIR --data FILE] [--tiny] [--batch 8] [--max-new 128] [--threads
+2]
 
 Measures numbers only (no timings). Same inputs as `phases.py`: the first --batch Dolly prompts in
 chat format, a teacher-mixed rollout (alpha 0.2, fp32 teacher with its hidden states, every row decoding
@@ -69,7 +70,8 @@ def main():
         tok = tiny_tokenizer()
         student, teacher = tiny_llama(tok, layers=1), tiny_llama(tok, layers=2, seed=1)
         vocab = len(tok)
-        examples = [InstructionExample(instruction=f"say something {i}", input="", outputs=["x"], id=str(i), extra={})
+        examples = [InstructionExample(instruction=f"say something {i}", input="", outputs=["x"], id=str(i),
+                                       extra={})
                     for i in range(a.batch)]
         template = "raw"
     else:

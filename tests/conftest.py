@@ -35,7 +35,8 @@ def make_instructions(n: int, seed: int = 0) -> list[dict]:
         a, b = rng.sample(WORDS, 2)
         inp = " ".join(rng.choices(WORDS, k=rng.randint(0, 4)))
         rows.append({"instruction": f"Tell me about the {a} and the {b}.", "input": inp,
-                     "output": " ".join([a, b] + rng.choices(WORDS, k=rng.randint(2, 8))) + ".", "id": str(i)})
+                     "output": " ".join([a, b] + rng.choices(WORDS, k=rng.randint(2, 8))) + ".",
+                     "id": str(i)})
     return rows
 
 

@@ -107,13 +107,16 @@ def test_load_json_array(tmp_path):
 
 @pytest.mark.parametrize("lines, message", [
     ([], r"empty\.jsonl: file is empty"),
-    (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": '], r"empty\.jsonl:2: not valid JSON"),
+    (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": '], r"empty\.jsonl:2: not valid "
+                                                                                 r"JSON"),
     (['{"input": "x", "output": "b"}'], r"empty\.jsonl:1: missing field 'instruction'"),
     (['{"instruction": "a"}', ], r"empty\.jsonl:1: missing field 'output'"),
-    (['', '{"instruction": "a", "output": 42}'], r"empty\.jsonl:2: field 'output' must be a string or a non-empty list"),
+    (['', '{"instruction": "a", "output": 42}'], r"empty\.jsonl:2: field 'output' must be a string or a "
+                                                 r"non-empty list"),
     (['{"instruction": "a", "output": ["ok", 3]}'], r"empty\.jsonl:1: field 'output'"),
     (['{"instruction": 1, "output": "b"}'], r"empty\.jsonl:1: field 'instruction' must be a string"),
-    (['{"instruction": "a", "context": 5, "output": "b"}'], r"empty\.jsonl:1: field 'context' must be a string"),
+    (['{"instruction": "a", "context": 5, "output": "b"}'], r"empty\.jsonl:1: field 'context' must be a "
+                                                            r"string"),
     (['["a", "b"]'], r"empty\.jsonl \(record 1\): expected a JSON object"),  # a JSON list -> array format
 ])
 def test_malformed_files_name_file_line_and_field(tmp_path, lines, message):
@@ -162,7 +165,8 @@ def test_encode_sft_masks_prompt_and_labels_response_and_eos(tok):
     assert item["input_ids"][n:] == item["labels"][n:]
     assert item["input_ids"][-1] == tok.eos_token_id and item["labels"][-1] == tok.eos_token_id
     assert tok.decode(item["input_ids"][n:-1]) == "Paris is red."
-    assert item["input_ids"] == tok.encode(prompt + "Paris is red.", add_special_tokens=False) + [tok.eos_token_id]
+    assert item["input_ids"] == tok.encode(prompt + "Paris is red.",
+                                           add_special_tokens=False) + [tok.eos_token_id]
 
 
 def test_encode_sft_response_boundary_from_joint_tokenisation(tok):
@@ -172,7 +176,8 @@ def test_encode_sft_response_boundary_from_joint_tokenisation(tok):
     joint = tok.encode(prompt + response, add_special_tokens=False)
     assert joint[:len(prompt_ids)] != prompt_ids  # the case the fallback exists for
     item = encode_sft(tok, prompt, response)
-    assert item["input_ids"] == prompt_ids + tok.encode(response, add_special_tokens=False) + [tok.eos_token_id]
+    assert item["input_ids"] == prompt_ids + tok.encode(response,
+                                                        add_special_tokens=False) + [tok.eos_token_id]
     assert item["labels"][:len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
 
 
@@ -253,7 +258,8 @@ def test_collate_prompts_left_pads_and_keeps_eos_inside_prompt(tok):
 def test_left_padded_gpt2_batch_matches_unpadded_prompts(tok):
     model = tiny_gpt2(tok)
     prompts = [build_prompt(example()), "the cat", build_prompt(example(input="the dog is blue."))]
-    dataset = [{"prompt_ids": tok.encode(p, add_special_tokens=False), "prompt": p, "references": [], "id": str(i)}
+    dataset = [{"prompt_ids": tok.encode(p, add_special_tokens=False), "prompt": p, "references": [],
+                "id": str(i)}
                for i, p in enumerate(prompts)]
     batch = collate_prompts(dataset, tok.pad_token_id)
     with torch.no_grad():
@@ -274,14 +280,16 @@ def test_packed_corpus_from_texts_chunks_exactly(tok):
             stream += tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
     corpus = PackedCorpus.from_texts(texts, tok, seq_len=8)
     assert len(corpus) == len(stream) // 8
-    assert torch.cat([corpus[i]["input_ids"] for i in range(len(corpus))]).tolist() == stream[:len(corpus) * 8]
+    assert torch.cat([corpus[i]["input_ids"]
+                      for i in range(len(corpus))]).tolist() == stream[:len(corpus) * 8]
     assert corpus[0]["input_ids"].dtype == torch.long and corpus[0]["input_ids"].shape == (8,)
 
 
 def test_packed_corpus_files(tmp_path, tok):
     txt = tmp_path / "c.txt"
     txt.write_text("the cat is red.\nit is good.\n\n  \nthe dog is blue.\n")
-    jsonl = write_jsonl(tmp_path / "c.jsonl", [{"text": "the cat is red.\nit is good."}, {"text": "the dog is blue."}])
+    jsonl = write_jsonl(tmp_path / "c.jsonl", [{"text": "the cat is red.\nit is good."},
+                                               {"text": "the dog is blue."}])
     a, b = PackedCorpus(txt, tok, seq_len=4), PackedCorpus(jsonl, tok, seq_len=4)
     assert torch.equal(a.chunks, b.chunks)
     assert a.chunks.flatten().tolist().count(tok.eos_token_id) >= 1

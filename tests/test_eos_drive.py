@@ -25,7 +25,8 @@ def eos_drive():
 @pytest.mark.parametrize("clip_eps", [None, 0.2])
 def test_logit_drives_match_the_closed_forms(eos_drive, clip_eps):
     """At theta = theta_old: PPO term -dL/dz[E] = A w (1[y=E] - q_E) / N unless the clip is active
-    (A > 0 and w > 1+eps, or A < 0 and w < 1-eps: 0); single-step -dKL/dz[E] = -q_E (log q_E - log p_E - KL) / N."""
+    (A > 0 and w > 1+eps, or A < 0 and w < 1-eps: 0); single-step -dKL/dz[E] = -q_E (log q_E - log p_E - KL)
+    / N."""
     g = torch.Generator().manual_seed(0)
     N, V, E = 40, 7, 3
     z_s, z_t = torch.randn(N, V, generator=g) * 2, torch.randn(N, V, generator=g) * 2
@@ -35,7 +36,8 @@ def test_logit_drives_match_the_closed_forms(eos_drive, clip_eps):
     adv = {"a": torch.randn(N, generator=g), "b": torch.randn(N, generator=g)}
     log_q, log_p = z_s.log_softmax(-1), z_t.log_softmax(-1)
     old = log_q.gather(1, targets[:, None]).squeeze(1)
-    single, long_term = eos_drive.logit_drives(z_s, z_t, targets, old, w, adv, eos=E, clip_eps=clip_eps, scale=0.5)
+    single, long_term = eos_drive.logit_drives(z_s, z_t, targets, old, w, adv, eos=E, clip_eps=clip_eps,
+                                               scale=0.5)
 
     q = log_q.exp()
     kl = (q * (log_q - log_p)).sum(-1)
@@ -54,7 +56,8 @@ def test_eos_drive_runs_on_tiny_models(eos_drive):
     tok = tiny_tokenizer()
     student, teacher = tiny_llama(tok, seed=1), tiny_llama(tok, seed=2)
     prompts = [tok(f"question {i}: what is {i} plus {i}?")["input_ids"] for i in range(6)]
-    res = eos_drive.eos_drive(student, teacher, tok, prompts, rollouts=5, max_new_tokens=6, batch_size=2, seed=3)
+    res = eos_drive.eos_drive(student, teacher, tok, prompts, rollouts=5, max_new_tokens=6, batch_size=2,
+                              seed=3)
     assert res["rollouts"] == 5 and res["tokens"] > 0 and 1 <= res["mean_length"] <= 6
     assert set(res["variants"]) == set(eos_drive.VARIANTS)
     for o in res["variants"].values():

@@ -81,7 +81,8 @@ def test_rouge_l_precision_recall_by_hand():
     # P and R come from the reference with the best F, as rouge_l picks it (here the short second one)
     refs = ["the cat sat on the mat today and every day after that", "the cat sat"]
     p, r, f = rouge_l_scores("the cat sat down", refs)
-    assert f == pytest.approx(rouge_l("the cat sat down", refs)) and (p, r) == (pytest.approx(75.0), pytest.approx(100.0))
+    assert f == pytest.approx(rouge_l("the cat sat down", refs)) and (p, r) == (pytest.approx(75.0),
+                                                                                pytest.approx(100.0))
     assert rouge_l_scores("", "x") == (0.0, 0.0, 0.0)
 
 
@@ -283,7 +284,8 @@ def test_evaluate_models_resumes_without_regenerating(eval_run, tiny_model_dir, 
 
 
 def test_generation_file_with_unicode_line_separators_is_complete(tmp_path):
-    """A sampled response may hold U+2028 / U+0085 / U+001E: JSONL records are split on "\\n" only (a 500-record
+    """A sampled response may hold U+2028 / U+0085 / U+001E: JSONL records are split on "\\n" only (a
+    500-record
     S-NI file of the Table 1 run had one, and str.splitlines() cut that record in two)."""
     import json
 
@@ -320,8 +322,10 @@ def test_render_report_from_two_runs(eval_run, tmp_path, tok):
 
 
 def test_compare_to_teacher_sequence_kls_by_brute_force(tok, instruction_file):
-    """Sequence reverse KL = sum over the student's sampled response of log q - log p (full forwards here), its
-    mean and median over responses; forward KL from the teacher's samples; same per-batch seeds as the code."""
+    """Sequence reverse KL = sum over the student's sampled response of log q - log p (full forwards here),
+    its
+    mean and median over responses; forward KL from the teacher's samples; same per-batch seeds as the
+    code."""
     from minillm.data import PromptDataset, collate_prompts
     from minillm.evaluation.sequence_kl import compare_to_teacher
     from minillm.models import position_ids_from_mask
@@ -329,18 +333,21 @@ def test_compare_to_teacher_sequence_kls_by_brute_force(tok, instruction_file):
     student = tiny_llama(tok, hidden_size=32, layers=1, seed=2)
     teacher = tiny_llama(tok, hidden_size=48, layers=2, seed=1)
     examples = load_instructions(instruction_file)[:5]
-    got = compare_to_teacher({"s": student}, teacher, tok, examples, seeds=(7,), max_new_tokens=6, batch_size=8)
+    got = compare_to_teacher({"s": student}, teacher, tok, examples, seeds=(7,), max_new_tokens=6,
+                             batch_size=8)
 
     def seq_logprob(model, r):
         ids, mask = r.full_sequence()
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+            logits = model(input_ids=ids, attention_mask=mask,
+                           position_ids=position_ids_from_mask(mask)).logits
         lp = logits[:, r.prompt_ids.shape[1] - 1:-1, :len(tok)].float().log_softmax(-1)
         return (lp.gather(2, r.response_ids[..., None]).squeeze(-1) * r.response_mask).sum(1)
 
     ds = PromptDataset(examples, tok, template="minillm", max_prompt_length=256)
     batch = collate_prompts([ds[i] for i in range(len(ds))], tok.pad_token_id)
-    kw = dict(config=SamplingConfig(max_new_tokens=6), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    kw = dict(config=SamplingConfig(max_new_tokens=6), eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id)
     s = generate_rollouts(student, batch["input_ids"], batch["attention_mask"],
                           generator=torch.Generator().manual_seed(7 * 100_003 + 1), **kw)
     t = generate_rollouts(teacher, batch["input_ids"], batch["attention_mask"],
@@ -348,11 +355,13 @@ def test_compare_to_teacher_sequence_kls_by_brute_force(tok, instruction_file):
     rkl = seq_logprob(student, s) - seq_logprob(teacher, s)
     fkl = seq_logprob(teacher, t) - seq_logprob(student, t)
     assert got["s"]["reverse_kl"] == pytest.approx(float(rkl.mean()), abs=1e-3)
-    assert got["s"]["reverse_kl_median"] == pytest.approx(float(rkl.median()), abs=1e-3)  # odd count: exact median
+    # odd count: exact median
+    assert got["s"]["reverse_kl_median"] == pytest.approx(float(rkl.median()), abs=1e-3)
     assert got["s"]["forward_kl"] == pytest.approx(float(fkl.mean()), abs=1e-3)
     assert got["s"]["length"] == pytest.approx(float(s.lengths.float().mean()))
     assert got["s"]["ids"] == [ds[i]["id"] for i in range(len(ds))]
-    assert got["s"]["per_prompt"]["reverse_kl"] == pytest.approx(rkl.tolist(), abs=1e-3)  # one seed: the values
+    # one seed: the values
+    assert got["s"]["per_prompt"]["reverse_kl"] == pytest.approx(rkl.tolist(), abs=1e-3)
     assert sum(got["s"]["per_prompt"]["rougeL"]) / len(ds) == pytest.approx(got["s"]["rougeL"])
     assert set(got["teacher"]["per_prompt"]) == {"rougeL"}
 
@@ -364,7 +373,8 @@ def test_per_prompt_values_average_over_seeds_and_pair(tok, instruction_file):
     teacher = tiny_llama(tok, hidden_size=48, layers=2, seed=1)
     examples = load_instructions(instruction_file)[:4]
     kw = dict(max_new_tokens=5, batch_size=8)
-    one = [compare_to_teacher({"s": student}, teacher, tok, examples, seeds=(seed,), **kw)["s"] for seed in (3, 4)]
+    one = [compare_to_teacher({"s": student}, teacher, tok, examples, seeds=(seed,), **kw)["s"]
+           for seed in (3, 4)]
     both = compare_to_teacher({"s": student, "same": student}, teacher, tok, examples, seeds=(3, 4), **kw)
     for key in ("rougeL", "reverse_kl"):
         expect = [(a + b) / 2 for a, b in zip(one[0]["per_prompt"][key], one[1]["per_prompt"][key])]
@@ -386,8 +396,10 @@ def test_paired_difference_brute_force():
 
 
 def test_kl_from_generations_by_brute_force(tok, instruction_file, tmp_path):
-    """KL from `evaluate_models` files: per record, a full forward of prompt + sampled ids (EOS included) under
-    student and teacher; reverse KL on the student's file, forward KL on the teacher's; Rouge-L from the file."""
+    """KL from `evaluate_models` files: per record, a full forward of prompt + sampled ids (EOS included)
+    under
+    student and teacher; reverse KL on the student's file, forward KL on the teacher's; Rouge-L from the
+    file."""
     import statistics
 
     from minillm.data import PromptDataset
@@ -397,7 +409,8 @@ def test_kl_from_generations_by_brute_force(tok, instruction_file, tmp_path):
     teacher = tiny_llama(tok, hidden_size=48, layers=2, seed=1)
     examples = load_instructions(instruction_file)[:7]
     data = tmp_path / "set.jsonl"
-    data.write_text("".join(json.dumps({"instruction": e.instruction, "input": e.input, "output": e.outputs[0],
+    data.write_text("".join(json.dumps({"instruction": e.instruction, "input": e.input,
+                                        "output": e.outputs[0],
                                         "id": e.id}) + "\n" for e in examples))
     out = tmp_path / "gen"
     runner.evaluate_models({"s": (student, tok), "t": (teacher, tok)}, [str(data)], out, seeds=(3, 4),
@@ -420,7 +433,9 @@ def test_kl_from_generations_by_brute_force(tok, instruction_file, tmp_path):
         s_rows = [json.loads(x) for x in files["s"][seed].read_text().splitlines()]
         t_rows = [json.loads(x) for x in files["t"][seed].read_text().splitlines()]
         for r in s_rows:  # the stored ids are what was sampled: they decode to the stored response
-            ids = r["response_ids"][:-1] if r["response_ids"][-1:] == [tok.eos_token_id] else r["response_ids"]
+            ids = (
+                r["response_ids"][:-1] if r["response_ids"][-1:] == [tok.eos_token_id] else r["response_ids"]
+            )
             assert tok.decode(ids, skip_special_tokens=True).strip() == r["response"]
         rkl[seed] = [seq_logprob(student, prompts[r["id"]], r["response_ids"])
                      - seq_logprob(teacher, prompts[r["id"]], r["response_ids"]) for r in s_rows]
@@ -430,11 +445,13 @@ def test_kl_from_generations_by_brute_force(tok, instruction_file, tmp_path):
         lengths[seed] = [len(r["response_ids"]) for r in s_rows]
     mean = statistics.mean
     assert got["s"]["reverse_kl"] == pytest.approx(mean([mean(rkl[3]), mean(rkl[4])]), abs=1e-3)
-    assert got["s"]["reverse_kl_median"] == pytest.approx(mean([statistics.median(rkl[s]) for s in (3, 4)]), abs=1e-3)
+    assert got["s"]["reverse_kl_median"] == pytest.approx(mean([statistics.median(rkl[s]) for s in (3, 4)]),
+                                                          abs=1e-3)
     assert got["s"]["forward_kl"] == pytest.approx(mean([mean(fkl[3]), mean(fkl[4])]), abs=1e-3)
     assert got["s"]["rougeL"] == pytest.approx(mean([mean(rouge[3]), mean(rouge[4])]))
     assert got["s"]["length"] == pytest.approx(mean([mean(lengths[3]), mean(lengths[4])]))
-    assert got["s"]["per_prompt"]["reverse_kl"] == pytest.approx([(a + b) / 2 for a, b in zip(rkl[3], rkl[4])],
+    assert got["s"]["per_prompt"]["reverse_kl"] == pytest.approx([(a + b) / 2 for a, b in zip(rkl[3],
+                                                                                              rkl[4])],
                                                                  abs=1e-3)
     assert got["s"]["num_seeds"] == 2 and got["s"]["ids"] == [ds[i]["id"] for i in range(len(ds))]
     assert set(got["teacher"]) >= {"rougeL", "length"} and "reverse_kl" not in got["teacher"]
@@ -445,7 +462,8 @@ def test_kl_from_generations_by_brute_force(tok, instruction_file, tmp_path):
         t_rows = [json.loads(x) for x in files["t"][seed].read_text().splitlines()]
         assert self_logp[seed] == pytest.approx(
             {r["id"]: seq_logprob(teacher, prompts[r["id"]], r["response_ids"]) for r in t_rows}, abs=1e-3)
-    again = kl_from_generations(student, teacher, tok, examples, files["s"], files["t"], max_prompt_length=512,
+    again = kl_from_generations(student, teacher, tok, examples, files["s"], files["t"],
+                                max_prompt_length=512,
                                 batch_size=3, name="s", teacher_logprobs=self_logp)
     for key in ("reverse_kl", "forward_kl", "rougeL", "length"):
         assert again["s"][key] == pytest.approx(got["s"][key], abs=1e-4), key
@@ -461,7 +479,8 @@ def test_kl_from_generations_rejects_unusable_files(tok, instruction_file, tmp_p
     examples = load_instructions(instruction_file)[:3]
     good = [{"id": e.id, "response": "x", "references": ["x"], "response_ids": [5, 6]} for e in examples]
     old = tmp_path / "old.jsonl"
-    old.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "response_ids"}) + "\n" for r in good))
+    old.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "response_ids"}) + "\n"
+                           for r in good))
     with pytest.raises(DataError, match="old.jsonl: record 1 has no .*response_ids"):
         kl_from_generations(model, model, tok, examples, {1: old}, {1: good})
     with pytest.raises(DataError, match="no generation for prompt id"):
@@ -471,4 +490,5 @@ def test_kl_from_generations_rejects_unusable_files(tok, instruction_file, tmp_p
     with pytest.raises(ValueError, match="same non-empty seeds"):
         kl_from_generations(model, model, tok, examples, {1: good}, {2: good})
     same = kl_from_generations(model, model, tok, examples, {1: good}, {1: good})["student"]
-    assert same["reverse_kl"] == pytest.approx(0.0, abs=1e-5) and same["forward_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert same["reverse_kl"] == pytest.approx(0.0, abs=1e-5) and same["forward_kl"] == pytest.approx(0.0,
+                                                                                                      abs=1e-5)

@@ -18,10 +18,14 @@ from torch import Tensor
 
 from minillm.losses import (
     DIVERGENCES,
+    can_fuse,
+    chunk_share,
     chunked_token_terms,
     fused_token_loss,
     ppo_clipped_loss,
     single_step_loss,
+    token_divergence,
+    token_loss,
 )
 from minillm.models import lm_head_fn
 
@@ -119,7 +123,8 @@ def ppo_inputs(s: Setup, seed: int = 1):
         lp = chunked_token_terms(s.hidden(), s.head, targets=s.targets, vocab_size=VOCAB,
                                  temperature=1.3).logprobs
     old = lp + 0.4 * torch.randn(s.n, generator=gen, dtype=DTYPE)
-    adv = torch.randn(s.n, generator=gen, dtype=DTYPE).abs() * torch.tensor([1.0, -1.0], dtype=DTYPE).repeat(s.n)[:s.n]
+    signs = torch.tensor([1.0, -1.0], dtype=DTYPE).repeat(s.n)[:s.n]
+    adv = torch.randn(s.n, generator=gen, dtype=DTYPE).abs() * signs
     w = 0.3 + 1.5 * torch.rand(s.n, generator=gen, dtype=DTYPE)
     ss_w = 0.5 + torch.rand(s.n, generator=gen, dtype=DTYPE)
     return old, adv, w, ss_w
@@ -147,7 +152,7 @@ def test_fused_minillm_terms_match_checkpointed_path(chunk_size, head_kind, teac
     assert 0 < stats["clip_fraction"] < 1  # both branches of the clip are exercised
     want_grads = grads_of(0.37 * (pg + ss), hidden, s)
 
-    def token_loss(lp, div, start, stop):
+    def loss_fn(lp, div, start, stop):
         assert lp.requires_grad and div.requires_grad
         o = torch.ones_like(lp)
         pg_sum, _ = ppo_clipped_loss(lp, old[start:stop], adv[start:stop], w[start:stop], o, clip_eps=0.2,
@@ -156,7 +161,7 @@ def test_fused_minillm_terms_match_checkpointed_path(chunk_size, head_kind, teac
         return {"pg": pg_sum / s.n, "single_step": ss_sum / s.n}
 
     hidden = s.hidden()
-    f = fused_token_loss(hidden, s.head, token_loss, **kw, **s.fused_kw)
+    f = fused_token_loss(hidden, s.head, loss_fn, **kw, **s.fused_kw)
     assert f.loss.requires_grad and not f.terms["pg"].requires_grad
     torch.testing.assert_close(f.terms["pg"], pg.detach(), **TOL)
     torch.testing.assert_close(f.terms["single_step"], ss.detach(), **TOL)
@@ -192,7 +197,8 @@ def test_every_divergence_matches(kind, chunk_size, head_kind):
     hidden = s.hidden()
     f = fused_token_loss(
         hidden, s.head,
-        lambda lp, div, a, b: {"div": (coef[a:b] * div).sum() / s.n, "nll": -(coef.flip(0)[a:b] * lp).sum() / s.n},
+        lambda lp, div, a, b: {"div": (coef[a:b] * div).sum() / s.n,
+                               "nll": -(coef.flip(0)[a:b] * lp).sum() / s.n},
         **kw)
     torch.testing.assert_close(f.loss.detach(), want.detach(), **TOL)
     for got, ref_value in zip(f[2:], ref):
@@ -218,7 +224,8 @@ def test_divergence_only_and_logprobs_only():
     ref = chunked_token_terms(hidden, s.head, targets=s.targets, **kw)
     want_grads = grads_of(-ref.logprobs.mean(), hidden, s)
     hidden = s.hidden()
-    f = fused_token_loss(hidden, s.head, lambda lp, div, a, b: {"ce": -lp.sum() / s.n}, targets=s.targets, **kw)
+    f = fused_token_loss(hidden, s.head, lambda lp, div, a, b: {"ce": -lp.sum() / s.n}, targets=s.targets,
+                         **kw)
     assert f.divergence is None and f.teacher_logprobs is None
     torch.testing.assert_close(f.entropy, ref.entropy, **TOL)
     assert_all_close(grads_of(f.loss, hidden, s), want_grads)
@@ -265,7 +272,8 @@ def test_backward_accumulates_into_existing_grads_with_other_terms():
             p.grad = torch.full_like(p, 0.25)  # gradients already there (accumulation over micro-batches)
         hidden = s.hidden()
         if fused:
-            loss = fused_token_loss(hidden, s.head, lambda lp, div, a, b: {"x": (div - lp).sum() / s.n}, **kw).loss
+            loss = fused_token_loss(hidden, s.head, lambda lp, div, a, b: {"x": (div - lp).sum() / s.n},
+                                    **kw).loss
         else:
             t = chunked_token_terms(hidden, s.head, **kw)
             loss = (t.divergence - t.logprobs).mean()
@@ -308,14 +316,14 @@ def test_without_grad_only_values_are_computed():
               chunk_size=4)
     seen = []
 
-    def token_loss(lp, div, a, b):
+    def loss_fn(lp, div, a, b):
         seen.append(lp.requires_grad or div.requires_grad)
         return {"x": (div - lp).sum() / s.n}
 
     with torch.no_grad():
         hidden = s.hidden()
         t = chunked_token_terms(hidden, s.head, **kw)
-        f = fused_token_loss(hidden, s.head, token_loss, **kw)
+        f = fused_token_loss(hidden, s.head, loss_fn, **kw)
     assert not f.loss.requires_grad and not any(seen) and len(seen) == 3
     torch.testing.assert_close(f.loss, (t.divergence - t.logprobs).mean(), **TOL)
 
@@ -343,8 +351,8 @@ def test_linear_heads_take_no_per_chunk_weight_gradient_from_autograd(monkeypatc
 
         with monkeypatch.context() as m:
             m.setattr(torch.autograd, "grad", spy)
-            f = fused_token_loss(s.hidden(), s.head, lambda lp, div, a, b: {"x": -lp.sum()}, targets=s.targets,
-                                 vocab_size=VOCAB, chunk_size=4)
+            f = fused_token_loss(s.hidden(), s.head, lambda lp, div, a, b: {"x": -lp.sum()},
+                                 targets=s.targets, vocab_size=VOCAB, chunk_size=4)
         assert len(inputs_seen) > 0
         assert any(t is s.W for t in inputs_seen) == uses_autograd_for_head
         f.loss.backward()
@@ -395,8 +403,8 @@ def test_reduced_precision_heads_close_to_the_checkpointed_path():
         s = Setup("lm_head", n=37, seed=12, dtype=torch.float32)
         if case == "bf16_weights":
             s.head.module.to(torch.bfloat16)  # hidden states stay fp32: lm_head_fn casts them
-        kw = dict(targets=s.targets, divergence="rkl", teacher_logits=s.teacher_logits.float(), vocab_size=VOCAB,
-                  chunk_size=8)
+        kw = dict(targets=s.targets, divergence="rkl", teacher_logits=s.teacher_logits.float(),
+                  vocab_size=VOCAB, chunk_size=8)
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if case == "autocast" else torch.enable_grad()
         params = [s.head.module.weight, s.A]
         with ctx:
@@ -414,6 +422,120 @@ def test_reduced_precision_heads_close_to_the_checkpointed_path():
             assert cos > 0.9999, (case, float(cos))
             # only the head weight differs: its gradient is accumulated in fp32 here, in bf16 by autograd
             torch.testing.assert_close(g.double(), w.double(), rtol=0, atol=0.01 * float(w.abs().max()))
+
+
+# ------------------------------------------------------------------------------------------------
+# token_loss: the one entry point, on both paths, against full-logit fp64 references
+# ------------------------------------------------------------------------------------------------
+
+
+def ce_plus_divergence(n: int, coef: float = 0.5):
+    """A CE + divergence loss as a chunk-additive callback: token means times each chunk's share."""
+
+    def loss_fn(lp, div, start, stop):
+        share = chunk_share(start, stop, n)
+        return {"ce": -lp.mean() * share, "div": coef * div.mean() * share}
+
+    return loss_fn
+
+
+def full_logit_reference(hidden: Tensor, head, s: Setup, kind: str, temperature: float, coef: float = 0.5):
+    """(CE, coef * divergence) token means from the full [N, V] logits, normalised here in fp64."""
+    student = head(hidden)[:, :VOCAB].double() / temperature
+    ls = torch.log_softmax(student, -1)
+    lt = torch.log_softmax(s.teacher_logits[:, :VOCAB].double() / temperature, -1)
+    ce = -ls.gather(-1, s.targets[:, None]).squeeze(-1).mean()
+    q, p = ls.exp(), lt.exp()
+    div = {"rkl": (q * (ls - lt)).sum(-1), "fkl": (p * (lt - ls)).sum(-1),
+           "tvd": 0.5 * (q - p).abs().sum(-1)}[kind]
+    torch.testing.assert_close(div, token_divergence(student, lt, kind), **TOL)  # same maths, other code
+    return ce, coef * div.mean()
+
+
+HEAD_KINDS = ["linear", "lm_head", "generic", "function", "plain"]
+
+
+def entry_setup(head_kind: str, seed: int = 13) -> Setup:
+    """Setup(head_kind); "plain" is a plain-function head without head_parameters (the chunked fallback)."""
+    s = Setup("function" if head_kind == "plain" else head_kind, seed=seed)
+    if head_kind == "plain":
+        s.fused_kw = {}
+    return s
+
+
+def takes_fused_path(loss: Tensor) -> bool:
+    return "FusedLossFunction" in type(loss.grad_fn).__name__
+
+
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kind", ["rkl", "fkl", "tvd"])
+def test_token_loss_equals_the_full_logit_reference(head_kind, fused, kind):
+    s = entry_setup(head_kind)
+    hidden = s.hidden()
+    ce, div = full_logit_reference(hidden, s.head, s, kind, temperature=1.3)
+    want_grads = grads_of(ce + div, hidden, s)
+
+    hidden = s.hidden()
+    f = token_loss(hidden, s.head, ce_plus_divergence(s.n), targets=s.targets,
+                   teacher_logits=s.teacher_logits, divergence=kind, vocab_size=VOCAB, temperature=1.3,
+                   chunk_size=4, fused=fused, **s.fused_kw)
+    assert takes_fused_path(f.loss) == (fused and head_kind != "plain")
+    assert set(f.terms) == {"ce", "div"} and not any(v.requires_grad for v in f.terms.values())
+    torch.testing.assert_close(f.terms["ce"], ce.detach(), **TOL)
+    torch.testing.assert_close(f.terms["div"], div.detach(), **TOL)
+    torch.testing.assert_close(f.loss.detach(), (ce + div).detach(), **TOL)
+    for value in f[2:]:
+        assert value is not None and not value.requires_grad and value.shape == (s.n,)
+    assert_all_close(grads_of(f.loss, hidden, s), want_grads)
+
+
+@pytest.mark.parametrize("head_kind", ["linear", "lm_head", "generic", "function"])
+@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+def test_token_loss_paths_agree(head_kind, teacher):
+    s = Setup(head_kind, seed=14)
+    kw = dict(targets=s.targets, divergence="jsd", beta=0.3, vocab_size=VOCAB, temperature=0.9, chunk_size=3,
+              **teacher_kw(s, teacher), **s.fused_kw)
+    results = {}
+    for fused in (True, False):
+        hidden = s.hidden()
+        f = token_loss(hidden, s.head, ce_plus_divergence(s.n, coef=0.7), fused=fused, **kw)
+        assert takes_fused_path(f.loss) == fused
+        results[fused] = (f, grads_of(f.loss, hidden, s))
+    (f, grads), (ref, grads_ref) = results[True], results[False]
+    assert f.terms.keys() == ref.terms.keys()
+    for name in f.terms:
+        torch.testing.assert_close(f.terms[name], ref.terms[name], **TOL)
+    for got, want in zip(f, ref):
+        if isinstance(got, Tensor):
+            torch.testing.assert_close(got.detach(), want.detach(), **TOL)
+    assert_all_close(grads, grads_ref)
+
+
+def test_token_loss_fallback_calls_the_callback_once_and_handles_no_grad_and_empty_input():
+    s = entry_setup("plain", seed=15)
+    assert not can_fuse(s.head) and can_fuse(s.head, [s.W]) and can_fuse(s.teacher_head)
+    calls = []
+
+    def loss_fn(lp, div, start, stop):
+        calls.append((start, stop, lp.requires_grad))
+        return {"x": -lp.sum() / s.n}
+
+    f = token_loss(s.hidden(), s.head, loss_fn, targets=s.targets, vocab_size=VOCAB, chunk_size=4)
+    assert calls == [(0, s.n, True)] and f.divergence is None and f.teacher_logprobs is None
+    f.loss.backward()
+    assert float(s.W.grad.abs().sum()) > 0
+    calls.clear()
+    with torch.no_grad():
+        f = token_loss(s.hidden(), s.head, loss_fn, targets=s.targets, vocab_size=VOCAB, chunk_size=4)
+    assert calls == [(0, s.n, False)] and not f.loss.requires_grad
+    torch.testing.assert_close(f.loss, f.terms["x"], **TOL)
+    s = entry_setup("plain", seed=15)
+    empty = s.hidden()[:0]
+    f = token_loss(empty, s.head, lambda lp, div, a, b: {}, targets=s.targets[:0], vocab_size=VOCAB)
+    assert f.loss.item() == 0 and f.terms == {} and f.logprobs.shape == (0,) and f.entropy.shape == (0,)
+    with pytest.raises(TypeError, match="scalar"):
+        token_loss(s.hidden(), s.head, lambda lp, div, a, b: {"x": -lp}, targets=s.targets, vocab_size=VOCAB)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,7 +573,7 @@ def _minillm_trainer(tiny_dirs, instruction_file, out: Path, **kw):
 def test_minillm_loss_terms_fused_equal_checkpointed(tiny_dirs, instruction_file, tmp_path, variant):
     tr = _minillm_trainer(tiny_dirs, instruction_file, tmp_path / "run", **variant)
     alg = tr.algorithm
-    assert alg._fused()
+    assert alg.fused and can_fuse(tr.ctx.student_head)
     assert tr.student.get_output_embeddings().weight is tr.student.get_input_embeddings().weight  # tied
     batch = next(alg.micro_batches())
     params = [(n, p) for n, p in tr.student.named_parameters() if p.requires_grad]
@@ -459,23 +581,27 @@ def test_minillm_loss_terms_fused_equal_checkpointed(tiny_dirs, instruction_file
     def run(fused: bool):
         alg.fused = fused
         tr.optimizer.zero_grad(set_to_none=True)
-        terms, extra = alg.loss_terms(batch)
-        (sum(terms.values()) / 2).backward()
-        return terms, extra, {n: p.grad.clone() for n, p in params}
+        out = alg.loss(batch)
+        (out.loss / 2).backward()
+        return out, {n: p.grad.clone() for n, p in params}
 
-    terms_ref, extra_ref, grads_ref = run(False)
-    terms, extra, grads = run(True)
-    assert set(terms) == set(terms_ref) == {"rollout_loss", "pt"}
-    assert set(extra) == set(extra_ref) and {"pg", "single_step"} <= set(extra)
-    for k in terms:
-        torch.testing.assert_close(terms[k].detach(), terms_ref[k].detach(), rtol=1e-5, atol=1e-6)
-    for k in extra:
-        torch.testing.assert_close(torch.as_tensor(extra[k]).double(), torch.as_tensor(extra_ref[k]).double(),
-                                   rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(terms["rollout_loss"].detach(), extra["pg"] + extra["single_step"], rtol=1e-6,
+    ref, grads_ref = run(False)
+    out, grads = run(True)
+    assert set(out.terms) == set(ref.terms) == {"pg", "single_step", "pt"}
+    assert set(out.metrics) == set(ref.metrics) and "rollout_loss" in out.metrics
+    torch.testing.assert_close(out.loss.detach(), ref.loss.detach(), rtol=1e-5, atol=1e-6)
+    for k in out.terms:
+        torch.testing.assert_close(out.terms[k], ref.terms[k], rtol=1e-5, atol=1e-6)
+    for k in out.metrics:
+        torch.testing.assert_close(torch.as_tensor(out.metrics[k]).double(),
+                                   torch.as_tensor(ref.metrics[k]).double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.metrics["rollout_loss"], out.terms["pg"] + out.terms["single_step"],
+                               rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.loss.detach(), out.metrics["rollout_loss"] + out.terms["pt"], rtol=1e-6,
                                atol=1e-7)
     for n, _ in params:
-        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4, atol=1e-6 * float(grads_ref[n].abs().max()) + 1e-8)
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4,
+                                   atol=1e-6 * float(grads_ref[n].abs().max()) + 1e-8)
     assert float(grads["transformer.wte.weight"].abs().sum()) > 0
 
 

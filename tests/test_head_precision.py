@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accelerate import Accelerator
 
-from minillm import sampling
+from minillm import api
+from minillm.config import TrainConfig, build_config
 from minillm.losses import chunked_token_terms, fused_token_loss
-from minillm.models import final_hidden, lm_head_fn
-from minillm.sampling import SamplingConfig, generate_rollouts
+from minillm.models import LMHead, final_hidden, lm_head_fn
+from minillm.sampling import Decoder, SamplingConfig, generate_rollouts
 from minillm.testing import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 
@@ -32,14 +34,15 @@ def autocast():
 
 
 def scaled(model, factor: float = 50.0):
-    """Larger head weights give logits of magnitude ~10-30, where bf16 rounding is ~0.1 (as in real models)."""
+    """Larger head weights give logits of magnitude ~10-30, where bf16 rounding is ~0.1 (as in real models)"""
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(factor)
     return model
 
 
 def hidden_states(model, tok, n_rows: int = 3):
-    ids = torch.tensor(tok.encode("the cat is on the tree and what is the capital of france")).repeat(n_rows, 1)
+    text = "the cat is on the tree and what is the capital of france"
+    ids = torch.tensor(tok.encode(text)).repeat(n_rows, 1)
     with torch.no_grad():
         return final_hidden(model, ids, torch.ones_like(ids))
 
@@ -59,10 +62,12 @@ def test_head_is_fp32_under_autocast(tok, family):
                                        atol=1e-5)
         legacy = head.postprocess(head.module(h)).detach()  # what autocast does to the plain module call
     assert legacy.dtype == torch.bfloat16 and float((legacy.float() - want).abs().max()) > 1e-2
-    # the fused path's projection: postprocess(linear(cast_input(h), weight, bias)) == head(h), also under autocast
+    # the fused path's projection: postprocess(linear(cast_input(h), weight, bias)) == head(h), also under
+    # autocast
     weight, bias, post = head.linear_split()
     with autocast():
-        torch.testing.assert_close(post(head.linear(head.cast_input(h), weight, bias)), want, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(post(head.linear(head.cast_input(h), weight, bias)), want, rtol=1e-6,
+                                   atol=1e-5)
 
 
 def test_bf16_weights_under_autocast_and_without(tok):
@@ -121,7 +126,8 @@ def test_loss_and_gradients_under_autocast_equal_fp32_given_the_same_hidden(tok,
                 t = chunked_token_terms(hidden, head, **kw)
                 loss = (t.divergence - t.logprobs).mean()
             else:
-                loss = fused_token_loss(hidden, head, lambda lp, div, a, b: {"x": (div - lp).sum() / n}, **kw).loss
+                loss = fused_token_loss(hidden, head, lambda lp, div, a, b: {"x": (div - lp).sum() / n},
+                                        **kw).loss
         grads = torch.autograd.grad(loss, [hidden, weight])
         return loss.detach(), grads
 
@@ -145,37 +151,32 @@ def test_decoder_under_autocast_bf16_teacher(tok):
     student = tiny_llama(tok, seed=6)
     teacher = tiny_gpt2(tok, seed=7).to(torch.bfloat16)
     ids = torch.tensor([tok.encode("the cat is")])
-    dec = sampling._Decoder(teacher)
+    dec = Decoder(teacher)
     with torch.no_grad():
         logits, hidden = dec.step(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
     assert logits.dtype == torch.bfloat16  # no autocast: as before
-    dec = sampling._Decoder(teacher)
+    dec = Decoder(teacher)
     with torch.no_grad(), autocast():
         logits16, hidden16 = dec.step(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
     assert logits16.dtype == torch.float32
     weight = teacher.get_output_embeddings().weight
-    torch.testing.assert_close(logits16, torch.nn.functional.linear(hidden16.float(), weight.float()), rtol=1e-6,
-                               atol=1e-5)
+    want = torch.nn.functional.linear(hidden16.float(), weight.float())
+    torch.testing.assert_close(logits16, want, rtol=1e-6, atol=1e-5)
     with autocast():
-        rollout = generate_rollouts(student, ids, torch.ones_like(ids), config=SamplingConfig(max_new_tokens=4),
-                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, teacher=teacher,
-                                    teacher_mix_alpha=0.2, return_teacher_hidden=True,
-                                    generator=torch.Generator().manual_seed(0))
+        rollout = generate_rollouts(student, ids, torch.ones_like(ids),
+                                    config=SamplingConfig(max_new_tokens=4), eos_token_id=tok.eos_token_id,
+                                    pad_token_id=tok.pad_token_id, teacher=teacher, teacher_mix_alpha=0.2,
+                                    return_teacher_hidden=True, generator=torch.Generator().manual_seed(0))
     valid = rollout.response_mask.bool()
-    assert torch.isfinite(rollout.teacher_logprobs[valid]).all() and torch.isfinite(rollout.student_logprobs).all()
+    assert torch.isfinite(rollout.teacher_logprobs[valid]).all()
+    assert torch.isfinite(rollout.student_logprobs).all()
 
 
-def test_bf16_training_step_uses_the_fp32_head_and_backward_without_autocast(tiny_dirs, instruction_file, tmp_path,
-                                                                           monkeypatch):
+def test_bf16_training_step_uses_the_fp32_head_and_backward_without_autocast(tiny_dirs, instruction_file,
+                                                                           tmp_path, monkeypatch):
     """precision=bf16 (Accelerate autocast on CPU), MiniLLM with the fused loss: the student and teacher heads
     produce fp32 logits inside the autocast region, and backward runs with autocast off (under it, the
     backward of the fp32 head would be recast to bf16)."""
-    from accelerate import Accelerator
-
-    from minillm import api
-    from minillm.config import TrainConfig, build_config
-    from minillm.models import LMHead
-
     seen = {"head_autocast": [], "head_dtypes": set(), "backward_autocast": []}
     real_call, real_linear, real_backward = LMHead.__call__, LMHead.linear, Accelerator.backward
 
@@ -199,9 +200,10 @@ def test_bf16_training_step_uses_the_fp32_head_and_backward_without_autocast(tin
     monkeypatch.setattr(LMHead, "linear", linear)
     monkeypatch.setattr(Accelerator, "backward", backward)
     cfg = build_config(TrainConfig, None, dict(
-        method="minillm", student=tiny_dirs["student"], teacher=tiny_dirs["teacher"], train_data=instruction_file,
-        output_dir=str(tmp_path / "run"), precision="bf16", num_rollouts=4, batch_size=4, rollout_batch_size=4,
-        ppo_epochs=1, max_new_tokens=6, max_steps=1, valid_fraction=0, max_prompt_length=160, seed=3))
+        method="minillm", student=tiny_dirs["student"], teacher=tiny_dirs["teacher"],
+        train_data=instruction_file, output_dir=str(tmp_path / "run"), precision="bf16", num_rollouts=4,
+        batch_size=4, rollout_batch_size=4, ppo_epochs=1, max_new_tokens=6, max_steps=1, valid_fraction=0,
+        max_prompt_length=160, seed=3))
     api.train(cfg)
     assert seen["backward_autocast"] == [False]
     assert any(seen["head_autocast"]), "no head call ran under autocast"

@@ -33,7 +33,8 @@ def _write(root: Path) -> None:
             for set_name in ("dollyeval", "sni"):
                 path = root / "eval" / "rouge" / model / set_name / f"seed{seed}.jsonl"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("".join(json.dumps({"id": k, "response": v, "references": REFS[k], "rougeL": 0.0}) + "\n"
+                path.write_text("".join(json.dumps({"id": k, "response": v, "references": REFS[k],
+                                                    "rougeL": 0.0}) + "\n"
                                         for k, v in answers.items()))
 
 
@@ -49,7 +50,8 @@ def test_length_control_against_brute_force(tmp_path):
         ram, sft = res["rambler"][set_name], res["sft"][set_name]
         assert ram["n"] == 2 and ram["seeds"] == [10, 20]
         # brute force: per prompt, average over seeds of the cut answer's Rouge-L, then the paired difference
-        cut = {k: sum(rouge_l(" ".join(ANSWERS["rambler"][s][k].split()[:len(ANSWERS["sft"][s][k].split())]), REFS[k])
+        cut = {k: sum(rouge_l(" ".join(ANSWERS["rambler"][s][k].split()[:len(ANSWERS["sft"][s][k].split())]),
+                              REFS[k])
                       for s in (10, 20)) / 2 for k in REFS}
         own = {k: sum(rouge_l(ANSWERS["sft"][s][k], REFS[k]) for s in (10, 20)) / 2 for k in REFS}
         diffs = [cut[k] - own[k] for k in REFS]
@@ -63,7 +65,8 @@ def test_length_control_against_brute_force(tmp_path):
         assert sft["rougeL_at_ref_length"] == pytest.approx(sft["rougeL"]) and "paired_vs_ref" not in sft
         assert ram["words"] == pytest.approx(sum(len(a.split()) for s in (10, 20)
                                                  for a in ANSWERS["rambler"][s].values()) / 4)
-        assert ram["recall"] > ram["precision"] and all(math.isfinite(v) for v in (ram["precision"], ram["recall"]))
+        assert ram["recall"] > ram["precision"] and all(math.isfinite(v) for v in (ram["precision"],
+                                                                                   ram["recall"]))
     md = lc.to_markdown(res, "sft")
     assert md.count("| rambler |") == 2 and "cut − sft (paired)" in md
 

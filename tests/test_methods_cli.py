@@ -22,7 +22,8 @@ COMMON = ["max_steps=2", "batch_size=4", "max_length=200", "max_prompt_length=16
 ])
 def test_every_method_trains(tiny_dirs, instruction_file, tmp_path, method, extra):
     out = tmp_path / method
-    assert run(["distill", f"method={method}", f"student={tiny_dirs['student']}", f"teacher={tiny_dirs['teacher']}",
+    assert run(["distill", f"method={method}", f"student={tiny_dirs['student']}",
+                f"teacher={tiny_dirs['teacher']}",
                 f"train_data={instruction_file}", f"output_dir={out}", *COMMON, *extra]) == 0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if "loss" in r]
@@ -37,7 +38,8 @@ def test_seqkd_trains_on_the_teachers_own_samples(tiny_dirs, instruction_file, t
     from minillm.sampling import SamplingConfig
 
     out = tmp_path / "seqkd"
-    assert run(["distill", "method=seqkd", f"student={tiny_dirs['student']}", f"teacher={tiny_dirs['teacher']}",
+    assert run(["distill", "method=seqkd", f"student={tiny_dirs['student']}",
+                f"teacher={tiny_dirs['teacher']}",
                 f"train_data={instruction_file}", f"output_dir={out}", "seed=5", *COMMON]) == 0
     records = [json.loads(x) for x in (out / "seqkd_teacher_data.jsonl").read_text().splitlines()]
     # regenerate with the teacher directly, same seed and settings: identical text, not the dataset's outputs
@@ -67,7 +69,8 @@ def test_generate_is_resumable(tiny_dirs, instruction_file, tmp_path):
     Path(str(out) + ".partial").write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])
     assert run(args) == 0
     assert out.read_text() == full
-    # a response shorter than the cap stopped at EOS; one at the cap is finished only if its last token was EOS
+    # a response shorter than the cap stopped at EOS; one at the cap is finished only if its last token
+    # was EOS
     for rec in map(json.loads, full.splitlines()):
         assert isinstance(rec["finished"], bool)
         if rec["length"] < 6:
@@ -91,7 +94,7 @@ def test_evaluate_and_report_on_dollyeval(tiny_dirs, tmp_path):
 
 
 def test_evaluate_sequence_kl(tiny_dirs, tmp_path):
-    from minillm.config import EvalConfig
+    from minillm.config import EvalConfig, SamplingConfig
     from minillm.errors import ConfigError
 
     dolly = shared_data("dolly_eval500.jsonl")
@@ -107,7 +110,8 @@ def test_evaluate_sequence_kl(tiny_dirs, tmp_path):
     assert set(json.loads((out / "results.json").read_text())["results"]) == {"s", "teacher"}
     assert "| s | dolly_eval500 |" in (out / "sequence_kl.md").read_text()
     with pytest.raises(ConfigError, match="temperature"):
-        EvalConfig(models=["m"], data=["d"], teacher="t", sequence_kl=True, temperature=0.7).validate()
+        EvalConfig(models=["m"], data=["d"], teacher="t", sequence_kl=True,
+                   sampling=SamplingConfig(temperature=0.7)).validate()
     with pytest.raises(ConfigError, match="needs teacher"):
         EvalConfig(models=["m"], data=["d"], sequence_kl=True).validate()
 
@@ -115,7 +119,8 @@ def test_evaluate_sequence_kl(tiny_dirs, tmp_path):
 def test_calibration_command(tiny_dirs, tmp_path):
     rows = [{"instruction": f"Is this positive or negative? {t}", "input": "", "output": lab,
              "labels": ["negative", "positive"]} for t, lab in
-            [("great fun", "positive"), ("awful", "negative"), ("lovely", "positive"), ("bad", "negative")] * 3]
+            [("great fun", "positive"), ("awful", "negative"), ("lovely", "positive"),
+             ("bad", "negative")] * 3]
     data = write_jsonl(tmp_path / "sst2_like.jsonl", rows)
     assert run(["evaluate", f"models=s={tiny_dirs['student']}", f"calibration={data}",
                 f"output_dir={tmp_path / 'cal'}"]) == 0

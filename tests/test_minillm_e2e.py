@@ -47,7 +47,8 @@ def _heldout_reverse_kl(student_dir, teacher_dir, test_file) -> tuple[float, flo
     batch = collate_prompts([prompts[i] for i in range(len(prompts))] * 2, tok.pad_token_id)
     r = generate_rollouts(student, batch["input_ids"], batch["attention_mask"],
                           config=SamplingConfig(max_new_tokens=32), eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id, teacher=teacher, generator=torch.Generator().manual_seed(0))
+                          pad_token_id=tok.pad_token_id, teacher=teacher,
+                          generator=torch.Generator().manual_seed(0))
     seq_kl = ((r.student_logprobs - r.teacher_logprobs) * r.response_mask).sum(1)
     return float(seq_kl.mean()), float(seq_kl.std() / len(seq_kl) ** 0.5), float(r.lengths.float().mean())
 
@@ -64,10 +65,10 @@ def pipeline(tmp_path_factory):
     write_jsonl(root / "test.jsonl", _language(40, 1))
     common = dict(train_data=str(root / "train.jsonl"), max_length=200, max_prompt_length=160,
                   valid_fraction=0.1, template="raw", batch_size=8, learning_rate=3e-3)
-    teacher = api.train(build_config(TrainConfig, None, dict(method="sft", student=str(root / "teacher0"),
-                                                             output_dir=str(root / "t"), max_steps=300, **common)))
-    init = api.train(build_config(TrainConfig, None, dict(method="sft", student=str(root / "student0"),
-                                                          output_dir=str(root / "s"), max_steps=30, **common)))
+    teacher = api.train(build_config(TrainConfig, None, dict(
+        method="sft", student=str(root / "teacher0"), output_dir=str(root / "t"), max_steps=300, **common)))
+    init = api.train(build_config(TrainConfig, None, dict(
+        method="sft", student=str(root / "student0"), output_dir=str(root / "s"), max_steps=30, **common)))
     runs = {}
     for length_norm in (True, False):
         out = root / f"minillm_ln{length_norm}"

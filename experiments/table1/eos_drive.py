@@ -36,6 +36,12 @@ from pathlib import Path
 
 import torch
 
+from minillm.data import PromptDataset, collate_prompts, load_instructions
+from minillm.io import write_text
+from minillm.losses import advantages, per_token_rewards, ppo_clipped_loss, single_step_loss, whiten
+from minillm.models import check_compatibility, load_model, load_tokenizer, position_ids_from_mask
+from minillm.sampling import SamplingConfig, generate_rollouts
+
 VARIANTS = {  # name -> (advantage variant, gamma, length_norm); names as the table-1 rows
     "minillm (released: lmops, gamma 0.95, length-normalised)": ("lmops", 0.95, True),
     "minillm-nolen (lmops, gamma 0.95)": ("lmops", 0.95, False),
@@ -44,16 +50,16 @@ VARIANTS = {  # name -> (advantage variant, gamma, length_norm); names as the ta
 }
 
 
-def logit_drives(z_student: torch.Tensor, z_teacher: torch.Tensor, targets: torch.Tensor, old_logprobs: torch.Tensor,
+def logit_drives(z_student: torch.Tensor, z_teacher: torch.Tensor, targets: torch.Tensor,
+                 old_logprobs: torch.Tensor,
                  weights: torch.Tensor, adv: dict[str, torch.Tensor], *, eos: int, clip_eps: float | None,
                  scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """-dL/dz_t[EOS] per token ([N]) of the single-step loss and of the PPO loss under each advantage in `adv`.
+    """-dL/dz_t[EOS] per token ([N]) of the single-step loss and of the PPO loss under each advantage in
+    `adv`.
 
     z_*: [N, V] logits at N visited positions; the losses are the package's token means times `scale`
     (the share of these N tokens in the round), at theta = theta_old (ratio = `weights`).
     """
-    from minillm.losses import ppo_clipped_loss, single_step_loss
-
     z = z_student.detach().float().clone().requires_grad_(True)
     log_q = z.log_softmax(-1)
     log_p = z_teacher.detach().float().log_softmax(-1)
@@ -74,11 +80,6 @@ def eos_drive(student, teacher, tokenizer, prompts: list[list[int]], *, rollouts
               max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0, clip_eps: float = 0.2,
               shared_vocab_size: int | None = None) -> dict:
     """The measurements above on `rollouts` prompts (token-id lists, drawn with `seed`)."""
-    from minillm.data import collate_prompts
-    from minillm.losses import advantages, per_token_rewards, whiten
-    from minillm.models import position_ids_from_mask
-    from minillm.sampling import SamplingConfig, generate_rollouts
-
     eos = tokenizer.eos_token_id
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(prompts), generator=gen)[:rollouts].tolist()
@@ -101,7 +102,8 @@ def eos_drive(student, teacher, tokenizer, prompts: list[list[int]], *, rollouts
         mask = r.response_mask
         rewards = per_token_rewards(r.teacher_logprobs, r.student_logprobs, mask)
         for name, (variant, gamma, norm) in VARIANTS.items():
-            adv_by_variant[name].append(advantages(rewards, mask, gamma=gamma, length_norm=norm, variant=variant))
+            adv_by_variant[name].append(advantages(rewards, mask, gamma=gamma, length_norm=norm,
+                                                   variant=variant))
         per["rewards"].append(rewards)
         per["mask"].append(mask)
         lengths += r.lengths.tolist()
@@ -124,15 +126,25 @@ def eos_drive(student, teacher, tokenizer, prompts: list[list[int]], *, rollouts
         P, T = r.prompt_ids.shape[1], r.response_ids.shape[1]
         pos = position_ids_from_mask(attn)
         with torch.no_grad():
-            z_s = student(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:P - 1 + T].float()
-            z_t = teacher(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:P - 1 + T].float()
+            z_s = (
+                student(input_ids=ids, attention_mask=attn, position_ids=pos)
+                .logits[:, P - 1 : P - 1 + T]
+                .float()
+            )
+            z_t = (
+                teacher(input_ids=ids, attention_mask=attn, position_ids=pos)
+                .logits[:, P - 1 : P - 1 + T]
+                .float()
+            )
         V = shared_vocab_size or min(z_s.shape[-1], z_t.shape[-1])
         z_s, z_t = z_s[..., :V], z_t[..., :V]
         valid = r.response_mask.bool()
         n = int(valid.sum())
-        adv = {name: whitened[name][offset:offset + valid.numel()].view(valid.shape)[valid] for name in VARIANTS}
+        adv = {name: whitened[name][offset:offset + valid.numel()].view(valid.shape)[valid]
+               for name in VARIANTS}
         d_ss, d_lt = logit_drives(z_s[valid], z_t[valid], r.response_ids[valid], r.student_logprobs[valid],
-                                  r.importance_weights[valid], adv, eos=eos, clip_eps=clip_eps, scale=n / n_tokens)
+                                  r.importance_weights[valid], adv, eos=eos, clip_eps=clip_eps,
+                                  scale=n / n_tokens)
         ss_drive += float(d_ss.sum())
         is_eos = r.response_ids[valid] == eos
         for name in VARIANTS:
@@ -152,7 +164,8 @@ def eos_drive(student, teacher, tokenizer, prompts: list[list[int]], *, rollouts
         o["eos_advantage_negative_share"] = mean([float(x < 0) for x in eos_adv[name]])
         o["other_advantage_mean"] = mean(other_adv[name])
     return {"rollouts": len(order), "alpha": alpha, "tokens": int(n_tokens), "mean_length": mean(lengths),
-            "capped": capped, "reward_mean": float((torch.cat([x.flatten() for x in per["rewards"]]) * flat_mask).sum()
+            "capped": capped, "reward_mean": float((torch.cat([x.flatten()
+                                                               for x in per["rewards"]]) * flat_mask).sum()
                                                    / n_tokens),
             "drive_single_step": ss_drive, "variants": out}
 
@@ -170,10 +183,6 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from minillm.data import PromptDataset, load_instructions
-    from minillm.evaluation.runner import _write_atomic
-    from minillm.models import check_compatibility, load_model, load_tokenizer
-
     root = Path(args.out)
     stage = {n: json.loads((root / "stages" / f"{n}.json").read_text())["info"]
              for n in ("data", "init", "teacher-select")}
@@ -184,25 +193,30 @@ def main(argv=None) -> int:
     student = load_model(student_path, dtype="bfloat16")
     teacher = load_model(teacher_path, dtype=settings.get("teacher_dtype", "bfloat16"))
     shared = check_compatibility(load_tokenizer(teacher_path), tok, teacher, student)
-    ds = PromptDataset(load_instructions(stage["data"]["train"]), tok, template="minillm",  # run.py's TEMPLATE
+    # run.py's TEMPLATE
+    ds = PromptDataset(load_instructions(stage["data"]["train"]), tok, template="minillm",
                        max_prompt_length=settings["max_prompt_length"])
     prompts = [ds[i]["prompt_ids"] for i in range(len(ds))]
     t0 = time.perf_counter()
-    res = eos_drive(student, teacher, tok, prompts, rollouts=args.rollouts, alpha=settings["teacher_mix_alpha"],
-                    max_new_tokens=settings["train_max_new_tokens"], batch_size=args.batch_size, seed=args.seed,
+    res = eos_drive(student, teacher, tok, prompts, rollouts=args.rollouts,
+                    alpha=settings["teacher_mix_alpha"],
+                    max_new_tokens=settings["train_max_new_tokens"], batch_size=args.batch_size,
+                    seed=args.seed,
                     clip_eps=settings["clip_eps"], shared_vocab_size=shared)
     res.update(student=student_path, teacher=teacher_path, seconds=time.perf_counter() - t0, seed=args.seed)
     dest = root / "diagnostics" / f"eos_drive{'-' + args.tag if args.tag else ''}.json"
-    _write_atomic(dest, json.dumps(res, indent=1))
+    write_text(dest, json.dumps(res, indent=1))
 
     print(f"student {student_path}; {res['rollouts']} rollouts, {res['tokens']} tokens, mean length "
           f"{res['mean_length']:.1f}, capped {res['capped']}, mean reward {res['reward_mean']:.3f}")
     print(f"single-step term EOS drive: {res['drive_single_step']:+.5f}\n")
-    print("| return | long-term EOS drive | from sampled EOS | from continuations | A(EOS) mean | A(EOS) < 0 | "
+    print("| return | long-term EOS drive | from sampled EOS | from continuations | A(EOS) mean | A(EOS) < 0 "
+          "| "
           "A(other) mean |")
     print("|---|---|---|---|---|---|---|")
     for name, o in res["variants"].items():
-        print(f"| {name} | {o['drive_long_term']:+.5f} | {o['drive_eos_sampled']:+.5f} | {o['drive_continue']:+.5f} | "
+        print(f"| {name} | {o['drive_long_term']:+.5f} | {o['drive_eos_sampled']:+.5f} | "
+              f"{o['drive_continue']:+.5f} | "
               f"{o['eos_advantage_mean']:+.3f} | {o['eos_advantage_negative_share']:.2f} | "
               f"{o['other_advantage_mean']:+.3f} |")
     print(f"\nwritten {dest}")

@@ -27,6 +27,11 @@ import json
 import sys
 from pathlib import Path
 
+from minillm.errors import DataError
+from minillm.evaluation.metrics import rouge_l, rouge_l_scores
+from minillm.evaluation.sequence_kl import paired_difference
+from minillm.io import iter_jsonl, write_text
+
 
 def truncate_words(text: str, n: int) -> str:
     """The first `n` whitespace-separated words of `text` (all of it if it has fewer)."""
@@ -34,32 +39,32 @@ def truncate_words(text: str, n: int) -> str:
 
 
 def _load(path: Path) -> dict[str, dict]:
-    """Prompt id -> {response, references} of a generation file (the package's JSONL reader: errors name the line)."""
-    from minillm.data.instructions import _read_jsonl
-    from minillm.errors import DataError
-
+    """Prompt id -> {response, references} of a generation file (the package's JSONL reader: errors name the
+    line)."""
     out = {}
     try:
-        for where, rec in _read_jsonl(path, shape="a generation record of minillm evaluate"):
+        for where, rec in iter_jsonl(path, shape="a generation record of minillm evaluate"):
             try:
                 out[str(rec["id"])] = {"response": rec["response"], "references": rec["references"]}
             except (KeyError, TypeError) as e:
-                raise SystemExit(f"{where}: not a generation record of minillm evaluate (missing {e})") from None
+                raise SystemExit(
+                    f"{where}: not a generation record of minillm evaluate (missing {e})"
+                ) from None
     except DataError as e:
         raise SystemExit(str(e)) from None
     return out
 
 
-def length_control(root: Path, reference: str, models: list[str] | None = None, seeds: list[int] | None = None,
+def length_control(root: Path, reference: str, models: list[str] | None = None,
+                   seeds: list[int] | None = None,
                    sets: tuple[str, ...] = ("dollyeval", "sni")) -> dict:
-    """model -> set -> {words, rougeL, precision, recall, rougeL_at_ref_length, paired_vs_ref: [mean, se], n}."""
-    from minillm.evaluation.metrics import rouge_l, rouge_l_scores
-    from minillm.evaluation.sequence_kl import paired_difference
-
+    """model -> set -> {words, rougeL, precision, recall, rougeL_at_ref_length, paired_vs_ref: [mean, se],
+    n}."""
     base = root / "eval" / "rouge"
     if not (base / reference).is_dir():
         raise SystemExit(f"{base / reference}: no generations of the reference model {reference!r} "
-                         f"(models there: {', '.join(sorted(p.name for p in base.iterdir() if p.is_dir())) or 'none'})")
+                         "(models there: "
+                         f"{', '.join(sorted(p.name for p in base.iterdir() if p.is_dir())) or 'none'})")
     models = models or sorted(p.name for p in base.iterdir() if p.is_dir())
     result: dict[str, dict] = {}
     for set_name in sets:
@@ -69,13 +74,15 @@ def length_control(root: Path, reference: str, models: list[str] | None = None, 
         if not use:
             raise SystemExit(f"{ref_dir}: no generation file for seeds {seeds or 'any'}")
         ref = {s: _load(ref_dir / f"seed{s}.jsonl") for s in use}
-        # the reference model's own Rouge-L per (seed, prompt): scored once, shared by every model's paired difference
+        # the reference model's own Rouge-L per (seed, prompt): scored once, shared by every model's paired
+        # difference
         ref_score = {s: {k: rouge_l(x["response"], x["references"]) for k, x in ref[s].items()} for s in use}
         for model in models:
             files = {s: base / model / set_name / f"seed{s}.jsonl" for s in use}
             missing = [str(f) for f in files.values() if not f.exists()]
             if missing:
-                raise SystemExit(f"missing generation files (run eval-rouge for these seeds): {', '.join(missing)}")
+                raise SystemExit("missing generation files (run eval-rouge for these seeds): "
+                                 f"{', '.join(missing)}")
             per_seed = {s: _load(f) for s, f in files.items()}
             ids = [k for k in ref[use[0]] if all(k in per_seed[s] and k in ref[s] for s in use)]
             words: list[int] = []
@@ -90,7 +97,8 @@ def length_control(root: Path, reference: str, models: list[str] | None = None, 
                     prec.append(p_)
                     rec.append(r_)
                     f1[k] += f_ / len(use)
-                    matched[k] += rouge_l(truncate_words(r, len(ref[s][k]["response"].split())), refs) / len(use)
+                    matched[k] += rouge_l(truncate_words(r, len(ref[s][k]["response"].split())),
+                                          refs) / len(use)
             mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
             entry = {"n": len(ids), "seeds": use, "words": mean(words), "rougeL": mean(list(f1.values())),
                      "precision": mean(prec), "recall": mean(rec),
@@ -107,9 +115,11 @@ def to_markdown(result: dict, reference: str) -> str:
     lines = []
     for set_name in sets:
         seeds = next(iter(result.values()))[set_name]["seeds"]
-        lines += [f"**{set_name}** (seeds {seeds}; cut = each answer cut to the length of {reference}'s answer "
+        lines += [f"**{set_name}** (seeds {seeds}; cut = each answer cut to the length of {reference}'s "
+                  "answer "
                   "to the same prompt and seed)", "",
-                  f"| model | words | Rouge-L | precision | recall | Rouge-L, cut | cut − {reference} (paired) |",
+                  f"| model | words | Rouge-L | precision | recall | Rouge-L, cut | cut − {reference} "
+                  "(paired) |",
                   "|---|---|---|---|---|---|---|"]
         for model, per_set in result.items():
             e = per_set[set_name]
@@ -125,17 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the table-1 run directory (OUT of run.py)")
     p.add_argument("--reference", default="sft", help="model whose answer lengths set the cut (default: sft)")
-    p.add_argument("--models", nargs="+", default=None, help="models to report (default: all in OUT/eval/rouge)")
+    p.add_argument("--models", nargs="+", default=None, help="models to report (default: all in "
+                                                             "OUT/eval/rouge)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="seeds (default: every seed the reference model has files for)")
     args = p.parse_args(argv)
-    from minillm.evaluation.runner import _write_atomic
-
     root = Path(args.out).resolve()
     result = length_control(root, args.reference, args.models, args.seeds)
     md = to_markdown(result, args.reference)
     out = root / "diagnostics" / f"length_control-{args.reference}.json"
-    _write_atomic(out, json.dumps(result, indent=1))
+    write_text(out, json.dumps(result, indent=1))
     print(md)
     print(f"written: {out}")
     return 0

@@ -26,6 +26,11 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
+from minillm.io import read_jsonl, write_text
+from minillm.stages import Stages
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as table1  # noqa: E402  (the driver's own stage code: the probe trains exactly as a row does)
 
@@ -35,13 +40,14 @@ VALID_KEYS = ("valid_rougeL", "valid_length", "valid_reverse_kl", "valid_reverse
 def _marker(root: Path, name: str) -> dict:
     path = root / "stages" / f"{name}.json"
     if not path.exists():
-        raise SystemExit(f"{path} is missing: the probe needs a table-1 run whose '{name}' stage has finished "
+        raise SystemExit(f"{path} is missing: the probe needs a table-1 run whose '{name}' stage has "
+                         "finished "
                          "(python experiments/table1/run.py --out OUT)")
     return json.loads(path.read_text())["info"]
 
 
 def _records(metrics: Path) -> list[dict]:
-    return table1._read_jsonl(metrics) if metrics.exists() else []
+    return read_jsonl(metrics) if metrics.exists() else []
 
 
 def validation_at(records: list[dict], step: int) -> dict | None:
@@ -65,16 +71,19 @@ def probe(root: Path, method: str, steps: int, out: Path) -> dict:
     if not settings_file.exists():
         raise SystemExit(f"{settings_file} is missing: --out must be a table-1 run folder")
     if method not in table1.MINILLM_VARIANTS:
-        raise SystemExit(f"--method {method}: the probe repeats the first steps of a constant-lr MiniLLM row; "
+        raise SystemExit(f"--method {method}: the probe repeats the first steps of a constant-lr MiniLLM "
+                         "row; "
                          f"choose one of {', '.join(table1.MINILLM_VARIANTS)}")
     if steps < 1:
         raise SystemExit(f"--steps {steps}: give a positive number of optimiser steps")
     s = json.loads(settings_file.read_text())
     data, init, teacher = _marker(root, "data"), _marker(root, "init"), _marker(root, "teacher-select")
     s.update(steps=steps, method_evals=1)  # one validation, at the last step; everything else as the run
-    # a stage marker, as in the driver: a finished probe is not trained (or validated) again when re-run, and its
+    # a stage marker, as in the driver: a finished probe is not trained (or validated) again when re-run, and
+    # its
     # resume checkpoints are deleted once it is done
-    info = table1.Stages(out).run_training(f"method-{method}", out / "runs" / method, lambda: table1.stage_method(
+    stages = Stages(out / "stages", log=table1.logger)
+    info = table1.run_training(stages, f"method-{method}", out / "runs" / method, lambda: table1.stage_method(
         out, s, data, method, init["model"], teacher["path"]))
     records = _records(out / "runs" / method / "metrics.jsonl")
     result = {"method": method, "steps": steps, "run": str(root), "train": info,
@@ -87,7 +96,7 @@ def probe(root: Path, method: str, steps: int, out: Path) -> dict:
         v = validation_at(records, steps)
         if v is not None:
             result["run_rows"][row] = {"valid": v, "rollout_lengths": rollout_lengths(records, steps)}
-    table1._write_atomic(out / "probe.json", json.dumps(result, indent=1))
+    write_text(out / "probe.json", json.dumps(result, indent=1))
     return result
 
 
@@ -101,7 +110,8 @@ def format_table(result: dict) -> str:
                 f"{' / '.join(f'{x:.0f}' for x in lengths) or '–'} |")
 
     rows = [f"Validation at step {result['steps']} ({result['run']}):", "",
-            "| run | Rouge-L | length | reverse KL (seq) | rollout length per round |", "|---|---|---|---|---|",
+            "| run | Rouge-L | length | reverse KL (seq) | rollout length per round |",
+            "|---|---|---|---|---|",
             line(f"probe: {result['method']}", result["valid"], result["rollout_lengths"])]
     rows += [line(name, r["valid"], r["rollout_lengths"]) for name, r in result["run_rows"].items()]
     return "\n".join(rows)
@@ -109,21 +119,26 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="a table-1 run folder (its data, teacher-select and init stages done)")
+    p.add_argument("--out", required=True, help="a table-1 run folder (its data, teacher-select and init "
+                                                "stages done)")
     p.add_argument("--method", required=True, help="a MiniLLM variant of run.py, e.g. minillm-nomix")
-    p.add_argument("--steps", type=int, required=True, help="optimiser steps; the probe validates once, at the last")
+    p.add_argument("--steps", type=int, required=True, help="optimiser steps; the probe validates once, at "
+                                                            "the last")
     p.add_argument("--probe-out", default=None, help="default OUT/probes/<method>-<steps>")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the run's: 1 for --smoke runs)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the run's: 1 for --smoke "
+                                                          "runs)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     root = Path(args.out).resolve()
-    smoke = (root / "settings.json").exists() and json.loads((root / "settings.json").read_text()).get("smoke")
+    smoke = (root / "settings.json").exists() and json.loads((root / "settings.json").read_text()).get(
+        "smoke"
+    )
     threads = args.threads or (1 if smoke else 0)
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
-    out = Path(args.probe_out).resolve() if args.probe_out else root / "probes" / f"{args.method}-{args.steps}"
+    out = (
+        Path(args.probe_out).resolve() if args.probe_out else root / "probes" / f"{args.method}-{args.steps}"
+    )
     result = probe(root, args.method, args.steps, out)
     print(format_table(result))
     print(f"\nwritten: {out / 'probe.json'}")

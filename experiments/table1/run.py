@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
 import shlex
 import shutil
@@ -35,11 +34,36 @@ import time
 from importlib import resources
 from pathlib import Path
 
+import torch
+
+from minillm import api
+from minillm.config import TrainConfig, build_config
+from minillm.data import build_prompt, load_instructions
+from minillm.evaluation.exposure_bias import measure_exposure_bias
+from minillm.evaluation.runner import evaluate_models
+from minillm.evaluation.sequence_kl import kl_from_generations, teacher_self_logprobs
+from minillm.io import read_jsonl, write_jsonl, write_text
+from minillm.models import (
+    builtin_model_dir,
+    check_compatibility,
+    load_model,
+    load_tokenizer,
+    prune_model,
+    save_pretrained_atomic,
+)
+from minillm.stages import Stages
+from minillm.testing import tiny_llama, tiny_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the results stage, and the run budgets every training stage records (step_records: for the tests)
+from results_table import run_budget, stage_results, step_records  # noqa: E402, F401
+
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 TEACHER = "smollm2-135m-instruct"
 TEMPLATE = "minillm"  # the paper's prompt template (issue 7: "prompts in the MiniLLM template")
 # MiniLLM variants: the exact sequence-level return, and the stabiliser ablation of the paper's Table 4
-# (spec §4.5: w/o length normalisation, w/o teacher-mixed sampling, w/o single-step decomposition).
+# (Gu et al., arXiv 2306.08543: w/o length normalisation, w/o teacher-mixed sampling, w/o single-step
+# decomposition).
 MINILLM_VARIANTS = {
     "minillm": {},
     "minillm-seqret": {"advantage": "paper", "length_norm": False},
@@ -63,72 +87,15 @@ logger = logging.getLogger("table1")
 
 # --------------------------------------------------------------------------------------------- utils
 
-def _write_atomic(path: Path, text: str) -> None:
-    from minillm.evaluation.runner import _write_atomic as write_atomic  # the package's (fsynced) writer
+def run_training(stages: Stages, name: str, run_dir: Path, fn):
+    """`stages.run` for a training stage; once its marker exists, the run's resume checkpoints are deleted.
 
-    write_atomic(path, text)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    from minillm.data import read_jsonl
-
-    return read_jsonl(path)
-
-
-class Stages:
-    """Stage markers: `OUT/stages/<name>.json` = {"seconds": wall time, "info": stage result}."""
-
-    def __init__(self, root: Path):
-        self.dir = root / "stages"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.ran: list[str] = []
-        self.skipped: list[str] = []
-
-    def run(self, name: str, fn):
-        marker = self.dir / f"{name}.json"
-        if marker.exists():
-            logger.info("skip %s (marker %s)", name, marker)
-            self.skipped.append(name)
-            return json.loads(marker.read_text())["info"]
-        logger.info("run %s", name)
-        t0 = time.perf_counter()
-        info = fn()
-        seconds = time.perf_counter() - t0
-        _write_atomic(marker, json.dumps({"seconds": seconds, "info": info}, indent=1, default=str))
-        logger.info("done %s (%.1f s)", name, seconds)
-        self.ran.append(name)
-        return info
-
-    def drop_stale(self, name: str, stale) -> None:
-        """Delete stage `name`'s marker if `stale(info)` says its result no longer matches the settings."""
-        marker = self.dir / f"{name}.json"
-        if marker.exists() and stale(json.loads(marker.read_text())["info"]):
-            logger.info("redo %s: its models or seeds changed", name)
-            marker.unlink()
-
-    def done(self, name: str) -> bool:
-        return (self.dir / f"{name}.json").exists()
-
-    def run_training(self, name: str, run_dir: Path, fn):
-        """`run` for a training stage; once its marker exists, the run's resume checkpoints are deleted.
-
-        They hold the optimiser state (~2 GB for the 85M student, ~3 GB for the teacher) and are only
-        needed until the stage finishes; the selected and final models stay.
-        """
-        info = self.run(name, fn)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        return info
-
-    def seconds(self) -> dict[str, float]:
-        return {p.stem: json.loads(p.read_text())["seconds"] for p in sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime)}
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+    They hold the optimiser state (~2 GB for the 85M student, ~3 GB for the teacher) and are only
+    needed until the stage finishes; the selected and final models stay.
+    """
+    info = stages.run(name, fn)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return info
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -164,7 +131,8 @@ def settings_from_args(args) -> dict:
     s["max_length"] = s["max_prompt_length"] + s["train_max_new_tokens"]
     s["kl_seeds"] = list(args.kl_seeds or s["seeds"])
     if not set(s["kl_seeds"]) <= set(s["seeds"]):
-        raise SystemExit(f"--kl-seeds {' '.join(map(str, s['kl_seeds']))}: the KL is scored on eval-rouge's samples, "
+        raise SystemExit(f"--kl-seeds {' '.join(map(str, s['kl_seeds']))}: the KL is scored on eval-rouge's "
+                         "samples, "
                          f"so every KL seed must be one of --seeds ({' '.join(map(str, s['seeds']))})")
     # MiniLLM: one round = num_rollouts prompts, ppo_epochs passes of num_rollouts / batch_size steps.
     # The rollouts per round are chosen so that `minillm_rounds` rounds use exactly `steps` optimiser steps.
@@ -179,23 +147,25 @@ def settings_from_args(args) -> dict:
 def stage_data(root: Path, s: dict) -> dict:
     """Dolly dev1000 -> train / valid; DollyEval; a fixed random S-NI subset; the L_PT corpus path."""
     out = root / "data"
-    dev = _read_jsonl(DATA / "dolly_dev1000.jsonl")
+    dev = read_jsonl(DATA / "dolly_dev1000.jsonl")
     order = list(range(len(dev)))
     random.Random(s["split_seed"]).shuffle(order)
     train = [dev[i] for i in order[:s["n_train"]]]
     valid = [dev[i] for i in order[s["n_train"]:s["n_train"] + s["n_valid"]]]
-    dolly = _read_jsonl(DATA / "dolly_eval500.jsonl")[:s["n_dolly_test"]]
-    sni_all = _read_jsonl(DATA / "sni_test_minillm_11plus.jsonl")
-    sni_idx = sorted(random.Random(s["split_seed"]).sample(range(len(sni_all)), min(s["n_sni_test"], len(sni_all))))
+    dolly = read_jsonl(DATA / "dolly_eval500.jsonl")[:s["n_dolly_test"]]
+    sni_all = read_jsonl(DATA / "sni_test_minillm_11plus.jsonl")
+    sni_idx = sorted(random.Random(s["split_seed"]).sample(range(len(sni_all)), min(s["n_sni_test"],
+                                                                                    len(sni_all))))
     sni = [sni_all[i] for i in sni_idx]
     if s["max_input_chars"]:
         n = s["max_input_chars"]
-        train, valid, dolly, sni = ([{**r, "instruction": r["instruction"][:n], "input": r.get("input", "")[:n]}
+        train, valid, dolly, sni = ([{**r, "instruction": r["instruction"][:n], "input": r.get("input",
+                                                                                               "")[:n]}
                                      for r in rows] for rows in (train, valid, dolly, sni))
     paths = {"train": out / "train.jsonl", "valid": out / "valid.jsonl",
              "dollyeval": out / "dollyeval.jsonl", "sni": out / "sni.jsonl"}
     for name, rows in (("train", train), ("valid", valid), ("dollyeval", dolly), ("sni", sni)):
-        _write_jsonl(paths[name], rows)
+        write_jsonl(paths[name], rows)
     corpus = Path(str(resources.files("minillm").joinpath("resources", "pretrain_corpus.txt")))
     return {**{k: str(v) for k, v in paths.items()}, "pt_data": str(corpus),
             "sizes": {"train": len(train), "valid": len(valid), "dollyeval": len(dolly), "sni": len(sni)},
@@ -204,14 +174,11 @@ def stage_data(root: Path, s: dict) -> dict:
 
 def shipped_teacher(root: Path, s: dict) -> str:
     """SmolLM2-135M-Instruct as shipped; with --smoke a tiny random Llama saved into OUT (no downloads)."""
-    from minillm.models import builtin_model_dir, save_pretrained_atomic
 
     if not s["smoke"]:
         return str(builtin_model_dir(TEACHER))
     path = root / "smoke-teacher"
     if not (path / "config.json").exists():
-        from minillm.testing import tiny_llama, tiny_tokenizer
-
         tok = tiny_tokenizer()
         save_pretrained_atomic(tiny_llama(tok, layers=4, hidden_size=32), tok, path)
     return str(path)
@@ -219,9 +186,6 @@ def shipped_teacher(root: Path, s: dict) -> str:
 
 def train_stage(out_dir: Path, **kw) -> dict:
     """One training run (resumable inside); returns the selected model folder and its budget."""
-    from minillm import api
-    from minillm.config import TrainConfig, build_config
-
     cfg = build_config(TrainConfig, None, {"output_dir": str(out_dir), "template": TEMPLATE, "resume": True,
                                            "log_every": 1, "seed": 0, **kw})
     t0 = time.perf_counter()
@@ -231,25 +195,6 @@ def train_stage(out_dir: Path, **kw) -> dict:
             "train_seconds_this_sitting": time.perf_counter() - t0}
 
 
-def _step_records(path: Path) -> dict[int, dict]:
-    """The optimiser-step records of a metrics.jsonl, by step in step order: the last record of each step
-    (a run resumed from a checkpoint logs the steps after it again)."""
-    last = {r["step"]: r for r in (_read_jsonl(path) if path.exists() else []) if "loss" in r and "step" in r}
-    return dict(sorted(last.items()))
-
-
-def run_budget(out_dir: Path) -> dict:
-    """Training tokens and summed step time of a run, one record per optimiser step.
-
-    A run resumed from a checkpoint repeats the steps after it in metrics.jsonl; the last record of each
-    step is the one that counts. `step_seconds` covers the optimiser steps (rollouts included), not the
-    validations; it is the training compute even when the run took several sittings.
-    """
-    last = _step_records(out_dir / "metrics.jsonl")
-    return {"train_tokens": int(sum(r.get("tokens", 0) for r in last.values())),
-            "step_seconds": round(sum(r.get("step_seconds", 0.0) for r in last.values()), 1)}
-
-
 def common_train(s: dict, data: dict) -> dict:
     return dict(train_data=data["train"], valid_data=data["valid"], max_prompt_length=s["max_prompt_length"],  # noqa: C408
                 max_length=s["max_length"], save_every=s["save_every"], batch_size=s["batch_size"])
@@ -257,14 +202,13 @@ def common_train(s: dict, data: dict) -> dict:
 
 def stage_teacher_sft(root: Path, s: dict, data: dict, shipped: str) -> dict:
     steps = s["teacher_sft_steps"]
-    return train_stage(root / "runs" / "teacher-sft", method="sft", student=shipped, learning_rate=s["teacher_sft_lr"],
+    return train_stage(root / "runs" / "teacher-sft", method="sft", student=shipped,
+                       learning_rate=s["teacher_sft_lr"],
                        max_steps=steps, lr_scheduler="cosine", warmup_steps=min(10, steps // 10),
                        select_by="valid_loss", eval_every=max(1, steps // 4), **common_train(s, data))
 
 
 def stage_teacher_select(root: Path, s: dict, data: dict, candidates: dict[str, str]) -> dict:
-    from minillm.evaluation.runner import evaluate_models
-
     res = evaluate_models(candidates, [data["valid"]], root / "eval" / "teacher-select",
                           seeds=s["teacher_select_seeds"], max_new_tokens=s["max_new_tokens"],
                           batch_size=s["eval_batch_size"], template=TEMPLATE,
@@ -275,8 +219,6 @@ def stage_teacher_select(root: Path, s: dict, data: dict, candidates: dict[str, 
 
 
 def stage_prune(root: Path, s: dict, teacher: str) -> dict:
-    from minillm.models import load_model, load_tokenizer, prune_model, save_pretrained_atomic
-
     out = root / "student-pruned"
     full = load_model(teacher)
     pruned = prune_model(full, s["layers"], s.get("prune_strategy", "spread"))
@@ -302,7 +244,8 @@ def stage_method(root: Path, s: dict, data: dict, method: str, init: str, teache
               max_new_tokens=s["train_max_new_tokens"], rollout_batch_size=16, **common_train(s, data))
     if method != "sft":
         kw.update(teacher=teacher, teacher_dtype=s["teacher_dtype"])
-    if base == "minillm":  # paper defaults scaled down (spec §2.4): alpha 0.2, single step, length norm, clip
+    # the paper's defaults scaled down (arXiv 2306.08543 / LMOps): alpha 0.2, single step, length norm, clip
+    if base == "minillm":
         kw.update(learning_rate=s["minillm_lr"], lr_scheduler="constant", warmup_steps=0, adam_beta2=0.95,
                   weight_decay=1e-6, num_rollouts=s["minillm_num_rollouts"], ppo_epochs=s["ppo_epochs"],
                   teacher_mix_alpha=s["teacher_mix_alpha"], single_step=True, length_norm=True,
@@ -318,8 +261,6 @@ def stage_method(root: Path, s: dict, data: dict, method: str, init: str, teache
 
 
 def stage_eval_rouge(root: Path, s: dict, data: dict, models: dict[str, str]) -> dict:
-    from minillm.evaluation.runner import evaluate_models
-
     res = evaluate_models(models, [data["dollyeval"], data["sni"]], root / "eval" / "rouge", seeds=s["seeds"],
                           max_new_tokens=s["max_new_tokens"], temperature=1.0, top_k=0, top_p=1.0,
                           batch_size=s["eval_batch_size"], template=TEMPLATE,
@@ -333,16 +274,14 @@ def _kl_files(root: Path, s: dict, data: dict, name: str) -> dict[int, Path]:
 
 
 def stage_eval_kl_teacher(root: Path, s: dict, data: dict, teacher: str) -> dict:
-    """The teacher's log p of its own DollyEval samples, per seed and prompt: the first term of every student's
+    """The teacher's log p of its own DollyEval samples, per seed and prompt: the first term of every
+    student's
     forward KL, computed once instead of once per student (a third of eval-kl's forwards)."""
-    from minillm.data import load_instructions
-    from minillm.evaluation.sequence_kl import teacher_self_logprobs
-    from minillm.models import check_compatibility, load_model, load_tokenizer
-
     tok = load_tokenizer(teacher)
     teacher_model = load_model(teacher, dtype=s["eval_dtype"])
     shared = check_compatibility(tok, tok, teacher_model, teacher_model)
-    logp = teacher_self_logprobs(teacher_model, tok, load_instructions(data["dollyeval"], limit=s["kl_prompts"]),
+    logp = teacher_self_logprobs(teacher_model, tok, load_instructions(data["dollyeval"],
+                                                                       limit=s["kl_prompts"]),
                                  _kl_files(root, s, data, "teacher"), template=TEMPLATE,
                                  max_prompt_length=s["max_prompt_length"], batch_size=s["eval_batch_size"],
                                  shared_vocab_size=shared)
@@ -358,17 +297,14 @@ def stage_eval_kl(root: Path, s: dict, data: dict, name: str, path: str, teacher
     that sampled them (eval_dtype), so log q is the distribution the samples came from. `teacher_self`: the
     eval-kl-teacher stage's result (used when it scored the same shared vocabulary).
     """
-    from minillm.data import load_instructions
-    from minillm.evaluation.sequence_kl import kl_from_generations
-    from minillm.models import check_compatibility, load_model, load_tokenizer
-
     tok = load_tokenizer(path)
     student = load_model(path, dtype=s["eval_dtype"])
     teacher_model = load_model(teacher, dtype=s["eval_dtype"])
     shared = check_compatibility(load_tokenizer(teacher), tok, teacher_model, student)
     examples = load_instructions(data["dollyeval"], limit=s["kl_prompts"])
     t_logp = None
-    if teacher_self and teacher_self["shared_vocab_size"] == shared:  # JSON keys are strings: back to int seeds
+    # JSON keys are strings: back to int seeds
+    if teacher_self and teacher_self["shared_vocab_size"] == shared:
         t_logp = {int(seed): v for seed, v in teacher_self["logprobs"].items()}
     res = kl_from_generations(student, teacher_model, tok, examples, _kl_files(root, s, data, name),
                               _kl_files(root, s, data, "teacher"), template=TEMPLATE,
@@ -378,15 +314,12 @@ def stage_eval_kl(root: Path, s: dict, data: dict, name: str, path: str, teacher
 
 
 def stage_eval_eb(s: dict, data: dict, name: str, path: str, teacher: str) -> dict:
-    from minillm.data import build_prompt, load_instructions
-    from minillm.evaluation.exposure_bias import measure_exposure_bias
-    from minillm.models import check_compatibility, load_model, load_tokenizer
-
     tok = load_tokenizer(path)
     student = load_model(path)
     teacher_model = load_model(teacher)
     shared = check_compatibility(load_tokenizer(teacher), tok, teacher_model, student)
-    prompts = [build_prompt(ex, TEMPLATE, tok) for ex in load_instructions(data["dollyeval"], limit=s["eb_prompts"])]
+    prompts = [build_prompt(ex, TEMPLATE, tok) for ex in load_instructions(data["dollyeval"],
+                                                                           limit=s["eb_prompts"])]
     curve = measure_exposure_bias(student, teacher_model, tok, prompts, max_new_tokens=s["max_new_tokens"],
                                   samples_per_prompt=s["eb_samples"], seed=int(s["seeds"][0]),
                                   shared_vocab_size=shared, batch_size=s["eval_batch_size"],
@@ -394,212 +327,43 @@ def stage_eval_eb(s: dict, data: dict, name: str, path: str, teacher: str) -> di
     return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in curve.items()}
 
 
-# --------------------------------------------------------------------------------------------- results
-
-def _plot_curves(root: Path, eb: dict[str, dict], runs: dict[str, Path]) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = {}
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for name, curve in eb.items():
-        ax.plot(curve["length"], curve["exacc_err"], label=name)
-    ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("generation length l")
-    ax.set_ylabel("ExAccErr(l) (%)")
-    ax.set_title("Excess accumulated error vs the teacher (DollyEval prompts)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(root / "exposure_bias.png", dpi=120)
-    plt.close(fig)
-    out["exposure_bias"] = str(root / "exposure_bias.png")
-
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for name, run in runs.items():
-        rows = _step_records(run / "metrics.jsonl")  # a resumed run's repeated steps drawn once
-        if rows:
-            ax.plot(list(rows), [r["loss"] for r in rows.values()], label=name)
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("training loss")
-    ax.set_title("Training curves")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(root / "training_curves.png", dpi=120)
-    plt.close(fig)
-    out["training_curves"] = str(root / "training_curves.png")
-    return out
-
-
-def _fmt(m: float | None, sd: float | None = None, nd: int = 2) -> str:
-    if m is None or not _finite(m):
-        return "–"
-    return f"{m:.{nd}f}" if sd is None or not _finite(sd) else f"{m:.{nd}f} ± {sd:.{nd}f}"
-
-
-def _per_prompt_rouge(root: Path, name: str, set_name: str, seeds: list[int]) -> dict[str, float]:
-    """Prompt id -> Rouge-L averaged over seeds, from eval-rouge's generation files."""
-    sums: dict[str, float] = {}
-    for seed in seeds:
-        for rec in _read_jsonl(root / "eval" / "rouge" / name / set_name / f"seed{seed}.jsonl"):
-            sums[str(rec["id"])] = sums.get(str(rec["id"]), 0.0) + rec["rougeL"]
-    return {k: v / len(seeds) for k, v in sums.items()}
-
-
-def paired_rouge(per_prompt, names: list[str], reference: str) -> dict[str, dict[str, list[float]]]:
-    """name -> set -> [mean, standard error] of the per-prompt Rouge-L difference (name - reference).
-
-    `per_prompt(name, set)` gives prompt id -> Rouge-L averaged over the seeds (`_per_prompt_rouge`, memoised).
-    Each prompt's Rouge-L is first averaged over the seeds; the standard error is over prompts. This
-    answers "is the gap between two methods larger than noise" more sharply than the seed spread, since
-    both models answer the same prompts.
-    """
-    from minillm.evaluation.sequence_kl import paired_difference
-
-    out: dict[str, dict[str, list[float]]] = {}
-    for set_name in ("dollyeval", "sni"):
-        ref = per_prompt(reference, set_name)
-        for name in names:
-            if name == reference:
-                continue
-            other = per_prompt(name, set_name)
-            ids = [k for k in ref if k in other]
-            out.setdefault(name, {})[set_name] = list(paired_difference([other[k] for k in ids],
-                                                                        [ref[k] for k in ids]))
-    return out
-
-
-def stage_results(root: Path, s: dict, stages: Stages, info: dict, command: str) -> dict:
-    rouge = info["rouge"]["results"]
-    rows = {}
-    for name in info["models"]:
-        r = rouge[name]
-        row = {"rougeL_dollyeval": r["dollyeval"]["rougeL"], "rougeL_sni": r["sni"]["rougeL"],
-               "length_dollyeval": r["dollyeval"]["length"]}
-        kl = info["kl"].get(name)
-        if kl:
-            st = kl["student"]
-            row.update({k: st.get(k) for k in ("reverse_kl", "reverse_kl_std", "forward_kl", "forward_kl_std",
-                                               "reverse_kl_per_token", "length", "rougeL")})
-        eb = info["eb"].get(name)
-        if eb:
-            errs = [x for x in eb["exacc_err"] if _finite(x)]
-            row["exacc_err_final"] = errs[-1] if errs else None
-            row["exacc_err_max"] = max(errs) if errs else None
-        rows[name] = row
-    plots = _plot_curves(root, info["eb"], {m: root / "runs" / m for m in s["methods"]})
-    runs = {"teacher-sft": "teacher-sft", "init": "init-sft"}
-    budgets = {name: {**{k: v for k, v in st.items() if k in ("steps", "rounds", "num_rollouts")},
-                      **run_budget(root / "runs" / runs.get(name, name))}  # recounted: markers may predate dedup
-               for name, st in info["train"].items()}
-    students = [n for n in info["models"] if n != "teacher"]
-    baselines = [m for m in s["methods"] if not m.startswith("minillm")]
-    best = max(baselines, key=lambda m: rows[m]["rougeL_dollyeval"]["mean"]) if baselines else None
-    cache: dict[tuple[str, str], dict[str, float]] = {}  # each generation file is read once
-
-    def per_prompt(name: str, set_name: str) -> dict[str, float]:
-        if (name, set_name) not in cache:
-            cache[name, set_name] = _per_prompt_rouge(root, name, set_name, s["seeds"])
-        return cache[name, set_name]
-
-    paired = {"vs_student_init": paired_rouge(per_prompt, students, "student-init")}
-    if best:
-        paired["vs_best_baseline"] = {"baseline": best, **paired_rouge(per_prompt, students, best)}
-    result = {"command": command, "settings": s, "teacher_choice": info["teacher_choice"],
-              "student": info["student"], "rows": rows, "budgets": budgets, "paired_rougeL": paired,
-              "stage_seconds": stages.seconds(), "plots": plots,
-              "teacher_kl_reference": next((kl["teacher"] for kl in info["kl"].values()), None)}
-    _write_atomic(root / "results.json", json.dumps(result, indent=1, default=str))
-
-    tc = info["teacher_choice"]
-    md = ["# Table 1, scaled down: results", "",
-          (f"Rouge-L (×100) mean ± std over seeds {s['seeds']}"
-           f"{' (one seed: no spread yet)' if len(s['seeds']) == 1 else ''}; sampling at temperature 1, top-k 0, top-p 1, "
-           f"≤ {s['max_new_tokens']} new tokens; MiniLLM prompt template. Sequence-level KL (nats per answer, "
-           f"DollyEval) on the samples of seed(s) {s['kl_seeds']}"
-           f"{', mean ± std over those seeds' if len(s['kl_seeds']) > 1 else ''}."), "",
-          ("| model | DollyEval Rouge-L | S-NI Rouge-L | reverse KL[q‖p] (seq) | forward KL[p‖q] (seq) | "
-           "length (DollyEval) | ExAccErr(final) % |"),
-          "|---|---|---|---|---|---|---|"]
-    def spread(sd, seeds=s["seeds"]):  # one seed has no spread: the mean alone, not a measured-looking "± 0.00"
-        return sd if len(seeds) > 1 else None
-
-    for name, r in rows.items():
-        md.append(f"| {name} | {_fmt(r['rougeL_dollyeval']['mean'], spread(r['rougeL_dollyeval']['std']))} | "
-                  f"{_fmt(r['rougeL_sni']['mean'], spread(r['rougeL_sni']['std']))} | "
-                  f"{'0 (itself)' if name == 'teacher' else _fmt(r.get('reverse_kl'), spread(r.get('reverse_kl_std'), s['kl_seeds']), 1)} | "
-                  f"{'0 (itself)' if name == 'teacher' else _fmt(r.get('forward_kl'), spread(r.get('forward_kl_std'), s['kl_seeds']), 1)} | "
-                  f"{_fmt(r['length_dollyeval']['mean'], None, 1)} | {_fmt(r.get('exacc_err_final'), None, 1)} |")
-    md += ["", "## Paired Rouge-L differences", "",
-           ("Per prompt, Rouge-L averaged over the seeds; mean difference ± standard error over the prompts "
-            "(both models answer the same prompts)."
-            + (f" Best baseline on DollyEval: **{best}**." if best else "")), "",
-           "| model | DollyEval − init | S-NI − init |" + (" DollyEval − best baseline | S-NI − best baseline |"
-                                                            if best else ""),
-           "|---|---|---|" + ("---|---|" if best else "")]
-    for name in students:
-        if name == "student-init":
-            continue
-        cells = [_fmt(*paired["vs_student_init"][name][k]) for k in ("dollyeval", "sni")]
-        if best:
-            cells += (["–", "–"] if name == best else
-                      [_fmt(*paired["vs_best_baseline"][name][k]) for k in ("dollyeval", "sni")])
-        md.append(f"| {name} | " + " | ".join(cells) + " |")
-    md += ["", f"Teacher: **{tc['chosen']}** (validation Rouge-L: " +
-           ", ".join(f"{k} {_fmt(v['mean'], v['std'])}" for k, v in tc["valid_rougeL"].items()) + ").",
-           (f"Student: {info['student']['layers']}-layer pruned teacher "
-            f"({info['student']['parameters'] / 1e6:.1f}M of {info['student']['teacher_parameters'] / 1e6:.1f}M "
-            "parameters), SFT init selected by validation loss."), "",
-           "## Budgets (per training run)", "",
-           ("Step time = the summed optimiser-step times of the run (rollouts included, validations not), over "
-            "all sittings; stage wall-clock = the stage's last sitting, validations included."), "",
-           "| run | optimiser steps | training tokens | step time (s) | stage wall-clock (s) |", "|---|---|---|---|---|"]
-    secs = stages.seconds()
-    for name, b in budgets.items():
-        stage = {"teacher-sft": "teacher-sft", "init": "init"}.get(name, f"method-{name}")
-        extra = f" ({b['rounds']} rounds × {b['num_rollouts']} rollouts)" if "rounds" in b else ""
-        md.append(f"| {name}{extra} | {b.get('steps')} | {b.get('train_tokens')} | {b.get('step_seconds', 0):.0f} | "
-                  f"{secs.get(stage, 0):.0f} |")
-    md += ["", "## Wall-clock per stage (s)", "", "| stage | seconds |", "|---|---|"]
-    md += [f"| {k} | {v:.0f} |" for k, v in secs.items()]
-    md += ["", "## Settings", "", "```json", json.dumps(s, indent=1, default=str), "```", "",
-           "![exposure bias](exposure_bias.png)", "", "![training curves](training_curves.png)", "",
-           "## Command", "", f"```bash\n{command}\n```", ""]
-    _write_atomic(root / "results.md", "\n".join(md))
-    return {"results_json": str(root / "results.json"), "results_md": str(root / "results.md")}
-
-
 # --------------------------------------------------------------------------------------------- main
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (all files land here; re-run to resume)")
     p.add_argument("--smoke", action="store_true", help="tiny models and sizes, same stage code (< 90 s)")
     p.add_argument("--layers", type=int, default=16, help="student layers kept from the 30 of the teacher "
-                   "(16 with --prune-strategy ends: the quickstart measured validation CE 3.25 after SFT vs 4.57 "
+                   "(16 with --prune-strategy ends: the quickstart measured validation CE 3.25 after SFT vs "
+                   "4.57 "
                    "for 12 layers; 4 gave word salad)")
     p.add_argument("--prune-strategy", default="ends", choices=("ends", "spread", "first"),
-                   help="which teacher layers the student keeps (minillm.models.pruned_layer_indices); 'ends' "
+                   help="which teacher layers the student keeps (minillm.models.pruned_layer_indices); "
+                        "'ends' "
                    "keeps the first and last K/2 and hurts least on SmolLM2 (see its docstring)")
     p.add_argument("--steps", type=int, default=128, help="optimiser steps of every method (equal budget)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="evaluation seeds (default 10 20 30; --smoke: 10). A finished run can be given more "
                         "seeds later: only the new generations, the KL scoring and the results run")
     p.add_argument("--kl-seeds", type=int, nargs="+", default=None,
-                   help="the seeds (of --seeds) whose DollyEval samples are scored for sequence-level KL (default: "
-                        "all). Scoring costs about as much as generating; one seed's ~500 prompts already give "
+                   help="the seeds (of --seeds) whose DollyEval samples are scored for sequence-level KL "
+                        "(default: "
+                        "all). Scoring costs about as much as generating; one seed's ~500 prompts already "
+                        "give "
                         "the KL's standard error over prompts")
     p.add_argument("--max-new-tokens", type=int, default=256, help="evaluation generation cap (paper: 256)")
     p.add_argument("--train-max-new-tokens", type=int, default=0,
                    help="rollout / seqkd / validation generation cap (0 = --max-new-tokens)")
     p.add_argument("--methods", nargs="+", default=["sft", "kd", "seqkd", "minillm", "minillm-seqret"],
                    choices=METHODS)
-    p.add_argument("--teacher-sft-steps", type=int, default=225, help="teacher SFT steps (225 = 2 epochs, bs 8)")
+    p.add_argument("--teacher-sft-steps", type=int, default=225, help="teacher SFT steps (225 = 2 epochs, bs "
+                                                                      "8)")
     p.add_argument("--teacher-sft-lr", type=float, default=2e-5)
-    p.add_argument("--init-steps", type=int, default=338, help="student init SFT steps (338 = 3 epochs, bs 8)")
+    p.add_argument("--init-steps", type=int, default=338,
+                   help="student init SFT steps (338 = 3 epochs, bs 8)")
     p.add_argument("--init-lr", type=float, default=5e-4)
-    p.add_argument("--baseline-lr", type=float, default=1e-4, help="lr of continued sft / kd / seqkd / rkl / onpolicy")
+    p.add_argument("--baseline-lr", type=float, default=1e-4, help="lr of continued sft / kd / seqkd / rkl / "
+                                                                   "onpolicy")
     p.add_argument("--minillm-lr", type=float, default=5e-5)
     p.add_argument("--minillm-rounds", type=int, default=8, help="MiniLLM rounds within --steps")
     p.add_argument("--ppo-epochs", type=int, default=2)
@@ -608,66 +372,67 @@ def main(argv: list[str] | None = None) -> int:
                    help="prompts sampled together in evaluation (2 threads, bf16, 16-layer student, 128 new "
                         "tokens: 2.7-3.1 ms/token at 32 vs 3.2-4.2 at 16, measured 2026-11-29)")
     p.add_argument("--eval-dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                   help="weights dtype for evaluation sampling (the paper evaluates in fp16; bf16 samples ~1.5x "
+                   help="weights dtype for evaluation sampling (the paper evaluates in fp16; bf16 samples "
+                        "~1.5x "
                         "faster than fp32 on CPU)")
     p.add_argument("--kl-prompts", type=int, default=500, help="DollyEval prompts for sequence-level KL")
     p.add_argument("--eb-prompts", type=int, default=50, help="DollyEval prompts for ExAccErr")
     p.add_argument("--eb-samples", type=int, default=1, help="samples per prompt for ExAccErr (paper: 10)")
     p.add_argument("--valid-prompts", type=int, default=100,
                    help="validation prompts generated for each method's Rouge-L checkpoint selection")
-    p.add_argument("--method-evals", type=int, default=4, help="validations (checkpoint candidates) per method")
+    p.add_argument("--method-evals", type=int, default=4, help="validations (checkpoint candidates) per "
+                                                               "method")
     p.add_argument("--allow-changed-settings", action="store_true",
                    help="continue an OUT started with other options (finished stages are not redone)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; --smoke: 1, "
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; --smoke: "
+                                                          "1, "
                    "since tiny models on a busy 2-core machine are ~50x slower with 2 spinning threads)")
-    args = p.parse_args(argv)
-    threads = args.threads or (1 if args.smoke else 0)
-    if threads:
-        import torch
+    return p
 
-        torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    command = " ".join(shlex.quote(a) for a in [sys.executable, str(Path(__file__)), *(argv or sys.argv[1:])])
 
-    root = Path(args.out).resolve()
-    s = settings_from_args(args)  # checks the options before anything is written
-    root.mkdir(parents=True, exist_ok=True)
+def pin_settings(root: Path, s: dict, allow_changed: bool) -> None:
+    """Write OUT/settings.json, or refuse (unless `allow_changed`) an OUT started with other settings."""
     settings_file = root / "settings.json"
     if settings_file.exists():
         old = json.loads(settings_file.read_text())
         if old != json.loads(json.dumps(s)):
             changed = sorted(k for k in set(old) | set(s) if old.get(k) != json.loads(json.dumps(s)).get(k))
-            if not args.allow_changed_settings:
-                raise SystemExit(f"{root} was started with different settings ({', '.join(changed)}); use a new "
-                                 "--out, the original options, or --allow-changed-settings (finished stages are "
-                                 "kept: delete OUT/stages/<name>.json of the stages to redo)")
+            if not allow_changed:
+                raise SystemExit(f"{root} was started with different settings ({', '.join(changed)}); use a "
+                                 "new --out, the original options, or --allow-changed-settings (finished "
+                                 "stages are kept: delete OUT/stages/<name>.json of the stages to redo)")
             logger.warning("settings changed (%s): finished stages are kept as they are", ", ".join(changed))
-            _write_atomic(settings_file, json.dumps(s, indent=1))
+            write_text(settings_file, json.dumps(s, indent=1))
     else:
-        _write_atomic(settings_file, json.dumps(s, indent=1))
-    st = Stages(root)
+        write_text(settings_file, json.dumps(s, indent=1))
 
+
+def run_stages(root: Path, s: dict, st: Stages, command: str) -> None:
+    """Every stage of the driver, in order; each is skipped when its marker exists."""
     data = st.run("data", lambda: stage_data(root, s))
     shipped = shipped_teacher(root, s)
-    t_sft = st.run_training("teacher-sft", root / "runs" / "teacher-sft",
+    t_sft = run_training(st, "teacher-sft", root / "runs" / "teacher-sft",
                             lambda: stage_teacher_sft(root, s, data, shipped))
     choice = st.run("teacher-select", lambda: stage_teacher_select(
         root, s, data, {"teacher-shipped": shipped, "teacher-sft": t_sft["model"]}))
     teacher = choice["path"]
     student = st.run("student-pruned", lambda: stage_prune(root, s, teacher))
-    init = st.run_training("init", root / "runs" / "init-sft", lambda: stage_init(root, s, data, student["path"]))
+    init = run_training(st, "init", root / "runs" / "init-sft", lambda: stage_init(root, s, data,
+                                                                                   student["path"]))
     train = {"teacher-sft": t_sft, "init": init}
     for m in s["methods"]:
-        train[m] = st.run_training(f"method-{m}", root / "runs" / m,
+        train[m] = run_training(st, f"method-{m}", root / "runs" / m,
                                    lambda m=m: stage_method(root, s, data, m, init["model"], teacher))
-    models = {"teacher": teacher, "student-init": init["model"], **{m: train[m]["model"] for m in s["methods"]}}
+    models = {"teacher": teacher, "student-init": init["model"], **{m: train[m]["model"]
+                                                                    for m in s["methods"]}}
     # Evaluation markers are dropped when models or seeds were added (an ablation row, more seeds for a run
     # first evaluated with one): evaluate_models resumes from its per-(model, set, seed) files, so only the
     # new generations run; the KL stages rescore from those files.
     seeds = sorted(s["seeds"])
     st.drop_stale("eval-rouge", lambda info: set(info["results"]) != set(models) or any(
         sorted(r["seeds"]) != seeds for per_set in info["results"].values() for r in per_set.values()))
-    # Generation order: MiniLLM rows, then the baselines, the init and the teacher, so that a sitting that ends
+    # Generation order: MiniLLM rows, then the baselines, the init and the teacher, so that a sitting that
+    # ends
     # mid-evaluation leaves the method comparison's files first (each (model, set, seed) file is kept).
     order = sorted(models, key=lambda n: (not n.startswith("minillm"), n in ("student-init", "teacher"),
                                           n == "teacher"))
@@ -690,6 +455,23 @@ def main(argv: list[str] | None = None) -> int:
     if st.ran:
         (st.dir / "results.json").unlink(missing_ok=True)
     st.run("results", lambda: stage_results(root, s, st, info, command))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    threads = args.threads or (1 if args.smoke else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    command = " ".join(shlex.quote(a) for a in [sys.executable, str(Path(__file__)), *(argv or sys.argv[1:])])
+
+    root = Path(args.out).resolve()
+    s = settings_from_args(args)  # checks the options before anything is written
+    root.mkdir(parents=True, exist_ok=True)
+    pin_settings(root, s, args.allow_changed_settings)
+    st = Stages(root / "stages", log=logger)
+    run_stages(root, s, st, command)
     logger.info("table1: %d stage(s) run, %d skipped; results in %s", len(st.ran), len(st.skipped),
                 root / "results.md")
     return 0

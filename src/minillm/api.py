@@ -1,8 +1,10 @@
 """Python API: the functions behind the CLI commands.
 
-    from minillm import TrainConfig, train
-    best = train(TrainConfig(method="minillm", student="runs/sft/best", teacher="smollm2-135m-instruct",
-                             train_data="dolly.jsonl", output_dir="runs/minillm"))
+    from minillm import MiniLLMConfig, train
+    best = train(MiniLLMConfig(student="runs/sft/best", teacher="smollm2-135m-instruct",
+                               train_data="dolly.jsonl", output_dir="runs/minillm"))
+
+(`TrainConfig(method="minillm", ...)` gives the same `MiniLLMConfig`.)
 """
 
 from __future__ import annotations
@@ -11,42 +13,61 @@ import json
 import logging
 from pathlib import Path
 
-from .config import GenerateConfig, TrainConfig
+from .algorithms import build_algorithm
+from .algorithms.common import split_train_valid
+from .config import (
+    EvalConfig,
+    GenerateConfig,
+    SamplingConfig,
+    SeqKDConfig,
+    TeacherConfig,
+    TrainConfig,
+    save_config,
+)
+from .data import InstructionExample, build_prompt, load_instructions
 from .errors import ConfigError
+from .evaluation.calibration import evaluate_calibration, reliability_diagram
+from .evaluation.exposure_bias import measure_exposure_bias, plot_exposure_bias
+from .evaluation.runner import check_names, evaluate_models
+from .evaluation.sequence_kl import kl_from_generations, teacher_self_logprobs
+from .generation import generate_file
+from .io import read_jsonl, write_text
+from .models import check_compatibility, load_model, load_tokenizer
+from .trainer import Trainer
 
 logger = logging.getLogger("minillm")
 
 
-
 def load_pair(cfg: TrainConfig):
-    """Student (+ teacher) and tokenizer, with the teacher/student compatibility check."""
-    from .models import check_compatibility, load_model, load_tokenizer
-
+    """Student (+ teacher, for a method with one) and tokenizer, with the teacher/student compatibility
+    check."""
     tokenizer = load_tokenizer(cfg.student)
     student = load_model(cfg.student, dtype="float32")
     teacher, shared = None, None
-    if cfg.teacher and cfg.method != "sft":
+    if isinstance(cfg, TeacherConfig) and cfg.teacher:
         teacher = load_model(cfg.teacher, dtype=cfg.teacher_dtype)
         teacher_tok = load_tokenizer(cfg.teacher)
         shared = check_compatibility(teacher_tok, tokenizer, teacher, student)
     return student, teacher, tokenizer, shared
 
 
-def seqkd_examples(cfg: TrainConfig, teacher, tokenizer, examples):
-    """Teacher samples for the training prompts (cached in output_dir), as SFT targets (spec §3.3)."""
-    from .data import InstructionExample, read_jsonl
-    from .generation import generate_file
-    from .sampling import SamplingConfig
+def seqkd_examples(cfg: SeqKDConfig, teacher, tokenizer, examples):
+    """Teacher samples for the training prompts (cached in output_dir), as SFT targets (spec §3.3).
 
+    The teacher samples plainly at temperature 1 (no top-k / top-p), whatever `cfg.sampling` says about
+    validation; only `cfg.sampling.max_new_tokens` caps the samples.
+    """
     path = Path(cfg.seqkd_data) if cfg.seqkd_data else Path(cfg.output_dir) / "seqkd_teacher_data.jsonl"
     if not path.exists():
         if cfg.seqkd_data:
-            raise ConfigError(f"seqkd_data={cfg.seqkd_data} does not exist (create it with `minillm generate`).")
+            raise ConfigError(f"seqkd_data={cfg.seqkd_data} does not exist (create it with "
+                              "`minillm generate`).")
         logger.info("SeqKD: sampling the teacher's responses for %d prompts into %s", len(examples), path)
         generate_file(teacher, tokenizer, examples, path, template=cfg.template,
                       max_prompt_length=cfg.max_prompt_length,
-                      sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0),
-                      batch_size=cfg.rollout_batch_size, seed=cfg.seed, model_name=cfg.teacher, desc="seqkd data")
+                      sampling=SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens),
+                      batch_size=cfg.rollout_batch_size, seed=cfg.seed, model_name=cfg.teacher,
+                      desc="seqkd data")
     out = []
     for rec in read_jsonl(path):
         out.append(InstructionExample(instruction=rec.get("instruction", ""), input=rec.get("input", ""),
@@ -57,16 +78,13 @@ def seqkd_examples(cfg: TrainConfig, teacher, tokenizer, examples):
 
 def train(cfg: TrainConfig, accelerator=None) -> Path:
     """Run `cfg.method`; returns the folder of the selected model (a plain Hugging Face folder)."""
-    from .algorithms import build_algorithm
-    from .algorithms.common import split_train_valid
-    from .data import load_instructions
-    from .trainer import Trainer
-
     cfg.validate()
     student, teacher, tokenizer, shared = load_pair(cfg)
-    train_examples = load_instructions(cfg.train_data, limit=cfg.limit_train or None) if cfg.train_data else []
+    limit = cfg.limit_train or None
+    train_examples = load_instructions(cfg.train_data, limit=limit) if cfg.train_data else []
     valid_examples = load_instructions(cfg.valid_data) if cfg.valid_data else None
-    train_examples, valid_examples = split_train_valid(train_examples, valid_examples, cfg.valid_fraction, cfg.seed)
+    train_examples, valid_examples = split_train_valid(train_examples, valid_examples, cfg.valid_fraction,
+                                                       cfg.seed)
     if cfg.method == "seqkd":
         train_examples = seqkd_examples(cfg, teacher, tokenizer, train_examples)
     algorithm = build_algorithm(cfg.method, train_examples, valid_examples, cfg)
@@ -76,25 +94,16 @@ def train(cfg: TrainConfig, accelerator=None) -> Path:
 
 
 def generate(cfg: GenerateConfig) -> Path:
-    from .config import save_config
-    from .data import load_instructions
-    from .generation import generate_file
-    from .models import load_model, load_tokenizer
-    from .sampling import SamplingConfig
-
+    """`minillm generate`: answer every prompt of `cfg.data` (a resumable JSONL, settings alongside)."""
     cfg.validate()
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=cfg.dtype)
     examples = load_instructions(cfg.data, limit=cfg.limit or None, require_output=False)
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                              top_p=cfg.top_p, no_repeat_ngram_size=cfg.no_repeat_ngram_size, greedy=cfg.greedy)
     out = generate_file(model, tokenizer, examples, cfg.output, template=cfg.template,
-                        max_prompt_length=cfg.max_prompt_length, sampling=sampling, batch_size=cfg.batch_size,
-                        seed=cfg.seed, model_name=cfg.model)
+                        max_prompt_length=cfg.max_prompt_length, sampling=cfg.sampling,
+                        batch_size=cfg.batch_size, seed=cfg.seed, model_name=cfg.model)
     save_config(cfg, Path(cfg.output).parent, name=Path(cfg.output).stem + ".config.yaml")
     return out
-
-
 
 
 def _model_labels(specs: list) -> dict[str, str]:
@@ -110,11 +119,8 @@ def _model_labels(specs: list) -> dict[str, str]:
     return out
 
 
-def evaluate(cfg) -> Path:
+def evaluate(cfg: EvalConfig) -> Path:
     """`minillm evaluate`: Rouge-L etc. over seeds, plus optional exposure bias / calibration."""
-    from .config import save_config
-    from .evaluation.runner import evaluate_models
-
     cfg.validate()
     out = Path(cfg.output_dir)
     save_config(cfg, out)
@@ -129,11 +135,12 @@ def evaluate(cfg) -> Path:
             teacher_label = "teacher"
             models = {**models, "teacher": str(cfg.teacher)}
     if cfg.data:
-        evaluate_models(models, [str(d) for d in cfg.data], str(out), seeds=tuple(int(s) for s in cfg.seeds),
-                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                        top_p=cfg.top_p, no_repeat_ngram_size=cfg.no_repeat_ngram_size, batch_size=cfg.batch_size,
-                        limit=cfg.limit or None, template=cfg.template, max_prompt_length=cfg.max_prompt_length,
-                        dtype=cfg.dtype)
+        s = cfg.sampling
+        evaluate_models(models, [str(d) for d in cfg.data], str(out), seeds=tuple(int(x) for x in cfg.seeds),
+                        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                        top_p=s.top_p, no_repeat_ngram_size=s.no_repeat_ngram_size, batch_size=cfg.batch_size,
+                        limit=cfg.limit or None, template=cfg.template,
+                        max_prompt_length=cfg.max_prompt_length, dtype=cfg.dtype)
     if teacher_label is not None:
         _sequence_kl(cfg, models, teacher_label, out)
     if cfg.exposure_bias:
@@ -145,18 +152,14 @@ def evaluate(cfg) -> Path:
 
 def _sequence_kl(cfg, models: dict[str, str], teacher_label: str, out: Path) -> None:
     """Reverse / forward sequence KL of each model to the teacher from the generations just written."""
-    from .data import load_instructions
-    from .evaluation.runner import _check_names, _write_atomic
-    from .evaluation.sequence_kl import kl_from_generations, teacher_self_logprobs
-    from .models import check_compatibility, load_model, load_tokenizer
-
     teacher = load_model(str(cfg.teacher), dtype=cfg.dtype)
     teacher_tok = load_tokenizer(str(cfg.teacher))
     seeds = [int(s) for s in cfg.seeds]
-    sets = _check_names(models, [str(d) for d in cfg.data])
+    sets = check_names(models, [str(d) for d in cfg.data])
     results: dict[str, dict] = {}
-    lines = ["| model | set | reverse KL | forward KL | reverse KL / token | length |", "|---|---|---|---|---|---|"]
-    self_logp: dict[tuple, dict] = {}  # (set, shared vocab) -> the teacher's log p of its own samples, per seed
+    lines = ["| model | set | reverse KL | forward KL | reverse KL / token | length |",
+             "|---|---|---|---|---|---|"]
+    self_logp: dict[tuple, dict] = {}  # (set, shared vocab) -> the teacher's log p of its own samples
     for label, path in models.items():
         if label == teacher_label:
             continue
@@ -164,32 +167,30 @@ def _sequence_kl(cfg, models: dict[str, str], teacher_label: str, out: Path) -> 
         student = load_model(path, dtype=cfg.dtype)
         shared = check_compatibility(teacher_tok, tok, teacher, student)
         for set_name, source in sets.items():
-            files = {m: {s: out / m / set_name / f"seed{s}.jsonl" for s in seeds} for m in (label, teacher_label)}
+            files = {m: {s: out / m / set_name / f"seed{s}.jsonl" for s in seeds}
+                     for m in (label, teacher_label)}
             examples = load_instructions(source, limit=cfg.limit or None)
             kw = {"template": cfg.template, "max_prompt_length": cfg.max_prompt_length,
                   "batch_size": cfg.batch_size, "shared_vocab_size": shared}
             if (set_name, shared) not in self_logp:
-                self_logp[set_name, shared] = teacher_self_logprobs(teacher, tok, examples, files[teacher_label], **kw)
-            r = kl_from_generations(student, teacher, tok, examples, files[label], files[teacher_label], name=label,
-                                    teacher_logprobs=self_logp[set_name, shared], **kw)[label]
+                self_logp[set_name, shared] = teacher_self_logprobs(teacher, tok, examples,
+                                                                    files[teacher_label], **kw)
+            r = kl_from_generations(student, teacher, tok, examples, files[label], files[teacher_label],
+                                    name=label, teacher_logprobs=self_logp[set_name, shared], **kw)[label]
             keep = {k: v for k, v in r.items() if k not in ("responses", "ids", "per_prompt")}
             results.setdefault(label, {})[set_name] = keep
             lines.append(f"| {label} | {set_name} | " + " | ".join(  # one seed: no spread to show
                 f"{keep[k]:.2f}" + (f" ± {keep[k + '_std']:.2f}" if len(seeds) > 1 else "")
                 for k in ("reverse_kl", "forward_kl", "reverse_kl_per_token", "length")) + " |")
     summary = {"teacher": str(cfg.teacher), "seeds": seeds, "results": results}
-    _write_atomic(out / "sequence_kl.json", json.dumps(summary, indent=1))
+    write_text(out / "sequence_kl.json", json.dumps(summary, indent=1))
     spread = "mean ± std over seeds" if len(seeds) > 1 else "one seed: no spread"
-    _write_atomic(out / "sequence_kl.md", f"Sequence-level KL to the teacher ({spread}; "
-                  f"teacher {cfg.teacher}, samples at temperature 1)\n\n" + "\n".join(lines) + "\n")
+    write_text(out / "sequence_kl.md", f"Sequence-level KL to the teacher ({spread}; "
+               f"teacher {cfg.teacher}, samples at temperature 1)\n\n" + "\n".join(lines) + "\n")
 
 
 def _exposure_bias(cfg, models: dict[str, str], out: Path) -> None:
     """ExAccErr (spec §4.3) of each model against the teacher on the first data file's prompts."""
-    from .data import build_prompt, load_instructions
-    from .evaluation.exposure_bias import measure_exposure_bias, plot_exposure_bias
-    from .models import check_compatibility, load_model, load_tokenizer
-
     teacher = load_model(cfg.teacher, dtype=cfg.dtype)
     teacher_tok = load_tokenizer(cfg.teacher)
     examples = load_instructions(str(cfg.data[0]), limit=cfg.limit or None)
@@ -199,21 +200,18 @@ def _exposure_bias(cfg, models: dict[str, str], out: Path) -> None:
         student = load_model(path, dtype=cfg.dtype)
         shared = check_compatibility(teacher_tok, tok, teacher, student)
         prompts = [build_prompt(ex, cfg.template, tok) for ex in examples]
-        curve = measure_exposure_bias(student, teacher, tok, prompts, max_new_tokens=cfg.max_new_tokens,
+        curve = measure_exposure_bias(student, teacher, tok, prompts,
+                                      max_new_tokens=cfg.sampling.max_new_tokens,
                                       samples_per_prompt=cfg.exposure_bias_samples, seed=int(cfg.seeds[0]),
                                       shared_vocab_size=shared, batch_size=cfg.batch_size,
                                       max_prompt_length=cfg.max_prompt_length)
         plot_exposure_bias(curve, out / f"exposure_bias_{label}.png", label=label)
         results[label] = curve
-    (out / "exposure_bias.json").write_text(json.dumps(results))
+    write_text(out / "exposure_bias.json", json.dumps(results))
 
 
 def _calibration(cfg, models: dict[str, str], out: Path) -> None:
     """ECE and reliability diagrams on classification-style files (records with `labels`)."""
-    from .data import load_instructions
-    from .evaluation.calibration import evaluate_calibration, reliability_diagram
-    from .models import load_model, load_tokenizer
-
     results: dict[str, dict] = {}
     for label, path in models.items():
         tok = load_tokenizer(path)
@@ -225,4 +223,4 @@ def _calibration(cfg, models: dict[str, str], out: Path) -> None:
                                      max_prompt_length=cfg.max_prompt_length)
             reliability_diagram(r["confidences"], r["correct"], out / f"reliability_{label}_{name}.png")
             results.setdefault(label, {})[name] = {k: r[k] for k in ("ece", "accuracy", "n", "n_dropped")}
-    (out / "calibration.json").write_text(json.dumps(results, indent=1))
+    write_text(out / "calibration.json", json.dumps(results, indent=1))

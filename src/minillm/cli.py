@@ -13,34 +13,82 @@ import os
 import sys
 
 from . import __version__
-from .config import EvalConfig, GenerateConfig, TrainConfig, build_config
-from .errors import MiniLLMError
+from .config import (
+    DistillConfig,
+    EvalConfig,
+    GenerateConfig,
+    MiniLLMConfig,
+    OnPolicyConfig,
+    SeqKDConfig,
+    TeacherConfig,
+    TrainConfig,
+    build_config,
+)
+from .config.options import nested_groups, read_yaml
+from .errors import MiniLLMError, TrainingInterrupted
 
+# `minillm sft` lists the base options; `minillm distill` adds the teacher and one group per method
 COMMANDS = {
-    "sft": (TrainConfig, "Supervised fine-tuning without KD (teacher SFT, student initialisation; "
-                         "keeps the checkpoint with the lowest validation loss)."),
-    "distill": (TrainConfig, "Distil a teacher into a student: --method minillm (the paper), kd, seqkd, rkl, "
-                             "jsd, tvd, skl, srkl, onpolicy."),
-    "generate": (GenerateConfig, "Answer every prompt of an instruction file with a model (JSONL out)."),
-    "evaluate": (EvalConfig, "Generation-based evaluation over seeds: Rouge-L, exact match, length, Dist-4; "
-                             "optional exposure bias and calibration."),
+    "sft": ((TrainConfig,), "Supervised fine-tuning without KD (teacher SFT, student initialisation; "
+                            "keeps the checkpoint with the lowest validation loss)."),
+    "distill": ((TrainConfig, TeacherConfig, DistillConfig, SeqKDConfig, OnPolicyConfig, MiniLLMConfig),
+                "Distil a teacher into a student: --method minillm (the paper), kd, seqkd, rkl, jsd, tvd, "
+                "skl, srkl, onpolicy."),
+    "generate": ((GenerateConfig,), "Answer every prompt of an instruction file with a model (JSONL out)."),
+    "evaluate": ((EvalConfig,), "Generation-based evaluation over seeds: Rouge-L, exact match, length, "
+                                "Dist-4; optional exposure bias and calibration."),
 }
 
 
-def _add_config_args(parser: argparse.ArgumentParser, cls) -> None:
+def _add_option(group, name: str, f: dataclasses.Field, aliases: tuple[str, ...] = ()) -> None:
+    md = f.metadata
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    extra = f" Choices: {', '.join(md['choices'])}." if "choices" in md else ""
+    flags = []
+    for spelling in (name, *aliases):
+        flags += [f"--{spelling}"] + ([f"--{spelling.replace('_', '-')}"] if "_" in spelling else [])
+    is_bool = f.type in (bool, "bool")
+    group.add_argument(*flags, dest=f"opt_{name}", default=argparse.SUPPRESS, metavar="V",
+                       **({"nargs": "?", "const": "true"} if is_bool else {}),
+                       help=f"{md.get('help', '')}{extra} (default: {default!r})")
+
+
+def _own_fields(cls) -> list[dataclasses.Field]:
+    """The fields `cls` adds to its parent config (all of them for a base config)."""
+    parent = next((b for b in cls.__mro__[1:] if issubclass(b, TrainConfig)), None)
+    inherited = {f.name for f in dataclasses.fields(parent)} if parent else set()
+    return [f for f in dataclasses.fields(cls) if f.name not in inherited]
+
+
+def _add_config_args(parser: argparse.ArgumentParser, classes: tuple[type, ...]) -> None:
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (overridden by the "
                                                               "command line).")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, e.g. lr=1e-4")
-    group = parser.add_argument_group("options (also settable as key=value or in the YAML file)")
-    for f in dataclasses.fields(cls):
-        md = f.metadata
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        extra = f" Choices: {', '.join(md['choices'])}." if "choices" in md else ""
-        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        is_bool = f.type in (bool, "bool")
-        group.add_argument(*flags, dest=f"opt_{f.name}", default=argparse.SUPPRESS, metavar="V",
-                           **({"nargs": "?", "const": "true"} if is_bool else {}),
-                           help=f"{md.get('help', '')}{extra} (default: {default!r})")
+    seen: set[str] = set()
+    for i, cls in enumerate(classes):
+        title = ("options (also settable as key=value or in the YAML file)" if i == 0 else
+                 f"options of {cls.label()}" if cls.methods else "options of every method with a teacher")
+        group = parser.add_argument_group(title)
+        groups = nested_groups(cls)
+        again = []
+        for f in _own_fields(cls):
+            if f.name in seen:  # shared with an earlier group (e.g. kd_ratio): its meaning here, in the title
+                again.append(f"--{f.name} ({f.metadata.get('help', '').rstrip('.')})")
+            elif f.name not in groups:
+                seen.add(f.name)
+                _add_option(group, f.name, f)
+        if again:
+            group.description = "Also reads " + "; ".join(again) + "."
+        for head, sub in groups.items():
+            if head in seen:
+                continue
+            seen.add(head)
+            help_text = {f.name: f for f in dataclasses.fields(cls)}[head].metadata.get("help", "")
+            nested = parser.add_argument_group(
+                f"{head} options ({head}.<name>=V or <name>=V, or a `{head}:` mapping in YAML)", help_text)
+            for f in dataclasses.fields(sub):
+                if f"{head}.{f.name}" not in cls.refused:
+                    _add_option(nested, f"{head}.{f.name}", f, aliases=(f.name,))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,41 +99,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"minillm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
-    for name, (cls, help_text) in COMMANDS.items():
+    for name, (classes, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        _add_config_args(p, cls)
+        _add_config_args(p, classes)
     p = sub.add_parser("prune", help="Make a student by keeping K of a model's layers (embeddings, norms and "
                                      "head copied), saved as a plain HF folder.")
     p.add_argument("--model", required=True, help="model to prune (HF folder, .gguf, hub id, built-in name)")
     p.add_argument("--layers", type=int, required=True, help="number of decoder layers to keep")
     p.add_argument("--strategy", choices=("spread", "ends", "first"), default="spread",
-                   help="spread: evenly spaced layers incl. first and last; ends: the first K/2 and the last K/2 "
-                        "layers (drops one late-middle block; hurts least on SmolLM2); first: the first K layers")
+                   help="spread: evenly spaced layers incl. first and last; ends: the first K/2 and the last "
+                        "K/2 layers (drops one late-middle block; hurts least on SmolLM2); first: the "
+                        "first K layers")
     p.add_argument("--out", required=True, help="output folder")
-    p = sub.add_parser("quickstart", help="The whole MiniLLM pipeline on a real teacher (SmolLM2-135M-Instruct) "
-                                          "in minutes on a CPU, ending in a report.")
-    p.add_argument("--out", default="quickstart", help="output folder (stages already done there are skipped)")
+    p = sub.add_parser("quickstart", help="The whole MiniLLM pipeline on a real teacher "
+                                          "(SmolLM2-135M-Instruct) in minutes on a CPU, ending in a report.")
+    p.add_argument("--out", default="quickstart",
+                   help="output folder (stages already done there are skipped)")
     p.add_argument("--budget", choices=("tiny", "small", "full"), default="small",
-                   help="tiny: ~1-3 min (smoke test), small: ~9 min (default), full: larger (not yet timed) - on 2 CPU cores")
+                   help="tiny: ~1-3 min (smoke test), small: ~9 min (default), full: larger (not yet "
+                        "timed) - on 2 CPU cores")
     p.add_argument("--compare", action="store_true", help="also train the SFT, KD and SeqKD baselines")
-    p = sub.add_parser("report", help="Put several evaluation runs side by side (markdown table + PNG chart).")
+    p = sub.add_parser("report", help="Put several evaluation runs side by side (markdown table + PNG "
+                                      "chart).")
     p.add_argument("runs", nargs="+", help="evaluation output folders (each with results.json)")
     p.add_argument("--out", default="report", help="output path prefix (writes PREFIX.md and PREFIX.png)")
     return parser
 
 
-def _resolve(cls, args) -> object:
+def _overrides(args) -> dict[str, object]:
     overrides: dict[str, object] = {}
     for item in args.overrides:
         if "=" not in item:
             raise MiniLLMError(f"expected key=value, got {item!r} (options: --help).")
         k, v = item.split("=", 1)
-        overrides[k.strip()] = v
+        overrides[k.strip().lstrip("-").replace("-", "_")] = v
     for k, v in vars(args).items():
         if k.startswith("opt_"):
             overrides[k[4:]] = v
-    return build_config(cls, args.config, overrides)
+    return overrides
+
+
+def _resolve(cls, args) -> object:
+    return build_config(cls, args.config, _overrides(args))
+
+
+def _train_config(args) -> TrainConfig:
+    """The config of `minillm sft` / `minillm distill`: the class of its method (see config_class)."""
+    overrides = _overrides(args)
+    method = overrides.get("method", read_yaml(args.config).get("method") if args.config else None)
+    if args.command == "distill" and method in (None, "sft"):
+        raise MiniLLMError("`minillm distill` needs --method (minillm, kd, seqkd, rkl, jsd, tvd, skl, srkl, "
+                           "onpolicy); for plain fine-tuning use `minillm sft`.")
+    cfg = build_config(TrainConfig, args.config, overrides)
+    if args.command == "sft" and cfg.method != "sft":
+        raise MiniLLMError(f"`minillm sft` trains without a teacher; got method={cfg.method} "
+                           f"(use `minillm distill --method {cfg.method}`).")
+    return cfg
 
 
 def _setup_logging() -> None:
@@ -108,19 +178,12 @@ def run(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _setup_logging()
+    # Start-up: the training stack (torch, transformers) takes ~4 s to import against 0.1 s for this module,
+    # so `minillm --help` and config errors stay instant; the same holds for prune/quickstart/report below.
     from . import api
 
     if args.command in ("sft", "distill"):
-        cfg = _resolve(TrainConfig, args)
-        if args.command == "sft":
-            if cfg.method != "sft":
-                raise MiniLLMError(f"`minillm sft` trains without a teacher; got method={cfg.method} "
-                                   f"(use `minillm distill --method {cfg.method}`).")
-        elif cfg.method == "sft":
-            raise MiniLLMError("`minillm distill` needs --method (minillm, kd, seqkd, rkl, jsd, tvd, skl, srkl, "
-                               "onpolicy); for plain fine-tuning use `minillm sft`.")
-        best = api.train(cfg)
-        print(f"model: {best}")
+        print(f"model: {api.train(_train_config(args))}")
     elif args.command == "generate":
         print(f"wrote {api.generate(_resolve(GenerateConfig, args))}")
     elif args.command == "evaluate":
@@ -144,8 +207,6 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .trainer import TrainingInterrupted
-
     try:
         code = run(argv)
     except MiniLLMError as e:

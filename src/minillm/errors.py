@@ -25,3 +25,10 @@ class ModelError(MiniLLMError):
 
 class TrainingError(MiniLLMError, RuntimeError):
     """Training cannot continue (a NaN/inf in a loss term, a corrupt checkpoint, ...)."""
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a SIGTERM / Ctrl-C once the checkpoint is safely on disk (resume with resume=true).
+
+    Not a MiniLLMError: nothing was wrong with the input; the CLI exits with 130.
+    """

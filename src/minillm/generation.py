@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .sampling import SamplingConfig, generate_rollouts
+from .data import PromptDataset, collate_prompts
+from .sampling import SamplingConfig, generate_rollouts, response_texts
 
 logger = logging.getLogger("minillm")
 
@@ -29,8 +30,6 @@ def generate_file(model, tokenizer, examples, output: str | os.PathLike, *, temp
                   max_prompt_length: int = 256, sampling: SamplingConfig | None = None, batch_size: int = 8,
                   seed: int = 0, model_name: str = "", desc: str = "generate") -> Path:
     """Write one JSONL record per example: id, instruction, input, prompt, response, references, settings."""
-    from .data import PromptDataset, collate_prompts
-
     sampling = sampling or SamplingConfig()
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -43,12 +42,14 @@ def generate_file(model, tokenizer, examples, output: str | os.PathLike, *, temp
         done -= done % batch_size  # restart the last (possibly incomplete) batch
         partial.write_text("".join(ln + "\n" for ln in lines[:done]))
         logger.info("resuming %s after %d records", out, done)
-    settings = {"model": model_name, "template": template, "seed": seed, "max_new_tokens": sampling.max_new_tokens,
-                "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+    settings = {"model": model_name, "template": template, "seed": seed,
+                "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+                "top_k": sampling.top_k, "top_p": sampling.top_p,
                 "no_repeat_ngram_size": sampling.no_repeat_ngram_size, "greedy": sampling.greedy}
     device = next(model.parameters()).device
     n = len(dataset)
-    with open(partial, "a") as f, tqdm(total=n, initial=done, desc=desc, unit="prompt", dynamic_ncols=True) as bar:
+    progress = tqdm(total=n, initial=done, desc=desc, unit="prompt", dynamic_ncols=True)
+    with open(partial, "a") as f, progress as bar:
         for start in range(done, n, batch_size):
             items = [dataset[i] for i in range(start, min(n, start + batch_size))]
             batch = collate_prompts(items, tokenizer.pad_token_id)
@@ -56,14 +57,15 @@ def generate_file(model, tokenizer, examples, output: str | os.PathLike, *, temp
                                   config=sampling, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.pad_token_id,
                                   generator=batch_generator(seed, start // batch_size))
-            # positions after EOS already hold the pad token, which skip_special_tokens drops
-            texts = tokenizer.batch_decode(r.response_ids.tolist(), skip_special_tokens=True)
+            texts = response_texts(tokenizer, r)
             last = r.response_ids.gather(1, (r.lengths - 1).clamp(min=0)[:, None])[:, 0]
-            finished = ((r.lengths > 0) & torch.isin(last, torch.tensor(tokenizer.eos_token_id).reshape(-1))).tolist()
+            eos = torch.tensor(tokenizer.eos_token_id).reshape(-1)
+            finished = ((r.lengths > 0) & torch.isin(last, eos)).tolist()
             for item, text, length, done_ in zip(items, texts, r.lengths.tolist(), finished):
                 ex = item["example"]
-                rec = {"instruction": ex.instruction, "input": ex.input, "id": item["id"], "prompt": item["prompt"],
-                       "response": text.strip(), "references": item["references"], "length": int(length),
+                rec = {"instruction": ex.instruction, "input": ex.input, "id": item["id"],
+                       "prompt": item["prompt"], "response": text, "references": item["references"],
+                       "length": int(length),
                        "finished": bool(done_), "settings": settings}
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()

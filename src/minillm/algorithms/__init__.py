@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
+from .base import Algorithm, LossOutput, TrainingContext
+from .minillm import MiniLLM
+from .onpolicy import OnPolicy
+from .supervised import Supervised
+
+__all__ = [
+    "Algorithm",
+    "LossOutput",
+    "MiniLLM",
+    "OnPolicy",
+    "Supervised",
+    "TrainingContext",
+    "build_algorithm",
+]
+
+DIVERGENCE_METHODS = ("rkl", "jsd", "tvd", "skl", "srkl")
 
 
-def build_algorithm(method: str, train_examples, valid_examples, cfg):
-    from .minillm import MiniLLM
-    from .onpolicy import OnPolicy
-    from .supervised import Supervised
-
-    if method == "sft":
-        return Supervised(train_examples, valid_examples)
-    if method == "seqkd":  # the examples already hold the teacher's responses (see api.train)
-        return Supervised(train_examples, valid_examples)
+def build_algorithm(method: str, train_examples, valid_examples, cfg) -> Algorithm:
+    """The recipe of `method` (sft, kd, seqkd, the divergence menu, onpolicy, minillm)."""
+    if method in ("sft", "seqkd"):  # seqkd: the examples already hold the teacher's responses (see api.train)
+        return Supervised(cfg, train_examples, valid_examples)
     if method == "kd":
-        return Supervised(train_examples, valid_examples, divergence="fkl")
-    if method in ("rkl", "jsd", "tvd", "skl", "srkl"):
-        return Supervised(train_examples, valid_examples, divergence=method)
+        return Supervised(cfg, train_examples, valid_examples, divergence="fkl")
+    if method in DIVERGENCE_METHODS:
+        return Supervised(cfg, train_examples, valid_examples, divergence=method)
     if method == "onpolicy":
-        return OnPolicy(train_examples, valid_examples, divergence=cfg.divergence)
+        return OnPolicy(cfg, train_examples, valid_examples)
     if method == "minillm":
-        return MiniLLM(train_examples, valid_examples)
+        return MiniLLM(cfg, train_examples, valid_examples)
     raise ConfigError(f"unknown method {method!r}")

@@ -1,4 +1,4 @@
-"""Pieces shared by the training recipes: resumable sharded batch order, data loading, validation."""
+"""Pieces shared by the training recipes: resumable sharded batch order, data splits, validation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from typing import Any
 
 import torch
 
+from ..data import collate_prompts
 from ..errors import DataError
+from ..evaluation.metrics import rouge_l
+from ..sampling import Rollout, generate_rollouts, response_texts
 
 
 class EpochBatches:
@@ -41,14 +44,16 @@ class EpochBatches:
 
     def next(self) -> list[int]:
         if self.batches_per_epoch() == 0:
-            raise DataError(f"{self.n} examples are fewer than one global batch "
-                            f"({self.batch_size} per process x {self.world_size} processes).")
+            raise DataError(
+                f"{self.n} examples are fewer than one global batch "
+                f"({self.batch_size} per process x {self.world_size} processes)."
+            )
         if self.position + self.global_batch > self.n:
             self.epoch, self.position, self._perm = self.epoch + 1, 0, None
         perm = self._permutation()
         start = self.position + self.rank * self.batch_size
         self.position += self.global_batch
-        return perm[start:start + self.batch_size]
+        return perm[start : start + self.batch_size]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -67,19 +72,25 @@ def split_train_valid(examples: list, valid_examples: list | None, fraction: flo
     random.Random(seed).shuffle(idx)
     n_valid = max(1, int(round(len(examples) * fraction)))
     if n_valid >= len(examples):
-        raise DataError(f"cannot hold out {n_valid} validation examples from {len(examples)} training "
-                        f"examples: provide valid_data=... or lower valid_fraction.")
+        raise DataError(
+            f"cannot hold out {n_valid} validation examples from {len(examples)} training "
+            f"examples: provide valid_data=... or lower valid_fraction."
+        )
     valid_idx = set(idx[:n_valid])
-    return ([e for i, e in enumerate(examples) if i not in valid_idx],
-            [e for i, e in enumerate(examples) if i in valid_idx])
+    return (
+        [e for i, e in enumerate(examples) if i not in valid_idx],
+        [e for i, e in enumerate(examples) if i in valid_idx],
+    )
 
 
 def require_examples(dataset, what: str, cfg) -> None:
     """Fail early, with the fix, when filtering left too few examples to form one batch."""
     if len(dataset) == 0:
-        raise DataError(f"no usable {what}: every example was dropped because its prompt is longer than "
-                        f"max_prompt_length={cfg.max_prompt_length} tokens (or leaves no room within "
-                        f"max_length={cfg.max_length}). Raise max_prompt_length / max_length.")
+        raise DataError(
+            f"no usable {what}: every example was dropped because its prompt is longer than "
+            f"max_prompt_length={cfg.max_prompt_length} tokens (or leaves no room within "
+            f"max_length={cfg.max_length}). Raise max_prompt_length / max_length."
+        )
 
 
 def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
@@ -93,40 +104,38 @@ def steps_for(num_batches_per_epoch: int, cfg) -> int:
     return int(math.ceil(cfg.epochs * num_batches_per_epoch / cfg.gradient_accumulation_steps))
 
 
+def sample_responses(ctx, sampling, items: list, generator: torch.Generator, **kwargs) -> Rollout:
+    """The student's responses to `PromptDataset` items (the teacher, if any, scores them; `kwargs` go to
+    `generate_rollouts`, e.g. teacher_mix_alpha, return_teacher_hidden)."""
+    batch = collate_prompts(items, ctx.tokenizer.pad_token_id)
+    ids, mask = batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device)
+    return generate_rollouts(ctx.student, ids, mask, config=sampling, eos_token_id=ctx.tokenizer.eos_token_id,
+                             pad_token_id=ctx.tokenizer.pad_token_id, teacher=ctx.teacher,
+                             shared_vocab_size=ctx.shared_vocab_size, generator=generator, **kwargs)
+
+
 @torch.no_grad()
-def generation_validation(trainer, prompt_dataset, *, num_prompts: int, seed: int = 1234) -> dict[str, float]:
+def generation_validation(
+    ctx, cfg, prompt_dataset, *, num_prompts: int, seed: int = 1234
+) -> dict[str, float]:
     """Sample (no teacher mixing) on validation prompts: Rouge-L vs references, reverse KL, length.
 
     The reverse-KL estimate is sequence level: the mean over prompts of sum_t log q(y_t) - log p(y_t)
     on the student's own samples (an unbiased Monte-Carlo estimate of KL[q || p] per response), also
     reported per token.
     """
-    from ..data import collate_prompts
-    from ..evaluation.metrics import rouge_l
-    from ..sampling import SamplingConfig, generate_rollouts
-
-    cfg = trainer.cfg
-    tok = trainer.tokenizer
+    tok = ctx.tokenizer
     n = min(num_prompts, len(prompt_dataset))
     if n == 0:
         return {}
     gen = torch.Generator().manual_seed(seed)
-    scfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                          top_p=cfg.top_p)
     scores, seq_kl, tok_kl, lengths = [], [], [], []
     bs = cfg.rollout_batch_size
     for start in range(0, n, bs):
         items = [prompt_dataset[i] for i in range(start, min(n, start + bs))]
-        batch = collate_prompts(items, tok.pad_token_id)
-        r = generate_rollouts(trainer.student, batch["input_ids"].to(trainer.device),
-                              batch["attention_mask"].to(trainer.device), config=scfg,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                              teacher=trainer.teacher, teacher_mix_alpha=0.0,
-                              shared_vocab_size=trainer.shared_vocab_size, generator=gen)
-        # positions after EOS already hold the pad token, which skip_special_tokens drops
-        texts = tok.batch_decode(r.response_ids.tolist(), skip_special_tokens=True)
-        for i, text in enumerate(texts):
-            scores.append(rouge_l(text.strip(), items[i]["references"]))
+        r = sample_responses(ctx, cfg.sampling, items, gen)
+        for i, text in enumerate(response_texts(tok, r)):
+            scores.append(rouge_l(text, items[i]["references"]))
         lengths.extend(r.lengths.tolist())
         if r.teacher_logprobs is not None:
             diff = ((r.student_logprobs - r.teacher_logprobs) * r.response_mask).sum(-1)

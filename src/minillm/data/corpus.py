@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from minillm.data.instructions import _read_jsonl as _read_jsonl_records
 from minillm.errors import DataError
+from minillm.io import iter_jsonl
 
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 _TOKENIZE_BATCH = 1000  # documents per call to the (fast, batched) tokenizer
@@ -29,9 +29,10 @@ def _read_txt(path: Path) -> list[str]:
 
 def _read_jsonl(path: Path) -> list[str]:
     documents = []
-    for where, record in _read_jsonl_records(path, shape='one JSON object like {"text": "..."}'):
+    for where, record in iter_jsonl(path, shape='one JSON object like {"text": "..."}'):
         if not isinstance(record, dict) or "text" not in record:
-            raise DataError(f'{where}: missing field \'text\'; each line must be a JSON object like {{"text": "..."}}')
+            raise DataError(f'{where}: missing field \'text\'; each line must be a JSON object like '
+                            f'{{"text": "..."}}')
         if not isinstance(record["text"], str):
             raise DataError(f"{where}: field 'text' must be a string, got {type(record['text']).__name__}")
         if record["text"].strip():
@@ -53,7 +54,8 @@ class PackedCorpus(torch.utils.data.Dataset):
             raise DataError(f"no such file: '{path}' (pre-training corpus; a .txt or .jsonl file)")
         readers = {".txt": _read_txt, ".jsonl": _read_jsonl}
         if path.suffix.lower() not in readers:
-            raise DataError(f"{path}: unsupported corpus format '{path.suffix}'; use .txt (documents separated by "
+            raise DataError(f"{path}: unsupported corpus format '{path.suffix}'; use .txt (documents "
+                            "separated by "
                             "blank lines) or .jsonl (one {\"text\": ...} object per line)")
         try:
             documents = readers[path.suffix.lower()](path)
@@ -73,7 +75,8 @@ class PackedCorpus(torch.utils.data.Dataset):
             raise DataError(f"seq_len must be at least 2 (one input and one target token), got {seq_len}")
         if not documents:
             raise DataError(f"{source}: the corpus is empty (no non-blank documents)")
-        pieces = []  # one int32 tensor per tokenizer batch: a Python int list of the whole stream is ~9x larger
+        # one int32 tensor per tokenizer batch: a Python int list of the whole stream is ~9x larger
+        pieces = []
         for start in range(0, len(documents), _TOKENIZE_BATCH):
             batch = tokenizer(documents[start:start + _TOKENIZE_BATCH], add_special_tokens=False)["input_ids"]
             pieces.append(torch.tensor([t for ids in batch for t in (*ids, tokenizer.eos_token_id)],
@@ -81,7 +84,8 @@ class PackedCorpus(torch.utils.data.Dataset):
         stream = torch.cat(pieces)
         num_chunks = len(stream) // seq_len
         if num_chunks == 0:
-            raise DataError(f"{source}: the corpus has only {len(stream)} tokens, fewer than seq_len={seq_len}; "
+            raise DataError(f"{source}: the corpus has only {len(stream)} tokens, fewer than "
+                            f"seq_len={seq_len}; "
                             "add text or lower seq_len")
         self.seq_len = seq_len
         self.num_tokens = len(stream)

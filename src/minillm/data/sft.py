@@ -67,8 +67,10 @@ def _response_text(example: InstructionExample, response_field: str) -> str:
     if isinstance(value, list) and value:
         value = value[0]
     if not isinstance(value, str):
-        raise DataError(f"example '{example.id}': response field '{response_field}' is missing or not a string "
-                        f"(extra fields: {sorted(example.extra)}); use response_field='output' for the reference")
+        raise DataError(f"example '{example.id}': response field '{response_field}' is missing or not a "
+                        "string "
+                        f"(extra fields: {sorted(example.extra)}); use response_field='output' for the "
+                        "reference")
     return value
 
 
@@ -99,7 +101,8 @@ class SFTDataset(torch.utils.data.Dataset):
                 self.items.append(item)
         self.num_dropped = len(examples) - len(self.items)
         if self.num_dropped:
-            log.warning("SFTDataset: dropped %d of %d examples whose prompt exceeds max_prompt_length=%d tokens "
+            log.warning("SFTDataset: dropped %d of %d examples whose prompt exceeds max_prompt_length=%d "
+                        "tokens "
                         "(or leaves no response within max_length=%d)",
                         self.num_dropped, len(examples), max_prompt_length, max_length)
 
@@ -124,7 +127,8 @@ class PromptDataset(torch.utils.data.Dataset):
                                    "references": list(example.outputs), "id": example.id, "example": example})
         self.num_dropped = len(examples) - len(self.items)
         if self.num_dropped:
-            log.warning("PromptDataset: dropped %d of %d examples whose prompt exceeds max_prompt_length=%d tokens",
+            log.warning("PromptDataset: dropped %d of %d examples whose prompt exceeds max_prompt_length=%d "
+                        "tokens",
                         self.num_dropped, len(examples), max_prompt_length)
 
     def __len__(self) -> int:
@@ -165,5 +169,6 @@ def collate_prompts(batch: Sequence[dict], pad_token_id: int) -> dict[str, Any]:
         input_ids[row, width - n:] = torch.as_tensor(item["prompt_ids"], dtype=torch.long)
         attention_mask[row, width - n:] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "prompt": [item["prompt"] for item in batch], "references": [item["references"] for item in batch],
+            "prompt": [item["prompt"] for item in batch], "references": [item["references"]
+                                                                         for item in batch],
             "id": [item["id"] for item in batch]}

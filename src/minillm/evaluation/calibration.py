@@ -69,6 +69,7 @@ def expected_calibration_error(confidences: Sequence[float] | Tensor, correct: S
 def reliability_diagram(confidences: Sequence[float] | Tensor, correct: Sequence[bool] | Tensor,
                         path: str | Path, n_bins: int = 10) -> Path:
     """Accuracy per confidence bin against the diagonal (perfect calibration), saved as a PNG."""
+    # matplotlib only when plotting: it is optional for the rest and slow to import; Agg before pyplot.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,4 +1,7 @@
-"""Exposure bias as excess accumulated error, ExAccErr (Arora et al., 2022; MiniLLM spec §4.3, Fig. 6).
+"""Exposure bias as excess accumulated error, ExAccErr (Arora et al., 2022), as in the MiniLLM paper.
+
+Gu et al., arXiv 2306.08543, the exposure-bias analysis (ExAccErr against generation length); LMOps
+`minillm/evaluate_exposure_bias.py` is the reference implementation.
 
 A student trained with teacher forcing only ever saw *teacher-quality* prefixes; at inference it
 conditions on its own samples, and its errors compound. ExAccErr quantifies this: the forward KL
@@ -151,6 +154,7 @@ def measure_exposure_bias(student, teacher, tokenizer, prompts: Sequence[str], *
 
 def plot_exposure_bias(curve: dict, path: str | Path, label: str | None = None) -> Path:
     """ExAccErr(l) against l (the paper's Figure 6 axes), saved as a PNG."""
+    # matplotlib only when plotting: it is optional for the rest and slow to import; Agg before pyplot.
     import matplotlib
 
     matplotlib.use("Agg")

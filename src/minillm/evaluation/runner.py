@@ -1,4 +1,5 @@
-"""Generation-based evaluation over seeds: the protocol behind the paper's Table 1 (spec §4.2, §7 item 11).
+"""Generation-based evaluation over seeds: the protocol behind Table 1 of the MiniLLM paper (arXiv
+2306.08543).
 
 For every model × test set × seed the runner samples one response per prompt, scores it against the
 references (Rouge-L, exact match), and writes the generations; `results.json` / `results.md` then
@@ -7,13 +8,14 @@ aggregate the per-seed averages as mean ± std over seeds.
 Protocol defaults (all overridable): seeds 10, 20, 30, 40, 50; temperature 1, top-k 0, top-p 1
 (pure sampling); ≤ 256 new tokens; prompts ≤ 256 tokens; the MiniLLM prompt template.
 
-`no_repeat_ngram_size` defaults to 0. The released LMOps scripts pass 6, but until the transformers
-fork's fix of 2024-09-30 the non-model-parallel sampling path silently ignored logits *processors*
-(spec §5.5), so every number in the paper was produced WITHOUT the 6-gram block. 0 reproduces the
+`no_repeat_ngram_size` defaults to 0. The released LMOps scripts pass 6, but until the fix of
+2024-09-30 to LMOps' transformers fork its non-model-parallel sampling path silently ignored logits
+*processors*, so every number in the paper was produced WITHOUT the 6-gram block. 0 reproduces the
 published protocol; pass 6 to match the post-Sep-2024 scripts. The value is recorded in results.json.
 
 Runs are resumable at the granularity of one (model, set, seed) file: each file is written atomically
-(temporary file + os.replace), and a re-run skips every file that is complete for the same examples.
+(`minillm.io`: temporary file + os.replace), and a re-run skips every file that is complete for the same
+examples.
 Settings that change generations are pinned in `eval_config.json`; re-running into the same output
 directory with different settings is refused instead of mixing incomparable files.
 
@@ -34,12 +36,13 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from minillm.data import PromptDataset, collate_prompts, load_instructions, read_jsonl
+from minillm.data import PromptDataset, collate_prompts, load_instructions
 from minillm.errors import ConfigError, DataError
 from minillm.evaluation.metrics import distinct_n, exact_match, mean_and_std, rouge_l
 from minillm.evaluation.report import format_mean_std
+from minillm.io import read_jsonl, write_json, write_jsonl, write_text
 from minillm.models import load_model, load_tokenizer
-from minillm.sampling import SamplingConfig, generate_rollouts
+from minillm.sampling import SamplingConfig, generate_rollouts, response_texts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -60,17 +63,6 @@ class _Job:
     num_batches: int
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` so that `path` is either absent, the old file, or complete — never half written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_complete(path: Path, ids: list[str]) -> list[dict] | None:
     """The records of a finished generation file, or None if it is missing or not for exactly `ids`."""
     if not path.is_file():
@@ -82,7 +74,7 @@ def _read_complete(path: Path, ids: list[str]) -> list[dict] | None:
     return records if [str(r.get("id")) for r in records] == ids else None
 
 
-def _check_names(models: dict, data_files: Sequence[str]) -> dict[str, str]:
+def check_names(models: dict, data_files: Sequence[str]) -> dict[str, str]:
     """Validate model labels (used as folder names) and map set name (file stem) -> data file."""
     if not models:
         raise ConfigError("evaluate_models needs at least one model ({name: path or (model, tokenizer)})")
@@ -120,26 +112,19 @@ def _pin_settings(out_dir: Path, settings: dict, sources: dict[str, str]) -> Non
             raise ConfigError(f"{out_dir} holds generations made with other settings ({'; '.join(changed)}); "
                               "use a new output directory, or delete the old one to regenerate")
         pinned["models"] = {**old["models"], **sources}
-    _write_atomic(path, json.dumps(pinned, indent=2) + "\n")
+    write_json(path, pinned, indent=2)
 
 
 def _response_texts(rollout, tokenizer, eos_ids: set[int]) -> tuple[list[str], list[int], list[list[int]]]:
     """Decoded responses, their lengths in tokens (both without the terminating EOS) and the sampled ids.
 
-    Decoding follows LMOps: special tokens skipped, cut at a literal "<|endoftext|>", stripped. The ids
-    are the generated tokens as sampled, the EOS included when one was drawn (what sequence-level KL
-    scores: `minillm.evaluation.sequence_kl.kl_from_generations`).
+    Decoding is `minillm.sampling.response_texts` (special tokens skipped, stripped), as in validation.
+    The ids are the generated tokens as sampled, the EOS included when one was
+    drawn (what sequence-level KL scores: `minillm.evaluation.sequence_kl.kl_from_generations`).
     """
-    texts, lengths, sampled = [], [], []
-    for ids, n in zip(rollout.response_ids.tolist(), rollout.lengths.tolist()):
-        ids = ids[:n]
-        sampled.append(ids)
-        if ids and ids[-1] in eos_ids:
-            ids = ids[:-1]
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        texts.append(text.split("<|endoftext|>")[0].strip())
-        lengths.append(len(ids))
-    return texts, lengths, sampled
+    sampled = [ids[:n] for ids, n in zip(rollout.response_ids.tolist(), rollout.lengths.tolist())]
+    lengths = [len(ids) - 1 if ids and ids[-1] in eos_ids else len(ids) for ids in sampled]
+    return response_texts(tokenizer, rollout), lengths, sampled
 
 
 @torch.no_grad()
@@ -149,7 +134,7 @@ def _generate_job(job: _Job, model, tokenizer, sampling: SamplingConfig, batch_s
     generator = torch.Generator(device=device).manual_seed(job.seed)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    lines = []
+    records = []
     for start in range(0, len(job.dataset), batch_size):
         items = [job.dataset[i] for i in range(start, min(len(job.dataset), start + batch_size))]
         batch = collate_prompts(items, pad)
@@ -158,12 +143,11 @@ def _generate_job(job: _Job, model, tokenizer, sampling: SamplingConfig, batch_s
         texts, lengths, sampled = _response_texts(rollout, tokenizer, {eos})
         for item, text, length, ids in zip(items, texts, lengths, sampled):
             refs = list(item["references"])
-            lines.append(json.dumps({"id": item["id"], "prompt": item["prompt"], "response": text,
-                                     "references": refs, "rougeL": rouge_l(text, refs),
-                                     "exact_match": exact_match(text, refs), "length": length,
-                                     "response_ids": ids}, ensure_ascii=False))
+            records.append({"id": item["id"], "prompt": item["prompt"], "response": text, "references": refs,
+                            "rougeL": rouge_l(text, refs), "exact_match": exact_match(text, refs),
+                            "length": length, "response_ids": ids})
         bar.update(1)
-    _write_atomic(job.path, "".join(line + "\n" for line in lines))
+    write_jsonl(job.path, records)
 
 
 def _summary(values: Iterable[float]) -> dict:
@@ -209,9 +193,37 @@ def _markdown(results: dict, settings: dict) -> str:
             out.append(f"| {model} | {s} | {r['n']} ({r['n_dropped']}) | {' | '.join(cells)} |")
     shown = ", ".join(f"{k}={v}" for k, v in settings.items())
     note = ("no_repeat_ngram_size=0 matches the paper's published numbers (the fork bug disabled the 6-gram "
-            "block until Sep 2024; spec §5.5).")
+            "block until Sep 2024 in the LMOps transformers fork).")
     out += ["", f"Settings: {shown}.", note, ""]
     return "\n".join(out)
+
+
+def _run_jobs(jobs: dict[str, list[_Job]], models: dict, tokenizers: dict, sampling: SamplingConfig,
+              batch_size: int, dtype: str, device: str) -> dict[tuple[str, str, int], list[dict]]:
+    """Generate every unfinished job, one model in memory at a time; (model, set, seed) -> its records."""
+    records: dict[tuple[str, str, int], list[dict]] = {}
+    total = sum(job.num_batches for js in jobs.values() for job in js)
+    with tqdm(total=total, unit="batch", desc="evaluate", dynamic_ncols=True) as bar:
+        for name, model_jobs in jobs.items():
+            pending = []
+            for job in model_jobs:
+                ids = [str(job.dataset[i]["id"]) for i in range(len(job.dataset))]
+                done = _read_complete(job.path, ids)
+                if done is None:
+                    pending.append((job, ids))
+                else:
+                    records[name, job.set_name, job.seed] = done
+                    bar.update(job.num_batches)
+            if not pending:
+                continue
+            spec = models[name]
+            model = spec[0] if isinstance(spec, tuple) else load_model(str(spec), dtype=dtype).to(device)
+            for job, ids in pending:
+                bar.set_description(f"{name}/{job.set_name}/seed{job.seed}")
+                _generate_job(job, model, tokenizers[name], sampling, batch_size, bar)
+                records[name, job.set_name, job.seed] = _read_complete(job.path, ids)
+            del model
+    return records
 
 
 def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir: str | os.PathLike, *,
@@ -241,7 +253,7 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
         raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {seeds}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    sets = _check_names(models, data_files)
+    sets = check_names(models, data_files)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                               top_p=top_p, no_repeat_ngram_size=no_repeat_ngram_size)
     # Everything that changes generations; pinned against the files already in out_dir.
@@ -274,34 +286,12 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
             jobs[name] += [_Job(set_name, seed, out / name / set_name / f"seed{seed}.jsonl", dataset, batches)
                            for seed in seeds]
 
-    records: dict[tuple[str, str, int], list[dict]] = {}
-    total = sum(job.num_batches for js in jobs.values() for job in js)
-    with tqdm(total=total, unit="batch", desc="evaluate", dynamic_ncols=True) as bar:
-        for name, model_jobs in jobs.items():
-            pending = []
-            for job in model_jobs:
-                ids = [str(job.dataset[i]["id"]) for i in range(len(job.dataset))]
-                done = _read_complete(job.path, ids)
-                if done is None:
-                    pending.append((job, ids))
-                else:
-                    records[name, job.set_name, job.seed] = done
-                    bar.update(job.num_batches)
-            if not pending:
-                continue
-            spec = models[name]
-            model = spec[0] if isinstance(spec, tuple) else load_model(str(spec), dtype=dtype).to(device)
-            for job, ids in pending:
-                bar.set_description(f"{name}/{job.set_name}/seed{job.seed}")
-                _generate_job(job, model, tokenizers[name], sampling, batch_size, bar)
-                records[name, job.set_name, job.seed] = _read_complete(job.path, ids)
-            del model
-
+    records = _run_jobs(jobs, models, tokenizers, sampling, batch_size, dtype, device)
     results = {name: {set_name: _aggregate({s: records[name, set_name, s] for s in seeds},
                                            dropped[name, set_name])
                       for set_name in sets}
                for name in models}
     summary = {"settings": settings, "results": results}
-    _write_atomic(out / "results.json", json.dumps(summary, indent=2) + "\n")
-    _write_atomic(out / "results.md", _markdown(results, settings))
+    write_json(out / "results.json", summary, indent=2)
+    write_text(out / "results.md", _markdown(results, settings))
     return summary

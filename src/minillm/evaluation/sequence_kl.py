@@ -28,35 +28,23 @@ from tqdm.auto import tqdm
 from minillm.data import PromptDataset, collate_prompts, read_jsonl
 from minillm.errors import DataError
 from minillm.evaluation.metrics import mean_and_std, rouge_l
-from minillm.losses import chunked_token_terms
-from minillm.models import lm_head_fn
-from minillm.sampling import SamplingConfig, generate_rollouts, response_hidden
+from minillm.sampling import SamplingConfig, generate_rollouts, response_texts, teacher_forced_logprobs
+
+# Positions per LM-head call when scoring stored samples (the grouping these figures were first made with).
+_SCORE_CHUNK = 256
 
 
-def _texts(rollout, tokenizer) -> list[str]:
-    return [t.strip() for t in tokenizer.batch_decode(rollout.response_ids.tolist(), skip_special_tokens=True)]
-
-
-@torch.no_grad()
 def _score(model, rollout, shared_vocab_size) -> torch.Tensor:
-    """log model(y_t | y_<t, x) of a rollout's response tokens, by one teacher-forced forward pass.
-
-    The forward runs over the rows' real tokens only (`response_hidden`: no padding inside the rows).
-    """
-    device = next(model.parameters()).device
-    hidden = response_hidden(model, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
-                             rollout.response_mask)
-    valid = rollout.response_mask.bool().to(device)
-    terms = chunked_token_terms(hidden[valid], lm_head_fn(model),
-                                targets=rollout.response_ids.to(device)[valid], vocab_size=shared_vocab_size)
-    out = torch.zeros(rollout.response_ids.shape, dtype=torch.float32)
-    out[valid.cpu()] = terms.logprobs.float().cpu()
-    return out
+    """log model(y_t | y_<t, x) [B, T] of a rollout's response tokens, by one teacher-forced forward pass."""
+    logprobs, _ = teacher_forced_logprobs(model, rollout, vocab_size=shared_vocab_size,
+                                          chunk_size=_SCORE_CHUNK)
+    return logprobs
 
 
 @torch.no_grad()
 def compare_to_teacher(students: dict, teacher, tokenizer, examples, *, template: str = "minillm",
-                       seeds=(10,), max_new_tokens: int = 256, batch_size: int = 8, max_prompt_length: int = 256,
+                       seeds=(10,), max_new_tokens: int = 256, batch_size: int = 8,
+                       max_prompt_length: int = 256,
                        shared_vocab_size: int | None = None) -> dict[str, dict[str, float]]:
     """Per model (students and "teacher"): Rouge-L vs the references, reverse / forward sequence KL, length.
 
@@ -84,7 +72,7 @@ def compare_to_teacher(students: dict, teacher, tokenizer, examples, *, template
                                   generator=gen)
             t_logp = (t.student_logprobs * t.response_mask).sum(1)
             rec = acc["teacher"]
-            texts = _texts(t, tokenizer)
+            texts = response_texts(tokenizer, t)
             if seed == seeds[0]:
                 first_seed_texts["teacher"].update(zip(ids, texts))
             rec.setdefault("rougeL", []).extend(rouge_l(x, r) for x, r in zip(texts, refs))
@@ -92,11 +80,12 @@ def compare_to_teacher(students: dict, teacher, tokenizer, examples, *, template
             for name, student in students.items():
                 gen = torch.Generator().manual_seed(int(seed) * 100_003 + start + 1)
                 s = generate_rollouts(student, batch["input_ids"], batch["attention_mask"], config=config,
-                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                      teacher=teacher, shared_vocab_size=shared_vocab_size, generator=gen)
+                                      eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id, teacher=teacher,
+                                      shared_vocab_size=shared_vocab_size, generator=gen)
                 rkl = ((s.student_logprobs - s.teacher_logprobs) * s.response_mask).sum(1)
                 fkl = t_logp - (_score(student, t, shared_vocab_size) * t.response_mask).sum(1)
-                texts = _texts(s, tokenizer)
+                texts = response_texts(tokenizer, s)
                 if seed == seeds[0]:
                     first_seed_texts[name].update(zip(ids, texts))
                 _add_student(acc[name], texts, refs, s.lengths.float(), rkl, fkl)
@@ -122,8 +111,8 @@ def _summarise(runs: list[dict[str, dict[str, list[float]]]], ids: list, respons
     """
     result: dict[str, dict] = {}
     for name in runs[0]:
-        entry: dict = {"num_prompts": len(ids), "num_seeds": len(runs), "responses": responses[name], "ids": ids,
-                       "per_prompt": {}}
+        entry: dict = {"num_prompts": len(ids), "num_seeds": len(runs), "responses": responses[name],
+                       "ids": ids, "per_prompt": {}}
         for key in runs[0][name]:
             per_seed = [run[name][key] for run in runs]
             summaries = {key: [sum(v) / max(1, len(v)) for v in per_seed]}
@@ -153,21 +142,22 @@ def _records(source: GenerationRecords, what: str) -> tuple[dict[str, dict], str
     for i, row in enumerate(rows):
         ids = row.get("response_ids") if isinstance(row, dict) else None
         if not isinstance(ids, list) or not all(isinstance(x, int) for x in ids) or "id" not in row:
-            raise DataError(f"{where}: record {i + 1} has no 'id' or no integer list 'response_ids' (files written "
-                            "by `evaluate_models` of minillm before 2026-11-29 lack the ids: delete them to "
-                            "regenerate)")
+            raise DataError(f"{where}: record {i + 1} has no 'id' or no integer list 'response_ids' (files "
+                            "written by `evaluate_models` of minillm before 2026-11-29 lack the ids: delete "
+                            "them to regenerate)")
         by_id[str(row["id"])] = row
     return by_id, where
 
 
-def _as_rollout(items: list[dict], records: dict[str, dict], pad_token_id: int, where: str, vocab: int | None):
+def _as_rollout(items: list[dict], records: dict[str, dict], pad_token_id: int, where: str,
+                vocab: int | None):
     batch = collate_prompts(items, pad_token_id)
     rows = []
     for it in items:
         rec = records.get(str(it["id"]))
         if rec is None:
-            raise DataError(f"{where}: no generation for prompt id {it['id']!r} (generated with other data, limit "
-                            "or max_prompt_length?)")
+            raise DataError(f"{where}: no generation for prompt id {it['id']!r} (generated with other data, "
+                            "limit or max_prompt_length?)")
         if vocab is not None and any(not 0 <= x < vocab for x in rec["response_ids"]):
             raise DataError(f"{where}: the response to prompt id {it['id']!r} has token ids outside the "
                             f"{vocab} ids that both models score")
@@ -213,10 +203,11 @@ def teacher_self_logprobs(teacher, tokenizer, examples, teacher_generations: dic
 
 
 @torch.no_grad()
-def kl_from_generations(student, teacher, tokenizer, examples, student_generations: dict[int, GenerationRecords],
+def kl_from_generations(student, teacher, tokenizer, examples,
+                        student_generations: dict[int, GenerationRecords],
                         teacher_generations: dict[int, GenerationRecords], *, template: str = "minillm",
-                        max_prompt_length: int = 256, batch_size: int = 8, shared_vocab_size: int | None = None,
-                        name: str = "student",
+                        max_prompt_length: int = 256, batch_size: int = 8,
+                        shared_vocab_size: int | None = None, name: str = "student",
                         teacher_logprobs: dict[int, dict[str, float]] | None = None) -> dict[str, dict]:
     """`compare_to_teacher`'s numbers from samples already drawn, e.g. by `evaluate_models`.
 
@@ -235,8 +226,8 @@ def kl_from_generations(student, teacher, tokenizer, examples, student_generatio
     """
     seeds = list(student_generations)
     if not seeds or sorted(seeds) != sorted(teacher_generations):
-        raise ValueError(f"student and teacher generations need the same non-empty seeds; got {sorted(seeds)} "
-                         f"and {sorted(teacher_generations)}")
+        raise ValueError("student and teacher generations need the same non-empty seeds; got "
+                         f"{sorted(seeds)} and {sorted(teacher_generations)}")
     if teacher_logprobs is None:
         teacher_logprobs = teacher_self_logprobs(teacher, tokenizer, examples, teacher_generations,
                                                  template=template, max_prompt_length=max_prompt_length,
@@ -253,8 +244,9 @@ def kl_from_generations(student, teacher, tokenizer, examples, student_generatio
         for items in _batches(dataset, batch_size, f"KL {name}, seed {seed}"):
             missing = [it["id"] for it in items if str(it["id"]) not in t_self]
             if missing:
-                raise ValueError(f"teacher_logprobs has no seed-{seed} entry for prompt id {missing[0]!r}; compute "
-                                 "it with teacher_self_logprobs on the same teacher files, examples and settings")
+                raise ValueError(f"teacher_logprobs has no seed-{seed} entry for prompt id "
+                                 f"{missing[0]!r}; compute it with teacher_self_logprobs on the same teacher "
+                                 "files, examples and settings")
             refs = [it["references"] for it in items]
             t, t_rows = _as_rollout(items, t_records, pad, t_where, shared_vocab_size)
             s, s_rows = _as_rollout(items, s_records, pad, s_where, shared_vocab_size)
@@ -262,7 +254,8 @@ def kl_from_generations(student, teacher, tokenizer, examples, student_generatio
             fkl = t_logp - (_score(student, t, shared_vocab_size) * t.response_mask).sum(1)
             rkl = ((_score(student, s, shared_vocab_size) - _score(teacher, s, shared_vocab_size))
                    * s.response_mask).sum(1)
-            t_texts, s_texts = [r.get("response", "") for r in t_rows], [r.get("response", "") for r in s_rows]
+            t_texts = [r.get("response", "") for r in t_rows]
+            s_texts = [r.get("response", "") for r in s_rows]
             if seed == seeds[0]:
                 responses["teacher"].update((it["id"], x) for it, x in zip(items, t_texts))
                 responses[name].update((it["id"], x) for it, x in zip(items, s_texts))
