@@ -41,7 +41,7 @@ def main():
     from minillm import sampling
     from minillm.data import PromptDataset, collate_prompts, load_instructions
     from minillm.models import load_model, load_tokenizer
-    from minillm.sampling import SamplingConfig, generate_rollouts
+    from minillm.sampling import SamplingConfig, decoder, generate_rollouts
 
     tok = load_tokenizer(a.student)
     student = load_model(a.student, dtype="float32").eval()
@@ -56,11 +56,11 @@ def main():
                           generator=torch.Generator().manual_seed(seed))
 
     def ours_padded_prefill(seed):
-        saved, sampling._UNPADDED_PREFILL_MAX_COST = sampling._UNPADDED_PREFILL_MAX_COST, 0.0
+        saved, decoder.UNPADDED_PREFILL_MAX_COST = decoder.UNPADDED_PREFILL_MAX_COST, 0.0
         try:
             ours(seed)
         finally:
-            sampling._UNPADDED_PREFILL_MAX_COST = saved
+            decoder.UNPADDED_PREFILL_MAX_COST = saved
 
     def hf(seed):
         torch.manual_seed(seed)
@@ -85,7 +85,7 @@ def main():
     print(f"threads={torch.get_num_threads()} batch={a.batch} max_new={a.max_new} "
           f"prompt_width={pids.shape[1]} "
           f"reps={a.reps} padding={1 - sum(lengths) / pmask.numel():.0%} "
-          f"prefill_groups={sampling._prefill_groups(lengths, pids.shape[1])}")
+          f"prefill_groups={sampling.prefill_groups(lengths, pids.shape[1])}")
     print(f"{'decoder':<12} {'tokens/s':>9} {'ms/step':>8}")
     for k, v in tps.items():
         print(f"{k:<12} {v:9.1f} {1000 * a.batch / v:8.2f}")
