@@ -50,7 +50,7 @@ def timed_rollout(student, prompt_ids, prompt_mask, *, max_new_tokens, teacher=N
 
 
 def make_batch(r, *, gamma=0.95, length_norm=True, device="cpu") -> dict:
-    """What MiniLLM.collect_round + _next_batch hand to loss_terms (advantage=lmops, token weights)."""
+    """What MiniLLM.collect_round + mini_batch hand to MiniLLM.loss (advantage=lmops, token weights)."""
     mask = r.response_mask
     rewards = per_token_rewards(r.teacher_logprobs, r.student_logprobs, mask, reward_scaling=0.5,
                                 reward_clip=100.0)
