@@ -52,7 +52,8 @@ def load_pair(cfg: TrainConfig):
 
 
 def seqkd_examples(cfg: SeqKDConfig, teacher, tokenizer, examples):
-    """Teacher samples for the training prompts (cached in output_dir), as SFT targets (spec §3.3).
+    """Teacher samples for the training prompts (cached in output_dir), as SFT targets (SeqKD, Kim & Rush
+    2016, the paper's baseline).
 
     The teacher samples plainly at temperature 1 (no top-k / top-p), whatever `cfg.sampling` says about
     validation; only `cfg.sampling.max_new_tokens` caps the samples.
@@ -190,7 +191,8 @@ def _sequence_kl(cfg, models: dict[str, str], teacher_label: str, out: Path) -> 
 
 
 def _exposure_bias(cfg, models: dict[str, str], out: Path) -> None:
-    """ExAccErr (spec §4.3) of each model against the teacher on the first data file's prompts."""
+    """ExAccErr (Arora et al. 2022; the paper's exposure-bias analysis, §4.3) of each model against the
+    teacher on the first data file's prompts."""
     teacher = load_model(cfg.teacher, dtype=cfg.dtype)
     teacher_tok = load_tokenizer(cfg.teacher)
     examples = load_instructions(str(cfg.data[0]), limit=cfg.limit or None)

@@ -103,7 +103,7 @@ class Trainer:
         shared_vocab_size: int | None = None,
         accelerator=None,
     ):
-        self.cfg, self.tokenizer, self.teacher = cfg, tokenizer, teacher
+        self.cfg, self.tokenizer = cfg, tokenizer
         self.out = Path(cfg.output_dir)
         self.accelerator = acc = accelerator or make_accelerator(cfg)
         set_seed(cfg.seed + acc.process_index)

@@ -35,6 +35,7 @@ from ..data import PackedCorpus, PromptDataset
 from ..errors import ConfigError, TrainingError
 from ..losses import (
     advantages,
+    chunk_share,
     per_token_rewards,
     ppo_clipped_loss,
     prefix_importance_weights,
@@ -301,12 +302,12 @@ class MiniLLM(Algorithm):
     def rollout_loss_fn(self, r: RolloutBuffer, valid: Tensor):
         """The chunk-additive token loss of the rollout tokens: L_long and L_single, token means over the
         mini-batch (LMOps' reduction): each chunk's mean is rescaled by its share of the tokens."""
-        cfg, n = self.cfg, max(int(valid.sum()), 1)
+        cfg, n = self.cfg, int(valid.sum())
         old, adv, w = r.old_logprobs[valid], r.advantages[valid], r.weights[valid]
         ss_w = r.single_step_weights[valid] if cfg.single_step and cfg.single_step_weighted else None
 
         def loss_fn(logprobs, divergence, start, stop):
-            share = (stop - start) / n
+            share = chunk_share(start, stop, n)
             out = {
                 "pg": long_term_loss(logprobs, old[start:stop], adv[start:stop], w[start:stop], cfg.clip_eps)[
                     0
@@ -329,10 +330,10 @@ class MiniLLM(Algorithm):
         if cfg.kd_ratio > 0:
             th = ctx.teacher_hidden(pt_ids, torch.ones_like(pt_ids))[:, :-1]
             teacher_h = th.reshape(-1, th.shape[-1])
-        n = max(targets.numel(), 1)
+        n = targets.numel()
 
         def loss_fn(logprobs, divergence, start, stop):  # chunk means rescaled to sum to the full means
-            return {"pt": pretraining_term(logprobs, divergence, cfg.kd_ratio) * ((stop - start) / n)}
+            return {"pt": pretraining_term(logprobs, divergence, cfg.kd_ratio) * chunk_share(start, stop, n)}
 
         return token_loss(
             h,

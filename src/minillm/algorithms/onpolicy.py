@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from ..data import PromptDataset, collate_sft
-from ..losses import token_loss
+from ..losses import chunk_share, token_loss
 from .base import LossOutput, TrainingContext
 from .common import EpochBatches, sample_responses, to_device
-from .supervised import Supervised
+from .supervised import Supervised, teacher_forced
 
 
 class OnPolicy(Supervised):
@@ -71,12 +71,7 @@ class OnPolicy(Supervised):
     def loss(self, batch) -> LossOutput:
         ctx, cfg = self.ctx, self.cfg
         if batch["kind"] == "data":
-            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-            targets = labels[:, 1:]
-            valid = targets != -100
-            hidden = ctx.student_hidden(ids, mask)[:, :-1][valid]
-            teacher_h = ctx.teacher_hidden(ids, mask)[:, :-1][valid]
-            targets = targets[valid]
+            hidden, teacher_h, targets = teacher_forced(batch, ctx.student_hidden, ctx.teacher_hidden)
         else:
             P, T = batch["prompt_len"], batch["response_ids"].shape[1]
             valid = batch["response_mask"].bool()
@@ -85,10 +80,10 @@ class OnPolicy(Supervised):
             ]
             teacher_h = batch["teacher_hidden"][valid]
             targets = batch["response_ids"][valid]
-        n = max(int(valid.sum()), 1)
+        n = targets.numel()
 
         def loss_fn(logprobs: Tensor, div: Tensor, start: int, stop: int) -> dict[str, Tensor]:
-            return {self.divergence: div.mean() * ((stop - start) / n)}
+            return {self.divergence: div.mean() * chunk_share(start, stop, n)}
 
         f = token_loss(
             hidden,
@@ -108,7 +103,7 @@ class OnPolicy(Supervised):
         return LossOutput(
             f.loss,
             dict(f.terms),
-            {"tokens": int(valid.sum()), "onpolicy_batch": float(batch["kind"] == "student")},
+            {"tokens": n, "onpolicy_batch": float(batch["kind"] == "student")},
         )
 
     def state_dict(self) -> dict:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..data import PromptDataset, SFTDataset, collate_sft
-from ..losses import FusedTerms, token_loss
+from ..losses import FusedTerms, chunk_share, token_loss
 from ..models import final_hidden
 from .base import Algorithm, LossOutput, TrainingContext
 from .common import EpochBatches, generation_validation, require_examples, steps_for, to_device
@@ -29,13 +29,25 @@ def supervised_loss_fn(divergence: str | None, weights: tuple[float, float], n: 
     positions (each chunk's mean rescaled by its share of the positions)."""
 
     def loss_fn(logprobs: Tensor, div: Tensor | None, start: int, stop: int) -> dict[str, Tensor]:
-        share = (stop - start) / n
+        share = chunk_share(start, stop, n)
         ce = -logprobs.mean() * share
         if divergence is None:
             return {"ce": ce}
         return {"ce": weights[0] * ce, divergence: weights[1] * div.mean() * share}
 
     return loss_fn
+
+
+def teacher_forced(batch: dict, hidden_fn: Callable[[Tensor, Tensor], Tensor],
+                   teacher_hidden_fn: Callable[[Tensor, Tensor], Tensor] | None = None):
+    """(student hidden states, teacher hidden states or None, targets) at the positions of a collated SFT
+    batch that predict a labelled token (position t-1 predicts token t), flattened to [N, H] / [N]."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    targets = batch["labels"][:, 1:]
+    valid = targets != -100
+    hidden = hidden_fn(ids, mask)[:, :-1][valid]
+    teacher = teacher_hidden_fn(ids, mask)[:, :-1][valid] if teacher_hidden_fn is not None else None
+    return hidden, teacher, targets[valid]
 
 
 class Supervised(Algorithm):
@@ -79,18 +91,15 @@ class Supervised(Algorithm):
     ) -> tuple[FusedTerms, int]:
         """The loss of a teacher-forced batch through the one token-loss entry point; (terms, tokens)."""
         ctx = self.ctx
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        targets = labels[:, 1:]
-        valid = targets != -100
-        hidden = hidden_fn(ids, mask)[:, :-1][valid]
-        teacher_hidden = ctx.teacher_hidden(ids, mask)[:, :-1][valid] if self.divergence is not None else None
-        n = int(valid.sum())
+        hidden, teacher_hidden, targets = teacher_forced(
+            batch, hidden_fn, ctx.teacher_hidden if self.divergence is not None else None)
+        n = targets.numel()
         kw = {} if self.divergence is None else dict(beta=self.cfg.jsd_beta, skew_alpha=self.cfg.skew_alpha)
         f = token_loss(
             hidden,
             ctx.student_head,
-            supervised_loss_fn(self.divergence, weights, max(n, 1)),
-            targets=targets[valid],
+            supervised_loss_fn(self.divergence, weights, n),
+            targets=targets,
             teacher_hidden=teacher_hidden,
             teacher_head=ctx.teacher_head if teacher_hidden is not None else None,
             divergence=self.divergence,

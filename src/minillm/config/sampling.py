@@ -65,9 +65,9 @@ def validate_untruncated_sampling(sampling: SamplingConfig, context: str) -> Non
             "(1-alpha)*q can lie outside the student's truncated support (log q_old = -inf, importance "
             "weight 0 and a -inf log-ratio in the reward), and a token the student samples can lie outside "
             "the teacher's (log p = -inf, reward -inf). This is the assertion failure of MiniLLM issue #287 "
-            "(spec §5.2). Set sampling.top_k = 0 and sampling.top_p = 1.0 for rollouts, as the paper does; "
-            "temperature and no_repeat_ngram_size are fine (the n-gram ban removes the same tokens from both "
-            "models)."
+            "(microsoft/LMOps). Set sampling.top_k = 0 and sampling.top_p = 1.0 for rollouts, as the paper "
+            "does; temperature and no_repeat_ngram_size are fine (the n-gram ban removes the same tokens "
+            "from both models)."
         )
 
 

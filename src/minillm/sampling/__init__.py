@@ -26,10 +26,6 @@ from minillm.sampling.rollout import (
 )
 from minillm.sampling.teacher import response_hidden, score_with_teacher, teacher_forced_logprobs
 
-# The decoder's former name, still used by tests/test_head_precision.py and benchmarks/gpu_nan_probe.py;
-# new code uses `Decoder`.
-_Decoder = Decoder
-
 __all__ = [
     "CausalLMAdapter",
     "Decoder",
