@@ -3,7 +3,9 @@
 `output_dir/checkpoints/step-NNNNNNN/` holds what `Accelerator.save_state` writes - the student
 (safetensors; tied weights stored once and re-tied on load by safetensors' `load_model`), optimizer,
 scheduler, every process's RNG states (Python, NumPy, torch and, when CUDA is used, CUDA) and the
-registered algorithm state (its data position and rollout buffer, per process) - plus
+registered algorithm state (its data position and rollout buffer, per process) - plus, for an FSDP2 run,
+the sharded model and optimizer in torch distributed checkpoint format (`sharded/`, one file per process) -
+plus
 `trainer_state.json` (step, best model, world size). It is written into a hidden `.tmp-step-*` folder
 and renamed into place only when complete (a `COMPLETE` marker), so a kill during a save never leaves
 a broken latest checkpoint.
@@ -17,6 +19,8 @@ import shutil
 from pathlib import Path
 
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .errors import TrainingError
 from .io import write_json
@@ -24,6 +28,7 @@ from .io import write_json
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
+SHARDED_DIR = "sharded"  # torch distributed checkpoint of an FSDP run's model and optimizer
 
 __all__ = ["CHECKPOINT_DIR", "COMPLETE_MARKER", "Checkpoints", "PerProcessState"]
 
@@ -61,10 +66,13 @@ class PerProcessState:
 class Checkpoints:
     """The resumable checkpoints of one run: save (atomically), list, load, prune."""
 
-    def __init__(self, output_dir: Path, accelerator, keep: int):
+    def __init__(self, output_dir: Path, accelerator, keep: int, sharded: tuple | None = None):
+        """`sharded`: (model, optimizer) of an FSDP2 run, saved with torch distributed checkpoint (each process
+        writes its shards into `SHARDED_DIR`); otherwise Accelerate saves the prepared model and optimizer."""
         self.root = Path(output_dir) / CHECKPOINT_DIR
         self.accelerator = accelerator
         self.keep = keep
+        self.sharded = sharded
 
     def list(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -87,6 +95,8 @@ class Checkpoints:
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp))
+            if self.sharded is not None:
+                dcp.save(_sharded_state(*self.sharded), checkpoint_id=str(tmp / SHARDED_DIR))
             if acc.is_main_process:
                 write_json(
                     tmp / TRAINER_STATE, {**trainer_state, "step": step, "world_size": acc.num_processes}
@@ -121,12 +131,30 @@ class Checkpoints:
         if state.get("world_size", 1) != acc.num_processes:
             raise TrainingError(
                 f"{path}: written by {state.get('world_size')} processes, resuming with "
-                f"{acc.num_processes}; exact resume needs the same number of processes."
+                f"{acc.num_processes}. Exact resume needs the same number: each process's data order, random "
+                f"generators and rollout round are in the checkpoint. Relaunch with --num_processes "
+                f"{state.get('world_size')}, or start a new run (resume=false, a new output_dir) from this "
+                "run's best/ or final/ model."
             )
+        if (self.sharded is not None) != (path / SHARDED_DIR).is_dir():
+            kind = "an FSDP (sharded)" if (path / SHARDED_DIR).is_dir() else "an unsharded (DDP / one process)"
+            raise TrainingError(f"{path} is {kind} checkpoint; resume it with the same fsdp setting it was "
+                                "written with.")
         try:
             acc.load_state(str(path))
-        except RuntimeError as err:  # safetensors' load_model: missing / unexpected weights
+            if self.sharded is not None:
+                model, optimizer = self.sharded
+                sharded = _sharded_state(model, optimizer)
+                dcp.load(sharded, checkpoint_id=str(path / SHARDED_DIR))
+                set_state_dict(model, optimizer, model_state_dict=sharded["model"],
+                               optim_state_dict=sharded["optim"])
+        except RuntimeError as err:  # safetensors' load_model / DCP: missing / unexpected weights
             raise TrainingError(
                 f"{path}: checkpoint does not match the student ({str(err).splitlines()[0]})"
             ) from err
         return state
+
+
+def _sharded_state(model, optimizer) -> dict:
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}

@@ -28,10 +28,12 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .algorithms.base import Algorithm, LossOutput, TrainingContext
 from .checkpoint import Checkpoints, PerProcessState
 from .config import save_config
+from .distributed import Placement, accelerate_fsdp_hidden, broadcast_from_main, fsdp_requested, plain_copy
 from .errors import TrainingError, TrainingInterrupted
 from .io import write_json
 from .models import final_hidden, lm_head_fn, save_pretrained_atomic
@@ -79,6 +81,11 @@ def make_accelerator(cfg) -> Accelerator:
     # several runs in one process (quickstart stages, tests) may use different precisions; the process group
     # (PartialState) is kept, only the per-run state is reset
     AcceleratorState._reset_state()
+    with accelerate_fsdp_hidden():
+        return _accelerator(cfg)
+
+
+def _accelerator(cfg) -> Accelerator:
     return Accelerator(
         mixed_precision="bf16" if cfg.precision == "bf16" else "no",
         step_scheduler_with_optimizer=False,
@@ -107,15 +114,20 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.accelerator = acc = accelerator or make_accelerator(cfg)
         set_seed(cfg.seed + acc.process_index)
+        self.fsdp = fsdp_requested(cfg) and acc.num_processes > 1
+        if fsdp_requested(cfg) and not self.fsdp:
+            logger.info("fsdp=true with one process: nothing to shard, training unsharded")
         if cfg.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora_r > 0:
             student = _apply_lora(student, cfg)
-        self.student = student  # the HF model (unwrapped); generation and saving use it
+        self.student = student  # the HF model (unwrapped or FSDP-sharded); generation and saving use it
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
-            teacher.to(acc.device)
+        self.placement = Placement(student, teacher, acc.device, fsdp=self.fsdp,
+                                   shard_teacher=self.fsdp and _shard_teacher(cfg, teacher, acc.device),
+                                   mixed_precision=cfg.fsdp_mixed_precision)
         self.algorithm = algorithm
         self.ctx = TrainingContext(
             tokenizer=tokenizer,
@@ -130,15 +142,18 @@ class Trainer:
             num_processes=acc.num_processes,
             log=self.log,
             reduce_sum=(lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None,
+            sampling_scope=self.placement.sampling_scope,
+            teacher_scope=self.placement.teacher_scope,
         )
-        algorithm.setup(self.ctx)
+        with self.placement.sampling_scope():
+            algorithm.setup(self.ctx)
         self.total_steps = algorithm.total_steps()
         if self.total_steps <= 0:
             raise TrainingError(
                 "nothing to train: the data gives 0 optimiser steps (check batch_size, "
                 "gradient_accumulation_steps, epochs/max_steps and the data size)."
             )
-        params = [p for p in student.parameters() if p.requires_grad]
+        params = [p for p in student.parameters() if p.requires_grad]  # DTensor shards under FSDP
         optimizer = torch.optim.AdamW(
             params,
             lr=cfg.learning_rate,
@@ -147,17 +162,39 @@ class Trainer:
             weight_decay=cfg.weight_decay,
         )
         scheduler = build_scheduler(optimizer, cfg, self.total_steps)
-        self.model, self.optimizer, self.scheduler = acc.prepare(HiddenStates(student), optimizer, scheduler)
+        if self.fsdp:  # sharded by Placement; Accelerate keeps the trackers, RNG states and the scheduler
+            self.model, self.optimizer, self.scheduler = None, optimizer, scheduler
+            acc.register_for_checkpointing(scheduler)
+        else:
+            self.model, self.optimizer, self.scheduler = acc.prepare(HiddenStates(student), optimizer,
+                                                                     scheduler)
         acc.register_for_checkpointing(PerProcessState(algorithm, acc))
-        self.checkpoints = Checkpoints(self.out, acc, cfg.keep_checkpoints)
+        self.checkpoints = Checkpoints(self.out, acc, cfg.keep_checkpoints,
+                                       sharded=(student, optimizer) if self.fsdp else None)
         self.step = 0
         self.best: dict[str, Any] = {"metric": None, "value": None, "step": None}
         self._stop_requested = False
         self._metrics_file = None
 
     def hidden(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
-        """Student hidden states through the (possibly DDP-wrapped) model: gradients sync across ranks."""
+        """Student hidden states through the (possibly DDP-wrapped) model: gradients sync across ranks. Under
+        FSDP the whole loss runs as the sharded root's forward (`_loss`), so the student is called directly."""
+        if self.model is None:
+            return final_hidden(self.student, input_ids, attention_mask, position_ids)
         return self.model(input_ids, attention_mask, position_ids)
+
+    def _loss(self, batch) -> LossOutput:
+        if self.placement.student is not None:
+            return self.placement.student(self.algorithm.loss, batch)
+        return self.algorithm.loss(batch)
+
+    def _sync_gradients(self, sync: bool):
+        """The context of one micro-batch's backward: gradients are reduced across processes only when `sync`
+        (the last micro-batch of a step)."""
+        if self.placement.student is not None:
+            self.placement.student.root.set_requires_gradient_sync(sync)
+            return nullcontext()
+        return nullcontext() if sync else self.accelerator.no_sync(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -247,11 +284,11 @@ class Trainer:
         )
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            self.student.train(alg.train_mode)
+            set_train_mode(self.student, alg.train_mode, cfg.gradient_checkpointing)
             sums, tokens = self._accumulate(batches)
             grad_norm = None
             if cfg.max_grad_norm > 0:
-                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                grad_norm = self._clip_gradients(cfg.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -289,9 +326,9 @@ class Trainer:
         tokens = 0
         for micro in range(ga):
             batch = next(batches)
-            with nullcontext() if micro == ga - 1 else acc.no_sync(self.model):
+            with self._sync_gradients(micro == ga - 1):
                 with acc.autocast():
-                    out = self.algorithm.loss(batch)
+                    out = self._loss(batch)
                     self._check_finite(out)
                 # backward outside autocast (PyTorch's AMP rule): under it, the backward of the fp32 LM
                 # head (models.LMHead) would be recast to bf16; the body's ops saved bf16 tensors anyway
@@ -306,6 +343,13 @@ class Trainer:
                     sums[k] += _to_float(v) / ga
         return sums, tokens
 
+    def _clip_gradients(self, max_norm: float) -> Tensor:
+        if self.model is not None:
+            return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.requires_grad],
+                                              max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
     def _check_finite(self, out: LossOutput) -> None:
         for name, value in {**out.terms, "loss": out.loss}.items():
             if not torch.isfinite(value).all():
@@ -316,35 +360,51 @@ class Trainer:
                 )
 
     def run_evaluation(self) -> dict[str, float]:
-        """Validate, log `valid_*` metrics and keep the best model (by the algorithm's selection key)."""
+        """Validate, log `valid_*` metrics and keep the best model (by the algorithm's selection key).
+
+        The main process validates; under FSDP every process gathers the student first, and with a sharded
+        teacher every process validates (the same prompts, in lockstep) and the main process's numbers count.
+        """
         acc = self.accelerator
         metrics: dict[str, float] = {}
-        if acc.is_main_process:
-            self.student.eval()
-            metrics = self.algorithm.evaluate()
-            metrics = {k if k.startswith("valid_") else f"valid_{k}": v for k, v in metrics.items()}
-            if metrics:
-                self.log(metrics)
-                key = self.algorithm.selection_key()
-                value = metrics.get(key)
-                if value is not None and math.isfinite(value):
-                    better = self.best["value"] is None or (
-                        value < self.best["value"] if key == "valid_loss" else value > self.best["value"]
-                    )
-                    if better:
-                        self.best = {"metric": key, "value": value, "step": self.step}
-                        self.save_model(self.out / "best")
-                logger.info(
-                    "step %d validation: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        with self.placement.sampling_scope():
+            if acc.is_main_process or self.placement.teacher_sharded:
+                self.student.eval()
+                metrics = self.algorithm.evaluate()
+                metrics = {k if k.startswith("valid_") else f"valid_{k}": v for k, v in metrics.items()}
+        better = False
+        if acc.is_main_process and metrics:
+            self.log(metrics)
+            key = self.algorithm.selection_key()
+            value = metrics.get(key)
+            if value is not None and math.isfinite(value):
+                better = self.best["value"] is None or (
+                    value < self.best["value"] if key == "valid_loss" else value > self.best["value"]
                 )
+                if better:
+                    self.best = {"metric": key, "value": value, "step": self.step}
+            logger.info(
+                "step %d validation: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            )
+        if self.placement.student is not None:  # every process takes part in gathering the model to save
+            better, self.best = broadcast_from_main((better, self.best))
+        if better:
+            self.save_model(self.out / "best")
         acc.wait_for_everyone()
         return metrics
 
     def save_model(self, out_dir: Path) -> Path:
-        model = self.student
-        if hasattr(model, "merge_and_unload"):  # LoRA: save a plain merged model
-            model = copy.deepcopy(model).merge_and_unload()
-        return save_pretrained_atomic(model, self.tokenizer, out_dir)
+        """The student as a plain Hugging Face folder (LoRA merged), written by the main process. Under FSDP
+        every process must call it (the weights are gathered from all)."""
+        if self.placement.student is not None:
+            model = plain_copy(self.student, self.placement.student.full_state_dict())
+        else:
+            model = self.student
+            if hasattr(model, "merge_and_unload") and self.accelerator.is_main_process:  # LoRA: merged copy
+                model = copy.deepcopy(model).merge_and_unload()
+        if self.accelerator.is_main_process:
+            save_pretrained_atomic(model, self.tokenizer, out_dir)
+        return out_dir
 
     def finish(self) -> Path:
         """Final validation, final model, and the selected model's folder."""
@@ -353,8 +413,8 @@ class Trainer:
         if self.cfg.save_every or self.cfg.resume:
             self.save_checkpoint()
         final_dir = self.out / "final"
+        self.save_model(final_dir)
         if acc.is_main_process:
-            self.save_model(final_dir)
             write_json(
                 self.out / "summary.json",
                 {
@@ -372,6 +432,30 @@ def _to_float(v) -> float:
     if isinstance(v, Tensor):
         return float(v.detach().float().mean().item())
     return float(v)
+
+
+def set_train_mode(model: nn.Module, train_mode: bool, checkpointing: bool) -> None:
+    """`model.train(train_mode)`; with gradient checkpointing and `train_mode=False` (MiniLLM: no dropout) the
+    decoder layers alone are flagged as training, since transformers checkpoints a layer only in training
+    mode: their submodules (dropout, attention) stay in eval mode, so nothing random runs."""
+    model.train(train_mode)
+    if checkpointing and not train_mode:
+        for module in model.modules():
+            if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+                module.training = True
+
+
+def _shard_teacher(cfg, teacher, device: torch.device) -> bool:
+    """teacher_sharding: shard / replicate, or auto: shard when the teacher takes over half of one GPU."""
+    choice = getattr(cfg, "teacher_sharding", "replicate")
+    if teacher is None or choice == "replicate":
+        return False
+    if choice == "shard":
+        return True
+    if device.type != "cuda":
+        return False
+    size = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    return size > 0.5 * torch.cuda.get_device_properties(device).total_memory
 
 
 def _apply_lora(model, cfg):

@@ -10,6 +10,7 @@ shared vocabulary width, the device, a cross-process sum, a logger).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -38,6 +39,9 @@ class TrainingContext:
     reduce_sum         sums a tensor over all processes (None in a single process)
     log                writes a dict of metrics at the current step (main process only)
     step               the number of optimiser steps done so far (kept current by the trainer)
+    sampling_scope     () -> context manager to decode and score in (FSDP: the student gathered whole, a
+                       sharded teacher in lockstep); every process enters it together
+    teacher_scope      () -> context manager around a teacher forward (`teacher_hidden` enters it)
     """
 
     tokenizer: Any
@@ -53,11 +57,14 @@ class TrainingContext:
     reduce_sum: Callable[[Tensor], Tensor] | None = None
     log: Callable[[dict], None] = lambda metrics: None
     step: int = 0
+    sampling_scope: Callable[[], AbstractContextManager] = nullcontext
+    teacher_scope: Callable[[], AbstractContextManager] = nullcontext
 
     @torch.no_grad()
     def teacher_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The teacher's post-norm hidden states [B, T, Ht] (no gradient)."""
-        return final_hidden(self.teacher, input_ids, attention_mask)
+        with self.teacher_scope():
+            return final_hidden(self.teacher, input_ids, attention_mask)
 
 
 class LossOutput(NamedTuple):

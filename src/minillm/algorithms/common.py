@@ -109,9 +109,10 @@ def sample_responses(ctx, sampling, items: list, generator: torch.Generator, **k
     `generate_rollouts`, e.g. teacher_mix_alpha, return_teacher_hidden)."""
     batch = collate_prompts(items, ctx.tokenizer.pad_token_id)
     ids, mask = batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device)
-    return generate_rollouts(ctx.student, ids, mask, config=sampling, eos_token_id=ctx.tokenizer.eos_token_id,
-                             pad_token_id=ctx.tokenizer.pad_token_id, teacher=ctx.teacher,
-                             shared_vocab_size=ctx.shared_vocab_size, generator=generator, **kwargs)
+    with ctx.sampling_scope():
+        return generate_rollouts(ctx.student, ids, mask, config=sampling, eos_token_id=ctx.tokenizer.eos_token_id,
+                                 pad_token_id=ctx.tokenizer.pad_token_id, teacher=ctx.teacher,
+                                 shared_vocab_size=ctx.shared_vocab_size, generator=generator, **kwargs)
 
 
 @torch.no_grad()

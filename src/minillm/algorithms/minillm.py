@@ -222,7 +222,8 @@ class MiniLLM(Algorithm):
     @torch.no_grad()
     def collect_round(self) -> RolloutBuffer:
         t0 = time.perf_counter()
-        r = sample_round(self.ctx, self.cfg, self.prompts, self.prompt_order.next(), self.sample_gen)
+        with self.ctx.sampling_scope():  # FSDP: the student gathered once for the whole round
+            r = sample_round(self.ctx, self.cfg, self.prompts, self.prompt_order.next(), self.sample_gen)
         seconds = time.perf_counter() - t0
         r, rewards = score_round(r, self.cfg, self.ctx.reduce_sum)
         for name, value in (

@@ -89,7 +89,17 @@ class TrainConfig(Options):
     seed: int = option(0, "Random seed (data order, initialisation of sampling).")
     chunk_size: int = option(256, "Positions per chunk in full-vocabulary losses (memory is O(chunk x "
                                   "vocab)).", min=1)
-    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = option(False, "Recompute each decoder layer's activations in backward to "
+                                                 "save memory (every method; dropout stays off for "
+                                                 "minillm).")
+
+    # Sharding (several processes: accelerate launch / torchrun)
+    fsdp: bool = option(False, "Shard the student with PyTorch FSDP2 (fully_shard per decoder layer) over all "
+                               "processes instead of replicating it (DDP). Also switched on by an Accelerate "
+                               "config with distributed_type FSDP and fsdp_version 2.")
+    fsdp_mixed_precision: bool = option(False, "With fsdp: FSDP2's mixed-precision policy - bf16 parameters "
+                                               "for compute, fp32 gradient reduction, fp32 sharded master "
+                                               "weights.")
 
     # Validation
     eval_every: int = option(0, "Validate every N optimiser steps (0 = only at the end of training).", min=0)
@@ -163,9 +173,16 @@ class TeacherConfig(TrainConfig):
     teacher: str = option("", "Teacher model (same forms as `student`). Required.")
     teacher_dtype: str = option("float32", "Teacher weights dtype: float32 or bfloat16 (it is never "
                                            "trained).", choices=("float32", "bfloat16", "float16"))
+    teacher_sharding: str = option("auto", "With fsdp: shard the teacher over the processes too (shard; no "
+                                           "optimizer state, each layer all-gathered when used), keep a whole "
+                                           "copy on each (replicate), or auto: shard when its weights take "
+                                           "more than half of one GPU's memory.",
+                                   choices=("auto", "shard", "replicate"))
 
     def validate(self) -> None:
         super().validate()
+        if self.teacher_sharding == "shard" and not self.fsdp:
+            raise ConfigError("teacher_sharding=shard needs fsdp=true (the teacher is sharded with FSDP2).")
         if not self.teacher:
             raise ConfigError(f"method={self.method} needs a teacher: set teacher=... (or use method=sft).")
 

@@ -52,7 +52,12 @@ class LMHead:
         scale = getattr(model.config, "logit_scale", None)
         self.softcap = softcap or None
         self.scale = None if scale is None or isinstance(scale, bool) else scale
-        self.weight = getattr(self.module, "weight", None)
+
+    @property
+    def weight(self) -> Tensor | None:
+        """The output embedding's weight, read at each access: FSDP2 swaps the registered parameter between
+        its sharded and its gathered form (minillm.distributed)."""
+        return getattr(self.module, "weight", None)
 
     def _full_precision_dtype(self, hidden: Tensor) -> torch.dtype | None:
         """The dtype the head computes in when autocast is on for `hidden`'s device (fp32 or wider), else

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from minillm.config import SamplingConfig
+from minillm.distributed import lockstep_group, ranks_done
 from minillm.models import position_ids_from_mask
 from minillm.sampling import draw
 from minillm.sampling.adapter import CausalLMAdapter, GrowingLayer
@@ -206,8 +207,11 @@ def decode_lockstep(student_dec: Decoder, teacher_dec: Decoder | None, prompt_id
     eos_ids = torch.tensor(eos_token_id, device=device).reshape(-1)
     processors = draw.build_processors(config)
     state = DecodeBatch(prompt_ids, prompt_mask, config.max_new_tokens, device)
-    # On CPU the prompts are prefilled without (most of) their left padding when that pays (prefill_groups).
-    groups = prefill_groups(state.attention_mask.sum(dim=1).tolist(), state.prompt_len)
+    # A sharded teacher (minillm.distributed) gathers each layer per call: every process then prefills in one
+    # call and decodes until all are done. Otherwise, on CPU the prompts are prefilled without (most of) their
+    # left padding when that pays (prefill_groups).
+    in_step = lockstep_group()
+    groups = None if in_step else prefill_groups(state.attention_mask.sum(dim=1).tolist(), state.prompt_len)
     s_logits, _ = student_dec.prefill(prompt_ids, state.attention_mask, state.position_ids, groups)
     t_logits = t_hidden = None
     if teacher_dec is not None:
@@ -227,9 +231,12 @@ def decode_lockstep(student_dec: Decoder, teacher_dec: Decoder | None, prompt_id
 
         done = ~active | torch.isin(token, eos_ids)  # the decoded rows finished after this step
         state.finished = done if state.rows is None else state.finished.index_fill(0, state.rows[done], True)
-        if t == config.max_new_tokens - 1 or bool(state.finished.all()):
+        all_done = bool(state.finished.all())
+        if in_step:
+            all_done = ranks_done(all_done, device)
+        if t == config.max_new_tokens - 1 or all_done:
             break
-        if compact and int(done.sum()) >= max(1, math.ceil(done.shape[0] / 4)):
+        if compact and int(done.sum()) >= max(1, math.ceil(done.shape[0] / 4)) and not bool(done.all()):
             # Drop the finished rows from the decoding state; the kept rows are all active.
             keep = (~done).nonzero().squeeze(1)
             state.compact(keep)
