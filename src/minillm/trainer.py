@@ -184,9 +184,12 @@ class Trainer:
         return self.model(input_ids, attention_mask, position_ids)
 
     def _loss(self, batch) -> LossOutput:
-        if self.placement.student is not None:
+        """The algorithm's loss; under FSDP as the student's root forward, with a sharded teacher's root (its LM
+        head, which the single-step and KD terms project with) gathered."""
+        if self.placement.student is None:
+            return self.algorithm.loss(batch)
+        with self.placement.teacher_scope():
             return self.placement.student(self.algorithm.loss, batch)
-        return self.algorithm.loss(batch)
 
     def _sync_gradients(self, sync: bool):
         """The context of one micro-batch's backward: gradients are reduced across processes only when `sync`

@@ -18,6 +18,7 @@ class adds only the options that method reads and documents only those:
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -181,7 +182,8 @@ class TeacherConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.teacher_sharding == "shard" and not self.fsdp:
+        accelerate_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+        if self.teacher_sharding == "shard" and not (self.fsdp or accelerate_fsdp):
             raise ConfigError("teacher_sharding=shard needs fsdp=true (the teacher is sharded with FSDP2).")
         if not self.teacher:
             raise ConfigError(f"method={self.method} needs a teacher: set teacher=... (or use method=sft).")
