@@ -177,3 +177,29 @@ def test_resume_on_another_number_of_processes_is_refused(minillm_runs, pair, in
                                                 resume="true", max_steps=4))
     with pytest.raises(TrainingError, match="Relaunch with --num_processes 2"):
         api.train(cfg)
+
+
+def test_fsdp_lora_equals_one_process_and_saves_a_merged_plain_model(pair, instruction_file, tmp_path):
+    pytest.importorskip("peft")
+    one, two = tmp_path / "one", tmp_path / "two"
+    api.train(build_config(TrainConfig, None, _args(pair, instruction_file, one, method="kd", lora_r=4,
+                                                    gradient_accumulation_steps=2)))
+    _torchrun(pair, _args(pair, instruction_file, two, method="kd", lora_r=4, fsdp="true"))
+    start = load_file(str(pair / "student" / "model.safetensors"))
+    merged = _weights(two)
+    assert merged.keys() == start.keys()  # merged: no lora_A / lora_B / base_layer entries
+    assert _max_diff(merged, start) > 1e-4
+    assert _max_diff(_weights(one), merged) <= SAME_BATCH_TOL
+
+
+def test_fsdp_mixed_precision_trains_close_to_fp32(pair, instruction_file, tmp_path):
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    api.train(build_config(TrainConfig, None, _args(pair, instruction_file, fp32, method="kd",
+                                                    gradient_accumulation_steps=2)))
+    _torchrun(pair, _args(pair, instruction_file, bf16, method="kd", fsdp="true", fsdp_mixed_precision="true"))
+    start = load_file(str(pair / "student" / "model.safetensors"))
+    a, b = _weights(fp32), _weights(bf16)
+    assert all(v.dtype == torch.float32 for v in b.values())  # the sharded master weights stay fp32
+    moved = sum(float((a[k] - start[k]).norm() ** 2) for k in a) ** 0.5
+    apart = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
+    assert 0 < apart < 0.2 * moved, (apart, moved)

@@ -118,9 +118,11 @@ class Trainer:
         if fsdp_requested(cfg) and not self.fsdp:
             logger.info("fsdp=true with one process: nothing to shard, training unsharded")
         if cfg.gradient_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(student)
         if cfg.lora_r > 0:
-            student = _apply_lora(student, cfg)
+            with torch.random.fork_rng(devices=[]):  # the same adapter initialisation on every process (FSDP
+                torch.manual_seed(cfg.seed)          # shards each process's copy; DDP broadcasts rank 0's)
+                student = _apply_lora(student, cfg)
         self.student = student  # the HF model (unwrapped or FSDP-sharded); generation and saving use it
         if teacher is not None:
             teacher.eval()
@@ -435,6 +437,14 @@ def _to_float(v) -> float:
     if isinstance(v, Tensor):
         return float(v.detach().float().mean().item())
     return float(v)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers' own)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def set_train_mode(model: nn.Module, train_mode: bool, checkpointing: bool) -> None:
