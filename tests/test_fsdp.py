@@ -23,7 +23,8 @@ from minillm import api
 from minillm.config import TrainConfig, build_config
 from minillm.errors import TrainingError
 
-# max |difference| of weights that moved by ~2e-2 (lr 1e-2, 3 steps): summation order of the reductions differs
+# max |difference| of weights that moved by ~2e-2 (lr 1e-2, 3 steps): summation order of the reductions
+# differs
 # (FSDP2's reduce-scatter vs DDP's all-reduce vs one process's accumulation); measured 7e-9 (kd) and 3e-6
 # (minillm, whose rollouts feed back the weights)
 SAME_BATCH_TOL = 1e-6
@@ -45,8 +46,10 @@ DRIVER = textwrap.dedent("""
             return original(self)
         Trainer._stop_everywhere = stop
     def record(self):
-        n = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.student.parameters())
-        with open(os.path.join(self.cfg.output_dir, f"local_params{self.accelerator.process_index}"), "w") as f:
+        n = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                for p in self.student.parameters())
+        rank = self.accelerator.process_index
+        with open(os.path.join(self.cfg.output_dir, f"local_params{rank}"), "w") as f:
             f.write(str(n))
     original_finish = Trainer.finish
     def finish(self):
@@ -75,7 +78,8 @@ def pair(tmp_path_factory):
 
 
 def _args(pair, instruction_file, out, **kw) -> dict:
-    base = dict(student=pair / "student", teacher=pair / "teacher", train_data=instruction_file, output_dir=out,
+    base = dict(student=pair / "student", teacher=pair / "teacher", train_data=instruction_file,
+                output_dir=out,
                 batch_size=2, max_steps=3, learning_rate=1e-2, lr_scheduler="constant", max_length=200,
                 max_prompt_length=160, valid_fraction=0.2, seed=3)
     base.update(kw)
@@ -106,8 +110,10 @@ def _max_diff(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("method", ["kd", "sft"])
 def test_fsdp_two_processes_equal_one_process_with_the_same_global_batch(pair, instruction_file, tmp_path,
                                                                          method):
-    # 2 processes x batch 2 (FSDP2) against 1 process x batch 2 x 2 accumulation steps: the same 4 sequences per
-    # step (EpochBatches gives rank r the r-th slice of each global batch), the same mean of two micro-batch means
+    # 2 processes x batch 2 (FSDP2) against 1 process x batch 2 x 2 accumulation steps: the same 4
+    # sequences per
+    # step (EpochBatches gives rank r the r-th slice of each global batch), the same mean of two
+    # micro-batch means
     one = tmp_path / "one"
     api.train(build_config(TrainConfig, None, _args(pair, instruction_file, one, method=method,
                                                     gradient_accumulation_steps=2)))
@@ -129,14 +135,16 @@ def test_fsdp_two_processes_equal_one_process_with_the_same_global_batch(pair, i
 
 @pytest.fixture(scope="module")
 def minillm_runs(pair, instruction_file, tmp_path_factory):
-    """2-process minillm runs with the same seeds: DDP, FSDP2 (teacher replicated), FSDP2 (teacher sharded, the
+    """2-process minillm runs with the same seeds: DDP, FSDP2 (teacher replicated), FSDP2 (teacher sharded,
+    the
     launch as an Accelerate FSDP config sets it up), FSDP2 with gradient checkpointing."""
     root = tmp_path_factory.mktemp("minillm_runs")
     runs = {}
     for name, extra, env in (
         ("ddp", {}, None),
         ("fsdp", {"fsdp": "true", "save_every": 1}, None),
-        ("fsdp_shard_teacher", {"teacher_sharding": "shard"}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}),
+        ("fsdp_shard_teacher", {"teacher_sharding": "shard"},
+         {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}),
         ("fsdp_checkpointing", {"fsdp": "true", "gradient_checkpointing": "true"}, None),
     ):
         runs[name] = root / name
@@ -196,10 +204,39 @@ def test_fsdp_mixed_precision_trains_close_to_fp32(pair, instruction_file, tmp_p
     fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
     api.train(build_config(TrainConfig, None, _args(pair, instruction_file, fp32, method="kd",
                                                     gradient_accumulation_steps=2)))
-    _torchrun(pair, _args(pair, instruction_file, bf16, method="kd", fsdp="true", fsdp_mixed_precision="true"))
+    _torchrun(pair, _args(pair, instruction_file, bf16, method="kd", fsdp="true",
+                          fsdp_mixed_precision="true"))
     start = load_file(str(pair / "student" / "model.safetensors"))
     a, b = _weights(fp32), _weights(bf16)
     assert all(v.dtype == torch.float32 for v in b.values())  # the sharded master weights stay fp32
     moved = sum(float((a[k] - start[k]).norm() ** 2) for k in a) ** 0.5
     apart = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
     assert 0 < apart < 0.2 * moved, (apart, moved)
+
+
+def test_models_that_do_not_fit_one_device_are_refused_with_the_options(pair, instruction_file, tmp_path,
+                                                                        monkeypatch):
+    import minillm.trainer as trainer_module
+
+    # a device of 64 KiB: the 2-layer student's states alone (~1.4 MB with AdamW) exceed it
+    monkeypatch.setattr(trainer_module, "device_memory", lambda device: 64 * 1024)
+    cfg = build_config(TrainConfig, None, _args(pair, instruction_file, tmp_path / "run", method="kd"))
+    with pytest.raises(TrainingError, match="do not fit.*fsdp=true.*teacher_sharding=shard.*minillm plan"):
+        api.train(cfg)
+
+
+def test_num_rollouts_must_divide_over_the_processes(pair, instruction_file):
+    from minillm.algorithms import build_algorithm
+    from minillm.algorithms.base import TrainingContext
+    from minillm.data import load_instructions
+    from minillm.errors import ConfigError
+    from minillm.models import load_tokenizer
+
+    cfg = build_config(TrainConfig, None, _args(pair, instruction_file, "unused", **MINILLM))
+    algorithm = build_algorithm("minillm", load_instructions(instruction_file), None, cfg)
+    ctx = TrainingContext(tokenizer=load_tokenizer(str(pair / "student")), student=None, student_head=None,
+                          student_hidden=None, teacher=None, teacher_head=None, shared_vocab_size=None,
+                          device=torch.device("cpu"), process_index=0, num_processes=3)
+    message = r"num_rollouts \(4\) must be divisible by the number of processes \(3\)"
+    with pytest.raises(ConfigError, match=message):
+        algorithm.setup(ctx)

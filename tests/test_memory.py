@@ -1,7 +1,9 @@
-"""Gradient checkpointing works for every method, MiniLLM included (whose updates run in eval mode, no dropout).
+"""Gradient checkpointing works for every method, MiniLLM included (whose updates run in eval mode, no
+dropout).
 
 Activation memory is measured exactly: the bytes of the tensors autograd saves for backward during one
-micro-batch's loss (`torch.autograd.graph.saved_tensors_hooks`, each storage counted once) - what checkpointing
+micro-batch's loss (`torch.autograd.graph.saved_tensors_hooks`, each storage counted once) - what
+checkpointing
 is meant to cut - with the loss and the gradients compared against the run without it.
 """
 
@@ -56,7 +58,8 @@ def test_gradient_checkpointing_saves_activation_memory_with_the_same_loss(tiny_
                                                                              tmp_path, method):
     plain = _saved_bytes_loss_and_grads(_trainer(tiny_dirs, instruction_file, tmp_path / "a", method, False))
     ckpt = _saved_bytes_loss_and_grads(_trainer(tiny_dirs, instruction_file, tmp_path / "b", method, True))
-    # the 2-layer model keeps only each layer's input (and the head's inputs) instead of every layer's internals
+    # the 2-layer model keeps only each layer's input (and the head's inputs) instead of every layer's
+    # internals
     assert ckpt[0] < 0.75 * plain[0], (ckpt[0], plain[0])
     assert ckpt[1] == pytest.approx(plain[1], rel=1e-5, abs=1e-6)
     assert plain[2].keys() == ckpt[2].keys() and plain[2]

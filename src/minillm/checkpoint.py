@@ -67,7 +67,8 @@ class Checkpoints:
     """The resumable checkpoints of one run: save (atomically), list, load, prune."""
 
     def __init__(self, output_dir: Path, accelerator, keep: int, sharded: tuple | None = None):
-        """`sharded`: (model, optimizer) of an FSDP2 run, saved with torch distributed checkpoint (each process
+        """`sharded`: (model, optimizer) of an FSDP2 run, saved with torch distributed checkpoint (each
+        process
         writes its shards into `SHARDED_DIR`); otherwise Accelerate saves the prepared model and optimizer."""
         self.root = Path(output_dir) / CHECKPOINT_DIR
         self.accelerator = accelerator
@@ -137,7 +138,8 @@ class Checkpoints:
                 "run's best/ or final/ model."
             )
         if (self.sharded is not None) != (path / SHARDED_DIR).is_dir():
-            kind = "an FSDP (sharded)" if (path / SHARDED_DIR).is_dir() else "an unsharded (DDP / one process)"
+            sharded_dir = (path / SHARDED_DIR).is_dir()
+            kind = "an FSDP (sharded)" if sharded_dir else "an unsharded (DDP / one process)"
             raise TrainingError(f"{path} is {kind} checkpoint; resume it with the same fsdp setting it was "
                                 "written with.")
         try:

@@ -2,7 +2,8 @@
 NCCL on GPUs.
 
 `ShardedLM` shards a Hugging Face causal LM per decoder layer, the way pytorch/torchtune's distributed recipes
-do, under a root unit (`FSDPRoot`) that owns what is left: the embeddings, the final norm and the LM head (tied
+do, under a root unit (`FSDPRoot`) that owns what is left: the embeddings, the final norm and the LM head
+(tied
 or not, they stay in one unit). The root's forward runs a function, so everything that uses the model's
 parameters together - a loss that reads the hidden states and projects them with the LM head itself
 (`minillm.losses.token_loss`), decoding, scoring - happens inside one FSDP forward: the root's parameters are
@@ -30,8 +31,8 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["FSDPRoot", "Placement", "ShardedLM", "accelerate_fsdp_hidden", "broadcast_from_main", "decoder_layers",
-           "fsdp_requested", "lockstep", "lockstep_group", "plain_copy", "ranks_done"]
+__all__ = ["FSDPRoot", "Placement", "ShardedLM", "accelerate_fsdp_hidden", "broadcast_from_main",
+           "decoder_layers", "fsdp_requested", "lockstep", "lockstep_group", "plain_copy", "ranks_done"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -132,7 +133,7 @@ class ShardedLM:
         return sd
 
 
-# ---------------------------------------------------------------------------------------------- lockstep decoding
+# ---------------------------------------------------------------------------------------------- lockstep deco
 _LOCKSTEP: contextvars.ContextVar[bool] = contextvars.ContextVar("minillm_lockstep", default=False)
 
 
@@ -158,7 +159,7 @@ def ranks_done(done: bool, device: torch.device) -> bool:
     return bool(flag.item() == 0)
 
 
-# ---------------------------------------------------------------------------------------------- the two models
+# ---------------------------------------------------------------------------------------------- the two model
 class Placement:
     """Where the student and the teacher live in one training run, and the scopes the algorithms use.
 
@@ -215,7 +216,8 @@ def fsdp_requested(cfg) -> bool:
 
 @contextlib.contextmanager
 def accelerate_fsdp_hidden() -> Iterator[None]:
-    """Hide an Accelerate FSDP launch from `Accelerator()` (minillm applies FSDP2 itself; Accelerate would wrap
+    """Hide an Accelerate FSDP launch from `Accelerator()` (minillm applies FSDP2 itself; Accelerate would
+    wrap
     the model in its own FSDP on GPUs, or in DDP on CPUs)."""
     saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
     try:
@@ -233,7 +235,8 @@ def broadcast_from_main(obj: Any) -> Any:
 
 
 def plain_copy(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module | None:
-    """On the main process, a plain CPU copy of `model` (a Hugging Face causal LM, or a PEFT LoRA model, which is
+    """On the main process, a plain CPU copy of `model` (a Hugging Face causal LM, or a PEFT LoRA model,
+    which is
     merged) holding `state_dict` (`ShardedLM.full_state_dict`); None on the other processes."""
     if dist.get_rank() != 0:
         return None

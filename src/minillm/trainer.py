@@ -127,8 +127,10 @@ class Trainer:
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
-        self.placement = Placement(student, teacher, acc.device, fsdp=self.fsdp,
-                                   shard_teacher=self.fsdp and _shard_teacher(cfg, teacher, acc.device),
+        shard_teacher = self.fsdp and _shard_teacher(cfg, teacher, acc.device)
+        check_fits(student, teacher, acc.device, processes=acc.num_processes, fsdp=self.fsdp,
+                   shard_teacher=shard_teacher)
+        self.placement = Placement(student, teacher, acc.device, fsdp=self.fsdp, shard_teacher=shard_teacher,
                                    mixed_precision=cfg.fsdp_mixed_precision)
         self.algorithm = algorithm
         self.ctx = TrainingContext(
@@ -180,13 +182,15 @@ class Trainer:
 
     def hidden(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Student hidden states through the (possibly DDP-wrapped) model: gradients sync across ranks. Under
-        FSDP the whole loss runs as the sharded root's forward (`_loss`), so the student is called directly."""
+        FSDP the whole loss runs as the sharded root's forward (`_loss`), so the student is called
+        directly."""
         if self.model is None:
             return final_hidden(self.student, input_ids, attention_mask, position_ids)
         return self.model(input_ids, attention_mask, position_ids)
 
     def _loss(self, batch) -> LossOutput:
-        """The algorithm's loss; under FSDP as the student's root forward, with a sharded teacher's root (its LM
+        """The algorithm's loss; under FSDP as the student's root forward, with a sharded teacher's root
+        (its LM
         head, which the single-step and KD terms project with) gathered."""
         if self.placement.student is None:
             return self.algorithm.loss(batch)
@@ -465,10 +469,50 @@ def _shard_teacher(cfg, teacher, device: torch.device) -> bool:
         return False
     if choice == "shard":
         return True
+    memory = device_memory(device)
+    return memory is not None and _bytes(teacher) > 0.5 * memory
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of one accelerator (bytes), or None on CPU (no fixed budget to check)."""
     if device.type != "cuda":
-        return False
-    size = sum(p.numel() * p.element_size() for p in teacher.parameters())
-    return size > 0.5 * torch.cuda.get_device_properties(device).total_memory
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def _bytes(model: nn.Module | None) -> int:
+    return 0 if model is None else sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def check_fits(student: nn.Module, teacher: nn.Module | None, device: torch.device, *, processes: int,
+               fsdp: bool, shard_teacher: bool) -> None:
+    """TrainingError when the teacher's weights and the student's fp32 weights, gradients and AdamW moments
+    (16 bytes per trainable parameter, plus the frozen ones' weights) cannot fit on one device as sharded -
+    before anything is moved there. Activations, KV caches and logits come on top: `minillm plan` estimates
+    them.
+    """
+    memory = device_memory(device)
+    if memory is None:
+        return
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    student_bytes = (_bytes(student) + 12 * trainable) / (processes if fsdp else 1)
+    teacher_bytes = _bytes(teacher) / (processes if shard_teacher else 1)
+    need = student_bytes + teacher_bytes
+    if need <= 0.9 * memory:
+        return
+    gib = 2 ** 30
+    hints = []
+    if not fsdp:
+        hints.append("fsdp=true (shards the student's weights, gradients and optimizer state)")
+    if teacher is not None and not shard_teacher:
+        hints.append("fsdp=true teacher_sharding=shard (shards the teacher too)")
+    hints += ["more processes", "lora_r=16 (trains adapters only)", "teacher_dtype=bfloat16"]
+    raise TrainingError(
+        f"the models do not fit: each device would hold {teacher_bytes / gib:.1f} GiB of teacher weights and "
+        f"{student_bytes / gib:.1f} GiB of student weights, gradients and AdamW state ({need / gib:.1f} GiB "
+        f"before activations), and has {memory / gib:.1f} GiB. Try {'; '.join(hints)}. `minillm plan` "
+        "estimates every part for each sharding option."
+    )
 
 
 def _apply_lora(model, cfg):

@@ -110,7 +110,8 @@ def sample_responses(ctx, sampling, items: list, generator: torch.Generator, **k
     batch = collate_prompts(items, ctx.tokenizer.pad_token_id)
     ids, mask = batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device)
     with ctx.sampling_scope():
-        return generate_rollouts(ctx.student, ids, mask, config=sampling, eos_token_id=ctx.tokenizer.eos_token_id,
+        return generate_rollouts(ctx.student, ids, mask, config=sampling,
+                                 eos_token_id=ctx.tokenizer.eos_token_id,
                                  pad_token_id=ctx.tokenizer.pad_token_id, teacher=ctx.teacher,
                                  shared_vocab_size=ctx.shared_vocab_size, generator=generator, **kwargs)
 

@@ -95,9 +95,9 @@ class TrainConfig(Options):
                                                  "minillm).")
 
     # Sharding (several processes: accelerate launch / torchrun)
-    fsdp: bool = option(False, "Shard the student with PyTorch FSDP2 (fully_shard per decoder layer) over all "
-                               "processes instead of replicating it (DDP). Also switched on by an Accelerate "
-                               "config with distributed_type FSDP and fsdp_version 2.")
+    fsdp: bool = option(False, "Shard the student with PyTorch FSDP2 (fully_shard per decoder layer) over "
+                               "all processes instead of replicating it (DDP). Also switched on by an "
+                               "Accelerate config with distributed_type FSDP and fsdp_version 2.")
     fsdp_mixed_precision: bool = option(False, "With fsdp: FSDP2's mixed-precision policy - bf16 parameters "
                                                "for compute, fp32 gradient reduction, fp32 sharded master "
                                                "weights.")
@@ -174,9 +174,9 @@ class TeacherConfig(TrainConfig):
     teacher: str = option("", "Teacher model (same forms as `student`). Required.")
     teacher_dtype: str = option("float32", "Teacher weights dtype: float32 or bfloat16 (it is never "
                                            "trained).", choices=("float32", "bfloat16", "float16"))
-    teacher_sharding: str = option("auto", "With fsdp: shard the teacher over the processes too (shard; no "
-                                           "optimizer state, each layer all-gathered when used), keep a whole "
-                                           "copy on each (replicate), or auto: shard when its weights take "
+    teacher_sharding: str = option("auto", "With fsdp: shard the teacher over the processes too (shard; "
+                                           "no optimizer state, each layer all-gathered when used), keep a "
+                                           "whole copy on each (replicate), or auto: shard when its weights take "
                                            "more than half of one GPU's memory.",
                                    choices=("auto", "shard", "replicate"))
 
