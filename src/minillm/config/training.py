@@ -176,8 +176,8 @@ class TeacherConfig(TrainConfig):
                                            "trained).", choices=("float32", "bfloat16", "float16"))
     teacher_sharding: str = option("auto", "With fsdp: shard the teacher over the processes too (shard; "
                                            "no optimizer state, each layer all-gathered when used), keep a "
-                                           "whole copy on each (replicate), or auto: shard when its weights take "
-                                           "more than half of one GPU's memory.",
+                                           "whole copy on each (replicate), or auto: shard when its weights "
+                                           "take more than half of one GPU's memory.",
                                    choices=("auto", "shard", "replicate"))
 
     def validate(self) -> None:
