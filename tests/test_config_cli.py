@@ -108,13 +108,25 @@ def test_every_shipped_config_parses():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    files = sorted(root.rglob("*.yaml"))
+    files = sorted(p for p in root.rglob("*.yaml") if p.parent.name != "accelerate")
     assert files
     for path in files:
         data = yaml.safe_load(path.read_text())
         cls = TrainConfig if "method" in data else EvalConfig
         cfg = build_config(cls, str(path))
         assert cfg is not None, path
+
+
+def test_every_shipped_launch_config_is_an_accelerate_config():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml"))
+    assert len(files) >= 5
+    for path in files:
+        config = load_config_from_file(str(path))
+        assert config.num_processes >= 1, path
 
 
 # -------------------------------------------------------------------------------------- per-method configs
@@ -158,10 +170,11 @@ def test_each_config_holds_only_its_methods_options():
     base = names(TrainConfig)
     assert {"teacher", "kd_ratio", "teacher_mix_alpha", "divergence", "seqkd_data"}.isdisjoint(base)
     assert {"sampling", "rollout_batch_size", "eval_num_prompts", "lora_r"} <= base
-    assert names(SeqKDConfig) - base == {"teacher", "teacher_dtype", "seqkd_data"}  # SeqKD ignores kd_ratio
-    assert names(DistillConfig) - base == {"teacher", "teacher_dtype", "kd_ratio", "jsd_beta", "skew_alpha"}
-    assert names(OnPolicyConfig) - base == {"teacher", "teacher_dtype", "divergence", "onpolicy_fraction",
-                                            "jsd_beta", "skew_alpha"}
+    teacher = {"teacher", "teacher_dtype", "teacher_sharding"}
+    assert {"fsdp", "fsdp_mixed_precision", "gradient_checkpointing"} <= base
+    assert names(SeqKDConfig) - base == teacher | {"seqkd_data"}  # SeqKD ignores kd_ratio
+    assert names(DistillConfig) - base == teacher | {"kd_ratio", "jsd_beta", "skew_alpha"}
+    assert names(OnPolicyConfig) - base == teacher | {"divergence", "onpolicy_fraction", "jsd_beta", "skew_alpha"}
     assert {"teacher_mix_alpha", "num_rollouts", "ppo_epochs", "pt_data", "lm_coef", "kd_ratio"} <= names(
         MiniLLMConfig)
     assert {"jsd_beta", "skew_alpha", "divergence", "seqkd_data"}.isdisjoint(names(MiniLLMConfig))
