@@ -174,7 +174,8 @@ def test_each_config_holds_only_its_methods_options():
     assert {"fsdp", "fsdp_mixed_precision", "gradient_checkpointing"} <= base
     assert names(SeqKDConfig) - base == teacher | {"seqkd_data"}  # SeqKD ignores kd_ratio
     assert names(DistillConfig) - base == teacher | {"kd_ratio", "jsd_beta", "skew_alpha"}
-    assert names(OnPolicyConfig) - base == teacher | {"divergence", "onpolicy_fraction", "jsd_beta", "skew_alpha"}
+    onpolicy = {"divergence", "onpolicy_fraction", "jsd_beta", "skew_alpha"}
+    assert names(OnPolicyConfig) - base == teacher | onpolicy
     assert {"teacher_mix_alpha", "num_rollouts", "ppo_epochs", "pt_data", "lm_coef", "kd_ratio"} <= names(
         MiniLLMConfig)
     assert {"jsd_beta", "skew_alpha", "divergence", "seqkd_data"}.isdisjoint(names(MiniLLMConfig))
