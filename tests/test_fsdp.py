@@ -74,6 +74,8 @@ def pair(tmp_path_factory):
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
     (root / "driver.py").write_text(DRIVER)
+    words = "the cat and the dog walk by the river in the city of paris near the mountain".split()
+    (root / "pt.txt").write_text("\n\n".join(" ".join(words[i:] + words[:i]) * 3 for i in range(len(words))))
     return root
 
 
@@ -83,6 +85,8 @@ def _args(pair, instruction_file, out, **kw) -> dict:
                 batch_size=2, max_steps=3, learning_rate=1e-2, lr_scheduler="constant", max_length=200,
                 max_prompt_length=160, valid_fraction=0.2, seed=3)
     base.update(kw)
+    if base["method"] == "minillm":  # with L_PT (pretraining text; its KD term runs the teacher in the loss)
+        base.update(pt_data=pair / "pt.txt", pt_seq_len=24)
     if base["method"] == "sft":
         base.pop("teacher")
     return {k: str(v) for k, v in base.items()}
@@ -163,6 +167,9 @@ def test_fsdp_minillm_equals_ddp_minillm(minillm_runs, pair):
         return next(r for r in recs if "rollout/reward" in r)
 
     a, b = first_round(minillm_runs["ddp"]), first_round(minillm_runs["fsdp_shard_teacher"])
+    log = (minillm_runs["fsdp_shard_teacher"] / "metrics.jsonl").read_text()
+    steps = [json.loads(x) for x in log.splitlines()]
+    assert any(r.get("pt", 0) > 0 for r in steps)  # L_PT ran
     keys = [k for k in a if k.startswith("rollout/") and "seconds" not in k and "per_second" not in k]
     assert keys and all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])) for k in keys), (a, b)
 
