@@ -111,7 +111,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("method", ["kd", "sft"])
+@pytest.mark.parametrize("method", ["kd", "sft", "seqkd"])
 def test_fsdp_two_processes_equal_one_process_with_the_same_global_batch(pair, instruction_file, tmp_path,
                                                                          method):
     # 2 processes x batch 2 (FSDP2) against 1 process x batch 2 x 2 accumulation steps: the same 4

@@ -13,6 +13,9 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
+
 from .algorithms import build_algorithm
 from .algorithms.common import split_train_valid
 from .config import (
@@ -86,8 +89,9 @@ def train(cfg: TrainConfig, accelerator=None) -> Path:
     valid_examples = load_instructions(cfg.valid_data) if cfg.valid_data else None
     train_examples, valid_examples = split_train_valid(train_examples, valid_examples, cfg.valid_fraction,
                                                        cfg.seed)
-    if cfg.method == "seqkd":
-        train_examples = seqkd_examples(cfg, teacher, tokenizer, train_examples)
+    if cfg.method == "seqkd":  # several processes: the main one samples the teacher data, the others read it
+        with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+            train_examples = seqkd_examples(cfg, teacher, tokenizer, train_examples)
     algorithm = build_algorithm(cfg.method, train_examples, valid_examples, cfg)
     trainer = Trainer(cfg, student, tokenizer, algorithm, teacher=teacher, shared_vocab_size=shared,
                       accelerator=accelerator)
