@@ -223,10 +223,10 @@ def test_fsdp_mixed_precision_trains_close_to_fp32(pair, instruction_file, tmp_p
 
 def test_models_that_do_not_fit_one_device_are_refused_with_the_options(pair, instruction_file, tmp_path,
                                                                         monkeypatch):
-    import minillm.trainer as trainer_module
+    import minillm.distributed as distributed
 
     # a device of 64 KiB: the 2-layer student's states alone (~1.4 MB with AdamW) exceed it
-    monkeypatch.setattr(trainer_module, "device_memory", lambda device: 64 * 1024)
+    monkeypatch.setattr(distributed, "device_memory", lambda device: 64 * 1024)
     cfg = build_config(TrainConfig, None, _args(pair, instruction_file, tmp_path / "run", method="kd"))
     with pytest.raises(TrainingError, match="do not fit.*fsdp=true.*teacher_sharding=shard.*minillm plan"):
         api.train(cfg)

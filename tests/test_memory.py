@@ -17,7 +17,8 @@ from minillm.algorithms.common import split_train_valid
 from minillm.api import load_pair
 from minillm.config import TrainConfig, build_config
 from minillm.data import load_instructions
-from minillm.trainer import Trainer, set_train_mode
+from minillm.models import set_train_mode
+from minillm.trainer import Trainer
 
 
 def _trainer(tiny_dirs, instruction_file, out, method: str, checkpointing: bool) -> Trainer:

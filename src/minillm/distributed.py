@@ -28,11 +28,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 
 __all__ = ["FSDPRoot", "Placement", "ShardedLM", "accelerate_fsdp_hidden", "broadcast_from_main",
-           "decoder_layers", "fsdp_requested", "lockstep", "lockstep_group", "plain_copy", "ranks_done"]
+           "check_fits", "decoder_layers", "device_memory", "fsdp_requested", "lockstep", "lockstep_group", "plain_copy",
+           "ranks_done", "shard_teacher_choice"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -79,9 +83,6 @@ class ShardedLM:
     """
 
     def __init__(self, lm: nn.Module, device: torch.device, *, mixed_precision: bool = False) -> None:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if mixed_precision else MixedPrecisionPolicy())
@@ -127,8 +128,6 @@ class ShardedLM:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict (keys as `lm.state_dict()`), on the CPU of every process."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         sd = get_model_state_dict(self.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd
 
@@ -259,3 +258,57 @@ def plain_copy(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Modu
         fresh.tie_weights()
     fresh.eval()
     return fresh
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def shard_teacher_choice(cfg, teacher, device: torch.device) -> bool:
+    """teacher_sharding: shard / replicate, or auto: shard when the teacher takes over half of one GPU."""
+    choice = getattr(cfg, "teacher_sharding", "replicate")
+    if teacher is None or choice == "replicate":
+        return False
+    if choice == "shard":
+        return True
+    memory = device_memory(device)
+    return memory is not None and _bytes(teacher) > 0.5 * memory
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of one accelerator (bytes), or None on CPU (no fixed budget to check)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def _bytes(model: nn.Module | None) -> int:
+    return 0 if model is None else sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def check_fits(student: nn.Module, teacher: nn.Module | None, device: torch.device, *, processes: int,
+               fsdp: bool, shard_teacher: bool) -> None:
+    """TrainingError when the teacher's weights and the student's fp32 weights, gradients and AdamW moments
+    (16 bytes per trainable parameter, plus the frozen ones' weights) cannot fit on one device as sharded -
+    before anything is moved there. Activations, KV caches and logits come on top: `minillm plan` estimates
+    them.
+    """
+    memory = device_memory(device)
+    if memory is None:
+        return
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    student_bytes = (_bytes(student) + 12 * trainable) / (processes if fsdp else 1)
+    teacher_bytes = _bytes(teacher) / (processes if shard_teacher else 1)
+    need = student_bytes + teacher_bytes
+    if need <= 0.9 * memory:
+        return
+    gib = 2 ** 30
+    hints = []
+    if not fsdp:
+        hints.append("fsdp=true (shards the student's weights, gradients and optimizer state)")
+    if teacher is not None and not shard_teacher:
+        hints.append("fsdp=true teacher_sharding=shard (shards the teacher too)")
+    hints += ["more processes", "lora_r=16 (trains adapters only)", "teacher_dtype=bfloat16"]
+    raise TrainingError(
+        f"the models do not fit: each device would hold {teacher_bytes / gib:.1f} GiB of teacher weights and "
+        f"{student_bytes / gib:.1f} GiB of student weights, gradients and AdamW state ({need / gib:.1f} GiB "
+        f"before activations), and has {memory / gib:.1f} GiB. Try {'; '.join(hints)}. `minillm plan` "
+        "estimates every part for each sharding option."
+    )

@@ -28,15 +28,29 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .algorithms.base import Algorithm, LossOutput, TrainingContext
 from .checkpoint import Checkpoints, PerProcessState
 from .config import save_config
-from .distributed import Placement, accelerate_fsdp_hidden, broadcast_from_main, fsdp_requested, plain_copy
+from .distributed import (
+    Placement,
+    accelerate_fsdp_hidden,
+    broadcast_from_main,
+    check_fits,
+    fsdp_requested,
+    plain_copy,
+    shard_teacher_choice,
+)
 from .errors import TrainingError, TrainingInterrupted
 from .io import write_json
-from .models import final_hidden, lm_head_fn, save_pretrained_atomic
+from .models import (
+    apply_lora,
+    enable_checkpointing,
+    final_hidden,
+    lm_head_fn,
+    save_pretrained_atomic,
+    set_train_mode,
+)
 
 logger = logging.getLogger("minillm")
 
@@ -122,12 +136,12 @@ class Trainer:
         if cfg.lora_r > 0:
             with torch.random.fork_rng(devices=[]):  # the same adapter initialisation on every process (FSDP
                 torch.manual_seed(cfg.seed)          # shards each process's copy; DDP broadcasts rank 0's)
-                student = _apply_lora(student, cfg)
+                student = apply_lora(student, cfg)
         self.student = student  # the HF model (unwrapped or FSDP-sharded); generation and saving use it
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
-        shard_teacher = self.fsdp and _shard_teacher(cfg, teacher, acc.device)
+        shard_teacher = self.fsdp and shard_teacher_choice(cfg, teacher, acc.device)
         check_fits(student, teacher, acc.device, processes=acc.num_processes, fsdp=self.fsdp,
                    shard_teacher=shard_teacher)
         self.placement = Placement(student, teacher, acc.device, fsdp=self.fsdp, shard_teacher=shard_teacher,
@@ -441,90 +455,3 @@ def _to_float(v) -> float:
     if isinstance(v, Tensor):
         return float(v.detach().float().mean().item())
     return float(v)
-
-
-def enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing of every decoder layer (transformers' own)."""
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def set_train_mode(model: nn.Module, train_mode: bool, checkpointing: bool) -> None:
-    """`model.train(train_mode)`; with gradient checkpointing and `train_mode=False` (MiniLLM: no dropout) the
-    decoder layers alone are flagged as training, since transformers checkpoints a layer only in training
-    mode: their submodules (dropout, attention) stay in eval mode, so nothing random runs."""
-    model.train(train_mode)
-    if checkpointing and not train_mode:
-        for module in model.modules():
-            if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
-                module.training = True
-
-
-def _shard_teacher(cfg, teacher, device: torch.device) -> bool:
-    """teacher_sharding: shard / replicate, or auto: shard when the teacher takes over half of one GPU."""
-    choice = getattr(cfg, "teacher_sharding", "replicate")
-    if teacher is None or choice == "replicate":
-        return False
-    if choice == "shard":
-        return True
-    memory = device_memory(device)
-    return memory is not None and _bytes(teacher) > 0.5 * memory
-
-
-def device_memory(device: torch.device) -> int | None:
-    """Total memory of one accelerator (bytes), or None on CPU (no fixed budget to check)."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_properties(device).total_memory
-
-
-def _bytes(model: nn.Module | None) -> int:
-    return 0 if model is None else sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def check_fits(student: nn.Module, teacher: nn.Module | None, device: torch.device, *, processes: int,
-               fsdp: bool, shard_teacher: bool) -> None:
-    """TrainingError when the teacher's weights and the student's fp32 weights, gradients and AdamW moments
-    (16 bytes per trainable parameter, plus the frozen ones' weights) cannot fit on one device as sharded -
-    before anything is moved there. Activations, KV caches and logits come on top: `minillm plan` estimates
-    them.
-    """
-    memory = device_memory(device)
-    if memory is None:
-        return
-    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    student_bytes = (_bytes(student) + 12 * trainable) / (processes if fsdp else 1)
-    teacher_bytes = _bytes(teacher) / (processes if shard_teacher else 1)
-    need = student_bytes + teacher_bytes
-    if need <= 0.9 * memory:
-        return
-    gib = 2 ** 30
-    hints = []
-    if not fsdp:
-        hints.append("fsdp=true (shards the student's weights, gradients and optimizer state)")
-    if teacher is not None and not shard_teacher:
-        hints.append("fsdp=true teacher_sharding=shard (shards the teacher too)")
-    hints += ["more processes", "lora_r=16 (trains adapters only)", "teacher_dtype=bfloat16"]
-    raise TrainingError(
-        f"the models do not fit: each device would hold {teacher_bytes / gib:.1f} GiB of teacher weights and "
-        f"{student_bytes / gib:.1f} GiB of student weights, gradients and AdamW state ({need / gib:.1f} GiB "
-        f"before activations), and has {memory / gib:.1f} GiB. Try {'; '.join(hints)}. `minillm plan` "
-        "estimates every part for each sharding option."
-    )
-
-
-def _apply_lora(model, cfg):
-    try:  # an optional extra: imported only when LoRA is asked for
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise TrainingError("lora_r > 0 needs PEFT: pip install 'minillm[peft]'.") from None
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)

@@ -8,6 +8,7 @@ use.
     saving.py    save_pretrained_atomic
     pruning.py   prune_model / pruned_layer_indices / prune_command (student initialisation)
     compat.py    check_compatibility / logit_width / slice_vocab (one shared id space)
+    training.py  enable_checkpointing / set_train_mode / apply_lora (a student made ready to train)
 """
 
 from minillm.models.builtin import BUILTIN_MODELS, BuiltinModel, cache_dir
@@ -16,15 +17,18 @@ from minillm.models.heads import LMHead, backbone, final_hidden, lm_head_fn, pos
 from minillm.models.loading import builtin_model_dir, load_model, load_tokenizer
 from minillm.models.pruning import prune_command, prune_model, pruned_layer_indices
 from minillm.models.saving import save_pretrained_atomic
+from minillm.models.training import apply_lora, enable_checkpointing, set_train_mode
 
 __all__ = [
     "BUILTIN_MODELS",
     "BuiltinModel",
     "LMHead",
+    "apply_lora",
     "backbone",
     "builtin_model_dir",
     "cache_dir",
     "check_compatibility",
+    "enable_checkpointing",
     "final_hidden",
     "lm_head_fn",
     "load_model",
@@ -35,5 +39,6 @@ __all__ = [
     "prune_model",
     "pruned_layer_indices",
     "save_pretrained_atomic",
+    "set_train_mode",
     "slice_vocab",
 ]
