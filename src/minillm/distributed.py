@@ -35,8 +35,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from .errors import ConfigError, TrainingError
 
 __all__ = ["FSDPRoot", "Placement", "ShardedLM", "accelerate_fsdp_hidden", "broadcast_from_main",
-           "check_fits", "decoder_layers", "device_memory", "fsdp_requested", "lockstep", "lockstep_group", "plain_copy",
-           "ranks_done", "shard_teacher_choice"]
+           "check_fits", "decoder_layers", "device_memory", "fsdp_requested", "lockstep", "lockstep_group",
+           "plain_copy", "ranks_done", "shard_teacher_choice"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

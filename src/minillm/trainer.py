@@ -11,7 +11,6 @@ SIGTERM / Ctrl-C finish the current step, save, and exit.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import signal
@@ -23,24 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .algorithms.base import Algorithm, LossOutput, TrainingContext
 from .checkpoint import Checkpoints, PerProcessState
-from .config import save_config
 from .distributed import (
     Placement,
-    accelerate_fsdp_hidden,
     broadcast_from_main,
     check_fits,
     fsdp_requested,
     plain_copy,
     shard_teacher_choice,
 )
+from .engine import HiddenStates, build_scheduler, make_accelerator
 from .errors import TrainingError, TrainingInterrupted
 from .io import write_json
 from .models import (
@@ -51,64 +47,11 @@ from .models import (
     save_pretrained_atomic,
     set_train_mode,
 )
+from .runlog import RunLog, to_float
 
 logger = logging.getLogger("minillm")
 
 __all__ = ["HiddenStates", "Trainer", "TrainingInterrupted", "build_scheduler"]
-
-
-class HiddenStates(nn.Module):
-    """Wraps a causal LM so that DDP/FSDP see a forward that returns post-norm hidden states.
-
-    Full-vocabulary losses then project the hidden states chunk by chunk with the LM head
-    (`lm_head_fn`) instead of materialising B x T x V logits inside the model's forward.
-    """
-
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
-    ) -> Tensor:
-        return final_hidden(self.lm, input_ids, attention_mask, position_ids)
-
-
-def build_scheduler(optimizer, cfg, total_steps: int):
-    """Linear warmup, then constant or cosine decay to `lr_min` (as LambdaLR so it checkpoints)."""
-    base = cfg.learning_rate
-    floor = cfg.lr_min / base if base > 0 else 0.0
-
-    def factor(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_scheduler == "constant":
-            return 1.0
-        span = max(1, total_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def make_accelerator(cfg) -> Accelerator:
-    # several runs in one process (quickstart stages, tests) may use different precisions; the process group
-    # (PartialState) is kept, only the per-run state is reset
-    AcceleratorState._reset_state()
-    with accelerate_fsdp_hidden():
-        return _accelerator(cfg)
-
-
-def _accelerator(cfg) -> Accelerator:
-    return Accelerator(
-        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
-        step_scheduler_with_optimizer=False,
-        # without a GPU, processes started by `accelerate launch --multi_gpu` / torchrun form a gloo
-        # (MULTI_CPU) group instead of each running alone
-        cpu=not torch.cuda.is_available(),
-        log_with="tensorboard",
-        project_dir=str(cfg.output_dir),
-    )
 
 
 class Trainer:
@@ -192,7 +135,7 @@ class Trainer:
         self.step = 0
         self.best: dict[str, Any] = {"metric": None, "value": None, "step": None}
         self._stop_requested = False
-        self._metrics_file = None
+        self.run_log = RunLog(acc, self.out)
 
     def hidden(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Student hidden states through the (possibly DDP-wrapped) model: gradients sync across ranks. Under
@@ -235,29 +178,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
     def _open_logs(self) -> None:
-        self.accelerator.init_trackers("tensorboard")
-        if not self.accelerator.is_main_process:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.out)
-        self._metrics_file = open(self.out / "metrics.jsonl", "a")
+        self.run_log.open(self.cfg)
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        step = self.step if step is None else step
-        rec = {"step": step, "time": time.time(), **{k: _to_float(v) for k, v in metrics.items()}}
-        if self._metrics_file:
-            self._metrics_file.write(json.dumps(rec) + "\n")
-            self._metrics_file.flush()
-        scalars = {k: v for k, v in rec.items() if k not in ("step", "time") and math.isfinite(v)}
-        self.accelerator.log(scalars, step=step)
+        self.run_log.log(metrics, self.step if step is None else step)
 
     def _close_logs(self) -> None:
-        if self._metrics_file:
-            self._metrics_file.close()
-        for tracker in self.accelerator.trackers:  # not end_training(): it would end the process group too
-            tracker.finish()
+        self.run_log.close()
 
     # ------------------------------------------------------------------ main loop
     def _on_signal(self, signum, frame):  # noqa: ARG002
@@ -321,7 +248,7 @@ class Trainer:
             if tokens:
                 metrics["tokens"], metrics["tokens_per_second"] = tokens, tokens / dt
             if grad_norm is not None:
-                metrics["grad_norm"] = _to_float(grad_norm)
+                metrics["grad_norm"] = to_float(grad_norm)
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 self.log(metrics)
             pbar.update(1)
@@ -363,7 +290,7 @@ class Trainer:
                 if k == "tokens":
                     tokens += int(v)
                 else:
-                    sums[k] += _to_float(v) / ga
+                    sums[k] += to_float(v) / ga
         return sums, tokens
 
     def _clip_gradients(self, max_norm: float) -> Tensor:
@@ -451,7 +378,3 @@ class Trainer:
         return self.out / "best" if self.best["step"] is not None else final_dir
 
 
-def _to_float(v) -> float:
-    if isinstance(v, Tensor):
-        return float(v.detach().float().mean().item())
-    return float(v)
