@@ -1,5 +1,6 @@
-"""Sharded models with PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`), one code path for gloo on CPU and
-NCCL on GPUs.
+"""Sharded training with PyTorch FSDP2: student and teacher placement, gathered decoding, memory checks.
+
+One code path (`torch.distributed.fsdp.fully_shard`) for gloo on CPU and NCCL on GPUs.
 
 `ShardedLM` shards a Hugging Face causal LM per decoder layer, the way pytorch/torchtune's distributed recipes
 do, under a root unit (`FSDPRoot`) that owns what is left: the embeddings, the final norm and the LM head

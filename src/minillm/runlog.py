@@ -1,5 +1,6 @@
-"""A run's logs: `metrics.jsonl` (one JSON record per logged step) and TensorBoard through Accelerate's
-trackers, written by the main process."""
+"""A run's logs: metrics.jsonl and TensorBoard (Accelerate's tracker), written by the main process.
+
+metrics.jsonl holds one JSON record per logged step."""
 
 from __future__ import annotations
 
