@@ -120,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny: ~1-3 min (smoke test), small: ~9 min (default), full: larger (not yet "
                         "timed) - on 2 CPU cores")
     p.add_argument("--compare", action="store_true", help="also train the SFT, KD and SeqKD baselines")
+    p = sub.add_parser("plan", help="Per-GPU memory of a run for each sharding option (DDP, FSDP2, FSDP2 "
+                                    "with a sharded teacher, ZeRO-2/3), and a recommendation.")
+    p.add_argument("--teacher", help="teacher: HF folder, config.json or hub id (not needed for sft)")
+    p.add_argument("--student", required=True, help="student: HF folder, config.json or hub id")
+    p.add_argument("--method", default="minillm", choices=("sft", "kd", "seqkd", "onpolicy", "minillm"))
+    p.add_argument("--gpus", type=int, default=8, help="number of GPUs (processes)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="memory per GPU in GiB")
+    for name, kind in (("batch_size", int), ("max_length", int), ("rollout_batch_size", int),
+                       ("max_prompt_length", int), ("max_new_tokens", int), ("chunk_size", int),
+                       ("lora_r", int), ("teacher_dtype", str), ("precision", str)):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=f"plan_{name}", type=kind,
+                       help="as the training option (default: the method's default)")
+    for name in ("gradient_checkpointing", "fsdp_mixed_precision"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=f"plan_{name}", action="store_const", const=True)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p = sub.add_parser("report", help="Put several evaluation runs side by side (markdown table + PNG "
                                       "chart).")
     p.add_argument("runs", nargs="+", help="evaluation output folders (each with results.json)")
@@ -198,12 +213,31 @@ def run(argv: list[str] | None = None) -> int:
 
         report = quickstart(args.out, args.budget, args.compare)
         print(f"report: {report}")
+    elif args.command == "plan":
+        _plan(args)
     elif args.command == "report":
         from .evaluation.report import render_report
 
         render_report(args.runs, args.out + ".md", args.out + ".png")
         print(f"wrote {args.out}.md and {args.out}.png")
     return 0
+
+
+def _plan(args) -> None:
+    import json
+
+    from .plan import format_plan, plan_memory
+
+    if args.method != "sft" and not args.teacher:
+        raise MiniLLMError(f"--method {args.method} needs --teacher.")
+    if args.gpus < 1 or args.gpu_memory <= 0:
+        raise MiniLLMError("--gpus must be at least 1 and --gpu-memory positive (GiB).")
+    settings = {k[5:]: v for k, v in vars(args).items() if k.startswith("plan_") and v is not None}
+    plans = plan_memory(args.teacher, args.student, args.method, args.gpus, args.gpu_memory, **settings)
+    if args.json:
+        print(json.dumps([vars(p) for p in plans], indent=2))
+    else:
+        print(format_plan(plans, args.gpus, args.gpu_memory))
 
 
 def main(argv: list[str] | None = None) -> None:
