@@ -877,3 +877,18 @@ def test_teacher_forced_logprobs_equal_the_full_forward(tok, chunk_size):
     assert torch.all(logprobs[rollout.response_mask == 0] == 0)
     with pytest.raises(ValueError, match="exceeds"):
         teacher_forced_logprobs(model, rollout, vocab_size=len(tok) + 17)
+
+
+def test_non_finite_probabilities_are_refused_with_the_rows():
+    # NaN logits used to make inverse-CDF sampling return index V, and the next gather failed far away (on a GPU
+    # as a device-side "index out of bounds" assert)
+    from minillm.errors import ModelError
+    from minillm.sampling.draw import sample_from_probs
+
+    probs = torch.softmax(torch.randn(3, 7), dim=-1)
+    probs[1, 2] = float("nan")
+    with pytest.raises(ModelError, match=r"NaN, infinite or all zero in batch rows \[1\]"):
+        sample_from_probs(probs)
+    probs[1] = 0.0
+    with pytest.raises(ModelError, match=r"rows \[1\]"):
+        sample_from_probs(probs)

@@ -20,6 +20,7 @@ from transformers import (
 from transformers.generation.logits_process import LogitsProcessor
 
 from minillm.config import SamplingConfig
+from minillm.errors import ModelError
 
 __all__ = ["build_processors", "draw_next", "exp_shifted", "sample_from_probs"]
 
@@ -39,6 +40,13 @@ def sample_from_probs(probs: Tensor, generator: torch.Generator | None = None, *
     """
     cdf = probs.float().cumsum(dim=-1)
     total = cdf[:, -1:].contiguous()
+    broken = ~torch.isfinite(total) | (total <= 0)
+    if bool(broken.any()):  # NaN / inf logits: searchsorted returns V, out of range for every later gather
+        bad = broken.squeeze(-1).nonzero().squeeze(-1).tolist()
+        more = " ..." if len(bad) > 8 else ""
+        raise ModelError(f"sampling: the model's next-token probabilities are NaN, infinite or all zero in "
+                         f"batch rows {bad[:8]}{more} (non-finite logits: check the model weights and the "
+                         "dtype - bf16/fp16 overflow - or fully masked rows of left-padded prompts)")
     # The generator may live on another device than the logits (a CPU generator driving a GPU model).
     u_device = generator.device if generator is not None else cdf.device
     if rows is None:
