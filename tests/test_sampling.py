@@ -880,8 +880,8 @@ def test_teacher_forced_logprobs_equal_the_full_forward(tok, chunk_size):
 
 
 def test_non_finite_probabilities_are_refused_with_the_rows():
-    # NaN logits used to make inverse-CDF sampling return index V, and the next gather failed far away (on a GPU
-    # as a device-side "index out of bounds" assert)
+    # NaN logits used to make inverse-CDF sampling return index V, and the next gather failed far away
+    # (on a GPU as a device-side "index out of bounds" assert)
     from minillm.errors import ModelError
     from minillm.sampling.draw import sample_from_probs
 
