@@ -8,6 +8,7 @@ Each 2-process launch takes ~10 s here.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -247,3 +248,68 @@ def test_num_rollouts_must_divide_over_the_processes(pair, instruction_file):
     message = r"num_rollouts \(4\) must be divisible by the number of processes \(3\)"
     with pytest.raises(ConfigError, match=message):
         algorithm.setup(ctx)
+
+
+# ------------------------------------------------------------------------------------------- DeepSpeed ZeRO-2
+# through Accelerate (`accelerate launch --config_file configs/accelerate/zero2.yaml`) on 2 CPU processes
+# (DeepSpeed's CPU accelerator, gloo)
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed (see the README's test command)")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def _launch(pair, config: str, args: dict, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+           "--num_processes", "2", "--main_process_port", "0", str(pair / "driver.py"),
+           *(f"{k}={v}" for k, v in args.items())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@needs_deepspeed
+def test_zero2_equals_one_process_with_the_same_global_batch(pair, instruction_file, tmp_path):
+    # 2 processes x batch 2 x 2 accumulation steps (DeepSpeed owns the accumulation and the clipping) against
+    # 1 process x batch 2 x 4 accumulation steps
+    one = tmp_path / "one"
+    api.train(build_config(TrainConfig, None, _args(pair, instruction_file, one, method="kd",
+                                                    gradient_accumulation_steps=4, lr_scheduler="cosine",
+                                                    warmup_steps=1)))
+    zero2 = tmp_path / "zero2"
+    _launch(pair, "zero2.yaml", _args(pair, instruction_file, zero2, method="kd",
+                                      gradient_accumulation_steps=2,
+                                      lr_scheduler="cosine", warmup_steps=1))
+    start = load_file(str(pair / "student" / "model.safetensors"))
+    assert _max_diff(_weights(one), start) > 1e-3
+    assert _max_diff(_weights(one), _weights(zero2)) <= 1e-6
+
+
+@needs_deepspeed
+def test_zero2_minillm_kill_and_resume_matches_ddp(minillm_runs, pair, instruction_file, tmp_path):
+    out = tmp_path / "killed"
+    args = _args(pair, instruction_file, out, **MINILLM, save_every=1)
+    assert _launch(pair, "zero2.yaml", {**args, "_kill_at": "2"}, check=False).returncode != 0
+    assert (out / "checkpoints" / "step-0000001" / "COMPLETE").exists()
+    _launch(pair, "zero2.yaml", {**args, "resume": "true"})
+    # the uninterrupted DDP run with the same seeds (its rollouts and updates)
+    assert _max_diff(_weights(minillm_runs["ddp"]), _weights(out)) <= MINILLM_TOL
+
+
+def test_zero3_is_refused_with_what_to_use(pair, instruction_file):
+    from types import SimpleNamespace
+
+    from minillm.engine import configure_deepspeed
+    from minillm.errors import ConfigError
+
+    cfg = build_config(TrainConfig, None, _args(pair, instruction_file, "unused", method="kd"))
+    plugin = SimpleNamespace(zero_stage=3, deepspeed_config={})
+    with pytest.raises(ConfigError, match="ZeRO-3 is not supported.*fsdp=true"):
+        configure_deepspeed(SimpleNamespace(), plugin, cfg)
+    plugin.zero_stage = 2
+    acc = SimpleNamespace()
+    configure_deepspeed(acc, plugin, cfg)
+    assert plugin.deepspeed_config == {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                                       "gradient_clipping": 1.0}
+    assert acc.gradient_accumulation_steps == 1

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import InitProcessGroupKwargs
 from torch import Tensor, nn
 
 from .distributed import accelerate_fsdp_hidden
+from .errors import ConfigError
 from .models import final_hidden
 
-__all__ = ["HiddenStates", "build_scheduler", "make_accelerator"]
+__all__ = [
+    "HiddenStates", "build_scheduler", "configure_deepspeed", "deepspeed_requested", "make_accelerator",
+]
 
 
 class HiddenStates(nn.Module):
@@ -57,13 +62,46 @@ def make_accelerator(cfg) -> Accelerator:
         return _accelerator(cfg)
 
 
+def deepspeed_requested() -> bool:
+    """Whether `accelerate launch` was given a DeepSpeed config (it sets ACCELERATE_USE_DEEPSPEED)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+
+
 def _accelerator(cfg) -> Accelerator:
-    return Accelerator(
+    deepspeed = deepspeed_requested()
+    cpu = not torch.cuda.is_available()
+    acc = Accelerator(
         mixed_precision="bf16" if cfg.precision == "bf16" else "no",
         step_scheduler_with_optimizer=False,
         # without a GPU, processes started by `accelerate launch --multi_gpu` / torchrun form a gloo
-        # (MULTI_CPU) group instead of each running alone
-        cpu=not torch.cuda.is_available(),
+        # (MULTI_CPU) group instead of each running alone; `cpu=True` would drop DeepSpeed, so a DeepSpeed
+        # launch without GPUs asks for gloo instead
+        cpu=cpu and not deepspeed,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu and deepspeed else None,
         log_with="tensorboard",
         project_dir=str(cfg.output_dir),
     )
+    plugin = acc.state.deepspeed_plugin
+    if plugin is not None:
+        configure_deepspeed(acc, plugin, cfg)
+    return acc
+
+
+def configure_deepspeed(acc: Accelerator, plugin, cfg) -> None:
+    """DeepSpeed ZeRO-1/2 takes minillm's micro-batch, accumulation and clipping (the launch config leaves
+    them out). ZeRO-3 is refused: minillm's fused losses project with the LM head outside the engine's
+    forward, where ZeRO-3 has its weight partitioned."""
+    if getattr(cfg, "fsdp", False):
+        raise ConfigError("fsdp=true and a DeepSpeed launch config: choose one (FSDP2 is minillm's own "
+                          "sharding).")
+    stage = int(plugin.zero_stage or 0)
+    if stage >= 3:
+        raise ConfigError("DeepSpeed ZeRO-3 is not supported by minillm (its LM-head losses run outside the "
+                          "engine's forward, where ZeRO-3 partitions the head): use ZeRO-2, or fsdp=true "
+                          "teacher_sharding=shard to shard everything.")
+    dsc = plugin.deepspeed_config
+    dsc["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    dsc["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    dsc["gradient_clipping"] = cfg.max_grad_norm
+    dsc.pop("train_batch_size", None)  # "auto": DeepSpeed derives it from the three above and the world size
+    acc.gradient_accumulation_steps = cfg.gradient_accumulation_steps

@@ -41,8 +41,8 @@ OPTIONS = {
     "ddp": "(no switch: data parallel)",
     "fsdp": "fsdp=true teacher_sharding=replicate",
     "fsdp+teacher": "fsdp=true teacher_sharding=shard",
-    "zero2": "accelerate launch --config_file configs/accelerate/zero2.yaml (DeepSpeed; untested here)",
-    "zero3": "accelerate launch --config_file configs/accelerate/zero3.yaml (DeepSpeed; untested here)",
+    "zero2": "accelerate launch --config_file configs/accelerate/zero2.yaml (DeepSpeed)",
+    "zero3": "(DeepSpeed ZeRO-3: not supported by minillm; for comparison)",
 }
 
 
@@ -286,8 +286,8 @@ def plan_memory(
 
 
 def recommend(plans: list[Plan]) -> Plan | None:
-    """The first option (least communication) that fits."""
-    return next((p for p in plans if p.fits), None)
+    """The first option (tested first, least communication first) that fits; never ZeRO-3 (unsupported)."""
+    return next((p for p in plans if p.fits and p.option != "zero3"), None)
 
 
 def format_plan(plans: list[Plan], gpus: int, gpu_memory_gib: float) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -123,6 +123,7 @@ class Trainer:
             weight_decay=cfg.weight_decay,
         )
         scheduler = build_scheduler(optimizer, cfg, self.total_steps)
+        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         if self.fsdp:  # sharded by Placement; Accelerate keeps the trackers, RNG states and the scheduler
             self.model, self.optimizer, self.scheduler = None, optimizer, scheduler
             acc.register_for_checkpointing(scheduler)
@@ -160,6 +161,8 @@ class Trainer:
         if self.placement.student is not None:
             self.placement.student.root.set_requires_gradient_sync(sync)
             return nullcontext()
+        if self.deepspeed:  # Accelerate counts the micro-batches; the engine steps on the last one
+            return self.accelerator.accumulate(self.model)
         return nullcontext() if sync else self.accelerator.no_sync(self.model)
 
     @property
@@ -247,7 +250,7 @@ class Trainer:
             metrics = {**sums, "lr": self.scheduler.get_last_lr()[0], "step_seconds": dt}
             if tokens:
                 metrics["tokens"], metrics["tokens_per_second"] = tokens, tokens / dt
-            if grad_norm is not None:
+            if grad_norm is not None:  # (DeepSpeed clips inside its engine and may not report it)
                 metrics["grad_norm"] = to_float(grad_norm)
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 self.log(metrics)
@@ -282,7 +285,7 @@ class Trainer:
                     self._check_finite(out)
                 # backward outside autocast (PyTorch's AMP rule): under it, the backward of the fp32 LM
                 # head (models.LMHead) would be recast to bf16; the body's ops saved bf16 tensors anyway
-                acc.backward(out.loss / ga)
+                acc.backward(out.loss if self.deepspeed else out.loss / ga)  # DeepSpeed divides by ga itself
             for name, value in out.terms.items():
                 sums[name] += value.item() / ga
             sums["loss"] += out.loss.item() / ga
