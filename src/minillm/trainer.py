@@ -237,7 +237,6 @@ class Trainer:
         )
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            set_train_mode(self.student, alg.train_mode, cfg.gradient_checkpointing)
             sums, tokens = self._accumulate(batches)
             grad_norm = None
             if cfg.max_grad_norm > 0:
@@ -279,6 +278,9 @@ class Trainer:
         tokens = 0
         for micro in range(ga):
             batch = next(batches)
+            # after the batch: sampling a round switches the models to eval mode and back (sampling.EvalMode),
+            # which would clear the decoder layers' checkpointing flag set here
+            set_train_mode(self.student, self.algorithm.train_mode, self.cfg.gradient_checkpointing)
             with self._sync_gradients(micro == ga - 1):
                 with acc.autocast():
                     out = self._loss(batch)
