@@ -25,6 +25,7 @@ from .config import (
     build_config,
 )
 from .config.options import nested_groups, read_yaml
+from .config.training import METHODS
 from .errors import MiniLLMError, TrainingInterrupted
 
 # `minillm sft` lists the base options; `minillm distill` adds the teacher and one group per method
@@ -120,21 +121,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny: ~1-3 min (smoke test), small: ~9 min (default), full: larger (not yet "
                         "timed) - on 2 CPU cores")
     p.add_argument("--compare", action="store_true", help="also train the SFT, KD and SeqKD baselines")
-    p = sub.add_parser("plan", help="Per-GPU memory of a run for each sharding option (DDP, FSDP2, FSDP2 "
-                                    "with a sharded teacher, ZeRO-2/3), and a recommendation.")
-    p.add_argument("--teacher", help="teacher: HF folder, config.json or hub id (not needed for sft)")
-    p.add_argument("--student", required=True, help="student: HF folder, config.json or hub id")
-    p.add_argument("--method", default="minillm", choices=("sft", "kd", "seqkd", "onpolicy", "minillm"))
-    p.add_argument("--gpus", type=int, default=8, help="number of GPUs (processes)")
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="memory per GPU in GiB")
+    p = sub.add_parser("plan", help="Per-GPU memory of a run for each sharding option (DDP, ZeRO-2, FSDP2 "
+                                    "with the teacher replicated or sharded, ZeRO-3), and a recommendation.",
+                       description="Per-GPU memory of weights, gradients, AdamW state, activations, rollout "
+                                   "KV caches and loss chunks for each sharding option, and the option with "
+                                   "the least communication that fits (docs/planner.md).")
+    p.add_argument("--config", metavar="FILE.yaml", help="take the method, models and settings from a "
+                                                         "training config (the flags below override it)")
+    p.add_argument("--teacher", help="teacher: model folder, config.json, .gguf, hub id (not needed for sft)")
+    p.add_argument("--student", help="student: model folder, config.json, .gguf or hub id")
+    p.add_argument("--method", choices=METHODS, help="training method (default: minillm, or the config's)")
+    p.add_argument("--gpus", type=int, default=8, help="number of GPUs (processes); default 8")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="memory per GPU in GiB; default 80")
+    p.add_argument("--headroom", type=float, default=0.1, help="fraction of each GPU kept free; default 0.1")
     for name, kind in (("batch_size", int), ("max_length", int), ("rollout_batch_size", int),
-                       ("max_prompt_length", int), ("max_new_tokens", int), ("chunk_size", int),
-                       ("lora_r", int), ("teacher_dtype", str), ("precision", str)):
-        p.add_argument(f"--{name.replace('_', '-')}", dest=f"plan_{name}", type=kind,
-                       help="as the training option (default: the method's default)")
-    for name in ("gradient_checkpointing", "fsdp_mixed_precision"):
-        p.add_argument(f"--{name.replace('_', '-')}", dest=f"plan_{name}", action="store_const", const=True)
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+                       ("max_prompt_length", int), ("max_new_tokens", int), ("num_rollouts", int),
+                       ("chunk_size", int), ("lora_r", int), ("teacher_mix_alpha", float), ("pt_data", str),
+                       ("pt_seq_len", int), ("kd_ratio", float)):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=f"plan_{name}", type=kind, metavar="V",
+                       help="as the training option (default: the config's or the method's default)")
+    p.add_argument("--precision", dest="plan_precision", choices=("fp32", "bf16"))
+    p.add_argument("--teacher-dtype", dest="plan_teacher_dtype", choices=("float32", "bfloat16", "float16"))
+    for name in ("gradient_checkpointing", "fsdp_mixed_precision", "single_step"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=f"plan_{name}",
+                       action=argparse.BooleanOptionalAction)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes per device)")
     p = sub.add_parser("report", help="Put several evaluation runs side by side (markdown table + PNG "
                                       "chart).")
     p.add_argument("runs", nargs="+", help="evaluation output folders (each with results.json)")
@@ -228,16 +239,22 @@ def _plan(args) -> None:
 
     from .plan import format_plan, plan_memory
 
-    if args.method != "sft" and not args.teacher:
-        raise MiniLLMError(f"--method {args.method} needs --teacher.")
-    if args.gpus < 1 or args.gpu_memory <= 0:
-        raise MiniLLMError("--gpus must be at least 1 and --gpu-memory positive (GiB).")
+    if getattr(args, "overrides", None):
+        raise MiniLLMError(f"minillm plan takes flags (--lora-r 8, --gradient-checkpointing, ...; see "
+                           f"--help), not key=value: got {' '.join(args.overrides)}.")
+    cfg = build_config(TrainConfig, args.config, {"method": args.method} if args.method else {}) \
+        if args.config else None
+    teacher = args.teacher or (getattr(cfg, "teacher", None) or None)
+    student = args.student or (cfg.student if cfg is not None else None)
+    method = cfg.method if cfg is not None else args.method or "minillm"
+    if not student:
+        raise MiniLLMError("minillm plan needs --student (a model folder or its config.json) or --config.")
+    if method != "sft" and not teacher:
+        raise MiniLLMError(f"method {method} needs --teacher (a model folder or its config.json).")
     settings = {k[5:]: v for k, v in vars(args).items() if k.startswith("plan_") and v is not None}
-    plans = plan_memory(args.teacher, args.student, args.method, args.gpus, args.gpu_memory, **settings)
-    if args.json:
-        print(json.dumps([vars(p) for p in plans], indent=2))
-    else:
-        print(format_plan(plans, args.gpus, args.gpu_memory))
+    plan = plan_memory(teacher, student, method, args.gpus, args.gpu_memory, config=cfg,
+                       headroom=args.headroom, **settings)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
 
 
 def main(argv: list[str] | None = None) -> None:
