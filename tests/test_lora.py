@@ -36,9 +36,14 @@ def _cfg(tiny_dirs, instruction_file, out, **kw) -> TrainConfig:
 
 def _capture(monkeypatch) -> dict:
     """What the trainer holds when training ends (before the final evaluation, merge and save): the PEFT
-    student, a copy of its state dict and the parameters the optimiser updates."""
-    seen: dict = {}
-    original = Trainer.finish
+    student, a copy of its state dict, the parameters the optimiser updates, and the checkpoints resumed
+    from."""
+    seen: dict = {"loaded": []}
+    original, original_load = Trainer.finish, Trainer.load_checkpoint
+
+    def load_checkpoint(self, path):
+        seen["loaded"].append(Path(path).name)
+        return original_load(self, path)
 
     def finish(self):
         seen["model"] = self.student
@@ -47,6 +52,7 @@ def _capture(monkeypatch) -> dict:
         return original(self)
 
     monkeypatch.setattr(Trainer, "finish", finish)
+    monkeypatch.setattr(Trainer, "load_checkpoint", load_checkpoint)
     return seen
 
 
@@ -169,6 +175,7 @@ def _final_state(cfg, monkeypatch, *, interrupt_at: int | None = None) -> dict:
                     api.train(cfg)
             cfg = dataclasses.replace(cfg, resume=True)
         api.train(cfg)
+    assert cap["loaded"] == (["step-0000002"] if cfg.resume else [])  # continued, did not start over
     return cap["state"]
 
 

@@ -599,6 +599,8 @@ RAGGED_PROMPTS = ["one", " ".join(["the cat is on the tree and the dog is in the
 
 def test_prefill_groups_cover_the_batch_and_only_when_it_pays(monkeypatch):
     assert decoder_module.prefill_groups([5], 300) is None  # batch 1: nothing to save
+    assert decoder_module.prefill_groups([7, 7, 7], 7) is None  # no padding
+    assert decoder_module.prefill_groups([9] + [2] * 600, 9) is None  # too many rows for the planner
     assert decoder_module.prefill_groups([200, 195, 190, 180],
                                          200) is None  # little padding: one batched call
     lengths = [231, 42, 39, 53, 43, 36, 178, 155]
@@ -771,7 +773,8 @@ def _rows_per_step(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("alpha", [None, 0.0, 0.2])
 @pytest.mark.parametrize("greedy, ngram", [(False, 0), (False, 3), (True, 3)])
-def test_compaction_gives_the_uncompacted_rollout(tok, monkeypatch, family, alpha, greedy, ngram):
+@pytest.mark.parametrize("draft", [0, 3])
+def test_compaction_gives_the_uncompacted_rollout(tok, monkeypatch, family, alpha, greedy, ngram, draft):
     """Dropping finished rows from the decoded batch changes nothing but round-off: float64 models, ragged
     prompts, rows finishing at many different steps; same tokens and masks, log-probs and teacher hidden
     states within 1e-9, and the generator ends in the same state (uniforms are drawn for the whole batch every
@@ -782,7 +785,8 @@ def test_compaction_gives_the_uncompacted_rollout(tok, monkeypatch, family, alph
                    vocab_size=len(tok) + 16).double() if alpha is not None else None
     prompt_ids, prompt_mask = left_pad(tok, COMPACT_PROMPTS)
     batch, steps = prompt_ids.shape[0], 20
-    config = SamplingConfig(max_new_tokens=steps, temperature=0.8, no_repeat_ngram_size=ngram, greedy=greedy)
+    config = SamplingConfig(max_new_tokens=steps, temperature=0.8, no_repeat_ngram_size=ngram, greedy=greedy,
+                            draft_length=draft)  # lockstep and speculative teacher-mixed sampling
     kwargs = dict(config=config, pad_token_id=tok.pad_token_id)
     if teacher is not None:
         kwargs.update(teacher=teacher, teacher_mix_alpha=alpha, return_teacher_hidden=True)

@@ -25,6 +25,10 @@ class SamplingConfig:
     no_repeat_ngram_size: int = option(0, "Ban any n-gram of this size (prompt included) from repeating; "
                                           "0 disables.")
     greedy: bool = option(False, "Take the argmax of the sampling distribution instead of sampling.")
+    draft_length: int = option(4, "Teacher-mixed sampling (minillm rollouts) by speculative decoding: the "
+                                  "student drafts this many tokens, one teacher forward verifies them; the "
+                                  "samples follow p~ = a*p + (1-a)*q exactly. 0 steps the teacher token by "
+                                  "token (lockstep).")
 
     def __post_init__(self) -> None:
         checks = {
@@ -34,6 +38,7 @@ class SamplingConfig:
             "top_k": (self.top_k >= 0, "an integer >= 0 (0 disables top-k)"),
             "top_p": (0.0 < self.top_p <= 1.0, "a number in (0, 1] (1.0 disables top-p)"),
             "no_repeat_ngram_size": (self.no_repeat_ngram_size >= 0, "an integer >= 0 (0 disables it)"),
+            "draft_length": (self.draft_length >= 0, "an integer >= 0 (0: lockstep teacher-mixed sampling)"),
         }
         for key, (ok, expected) in checks.items():
             if not ok:

@@ -33,6 +33,9 @@ PREFILL_CALL_COST = 25
 # measured ratio 0.91 / 0.90 (11 % padding), 0.87 / 0.88 (22 %), 0.80 / 0.78 (31 %), 0.66 / 0.57 (45 %),
 # 0.27 / 0.27 (77 %); below ~25 % padding the saving is ~10 % of a prefill, under 1 % of a 128-token rollout.
 UNPADDED_PREFILL_MAX_COST = 0.8
+# The planner is a quadratic dynamic programme over the rows (~0.1 ms per 1000 row pairs in Python); larger
+# batches (test-sized sampling runs, never a rollout batch) keep the one padded call.
+PREFILL_PLAN_MAX_ROWS = 512
 
 
 def prefill_groups(lengths: Sequence[int], width: int) -> list[list[int]] | None:
@@ -45,8 +48,8 @@ def prefill_groups(lengths: Sequence[int], width: int) -> list[list[int]] | None
     steps.
     """
     batch = len(lengths)
-    if batch < 2 or UNPADDED_PREFILL_MAX_COST <= 0:
-        return None
+    if batch < 2 or batch > PREFILL_PLAN_MAX_ROWS or UNPADDED_PREFILL_MAX_COST <= 0 or min(lengths) == width:
+        return None  # nothing to plan: one row, no padding, or a batch too large for the quadratic planner
     order = sorted(range(batch), key=lambda i: -lengths[i])
     size = [lengths[i] for i in order]
     best = [0.0] + [math.inf] * batch  # best[i]: cost of the first i rows (longest first)
@@ -87,6 +90,15 @@ class Decoder:
         with self.model.autocast():
             hidden = self.model.hidden_states(input_ids.to(device), attention_mask.to(device),
                                               position_ids.to(device), self.cache)[:, -1]
+            return self.model.project(hidden), hidden
+
+    def feed(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Feed several new tokens per row: (logits [B, n, V], post-norm hidden [B, n, H]) at every fed
+        position (the speculative sampler's verification forward)."""
+        device = self.model.device
+        with self.model.autocast():
+            hidden = self.model.hidden_states(input_ids.to(device), attention_mask.to(device),
+                                              position_ids.to(device), self.cache)
             return self.model.project(hidden), hidden
 
     def select_rows(self, indices: Tensor) -> None:

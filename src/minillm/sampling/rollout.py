@@ -21,6 +21,7 @@ from minillm.config import SamplingConfig, validate_teacher_mix_alpha, validate_
 from minillm.errors import ConfigError, DataError
 from minillm.sampling.adapter import EvalMode
 from minillm.sampling.decoder import Decoder, decode_lockstep
+from minillm.sampling.speculative import SpeculativeStats, decode_speculative, supports_speculative
 from minillm.sampling.teacher import score_with_teacher
 
 __all__ = ["Rollout", "check_teacher_sampling", "generate_rollouts", "generate_texts", "response_texts"]
@@ -111,6 +112,7 @@ def generate_rollouts(
     return_teacher_hidden: bool = False,
     student_autocast: torch.dtype | None = None,
     compact: bool = True,
+    stats: SpeculativeStats | None = None,
 ) -> Rollout:
     """Sample responses from p~ = alpha * teacher + (1 - alpha) * student and record the behaviour log-probs.
 
@@ -134,6 +136,13 @@ def generate_rollouts(
             as without compaction, the uniforms are drawn for the whole batch every step (same tokens for the
             same generator), and active rows' numbers differ at most by float round-off (other batch shape).
 
+        stats: a `SpeculativeStats` to add the speculative sampler's counts to (drafted and accepted tokens,
+            teacher forwards), when it runs.
+
+    With a teacher and `config.draft_length > 0`, teacher-mixed sampling (alpha > 0, or the n-gram ban at
+    alpha = 0) runs the speculative sampler (`minillm.sampling.speculative`): exact samples of p~ with one
+    teacher forward per drafted block instead of one per token; the same records, other uniforms.
+
     Greedy decoding takes the argmax of p~ (of the processed student logits when alpha = 0, as
     `generate(do_sample=False)` does); the recorded log-probs are still those of the processed distributions.
     """
@@ -154,22 +163,33 @@ def generate_rollouts(
     with torch.no_grad(), EvalMode(student, teacher):
         student_dec = Decoder(student, student_autocast, config.max_new_tokens)
         teacher_dec = Decoder(teacher, max_new_tokens=config.max_new_tokens) if teacher is not None else None
+        speculative = teacher_dec is not None and config.draft_length > 0
+        if speculative and supports_speculative(student_dec, teacher_dec):
+            columns = decode_speculative(
+                student_dec, teacher_dec, prompt_ids, prompt_mask, config=config, eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id, alpha=alpha, shared_vocab_size=shared_vocab_size,
+                generator=generator, return_teacher_hidden=return_teacher_hidden, compact=compact,
+                draft_length=config.draft_length, stats=stats)
+            return _assemble_rollout(columns, prompt_ids, prompt_mask, alpha=alpha, with_teacher=True,
+                                     with_hidden=return_teacher_hidden)
         steps = decode_lockstep(student_dec, teacher_dec, prompt_ids, prompt_mask, config=config,
                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, alpha=alpha,
                                 shared_vocab_size=shared_vocab_size, generator=generator,
                                 return_teacher_hidden=return_teacher_hidden, compact=compact)
-    return _assemble_rollout(steps, prompt_ids, prompt_mask, alpha=alpha, with_teacher=teacher is not None,
+    columns = [torch.stack(list(col), dim=1) for col in zip(*steps)]
+    return _assemble_rollout(columns, prompt_ids, prompt_mask, alpha=alpha, with_teacher=teacher is not None,
                              with_hidden=return_teacher_hidden)
 
 
-def _assemble_rollout(steps: list[tuple[Tensor, ...]], prompt_ids: Tensor, prompt_mask: Tensor, *,
+def _assemble_rollout(columns: list[Tensor], prompt_ids: Tensor, prompt_mask: Tensor, *,
                       alpha: float, with_teacher: bool, with_hidden: bool) -> Rollout:
-    """Stack the per-step records into [B, T] CPU tensors, zeroing every float after a sequence's EOS.
+    """The decoded columns (tokens, active, log q[, log p, log p~[, teacher hidden]], each [B, T, ...]) as a
+    `Rollout` of CPU tensors, zeroing every float after a sequence's EOS.
 
     Zeroing selects rather than multiplies: the pad fed to a finished row can be outside a truncated
     distribution, and -inf * 0 would leave NaN in the buffer.
     """
-    columns = [torch.stack(list(col), dim=1).cpu() for col in zip(*steps)]
+    columns = [col.cpu() for col in columns]
     response_ids, active = columns[:2]
 
     def masked(x: Tensor) -> Tensor:
