@@ -99,12 +99,12 @@ def main():
         dec["teacher_alone_fp32"].append(t)
         _, t = timed_rollout(teacher_bf16, pids, pmask, seed=rep, **kw)
         dec["teacher_alone_bf16"].append(t)
+        # the lockstep decode (the speculative sampler has its own benchmark: benchmarks/speculative.py)
         keep["fp32"], t = timed_rollout(student, pids, pmask, teacher=teacher, alpha=0.2, hidden=True,
-                                        seed=rep, **kw)
+                                        seed=rep, draft_length=0, **kw)
         dec["mixed_a0.2_fp32"].append(t)
         keep["bf16"], t = timed_rollout(student, pids, pmask, teacher=teacher_bf16, alpha=0.2, hidden=True,
-                                        seed=rep,
-                                        **kw)
+                                        seed=rep, draft_length=0, **kw)
         dec["mixed_a0.2_teacher_bf16"].append(t)
         t0 = time.perf_counter()
         with torch.no_grad():

@@ -44,6 +44,7 @@ from ..losses import (
     token_loss,
     whiten,
 )
+from ..sampling import SpeculativeStats
 from .base import Algorithm, LossOutput, TrainingContext
 from .buffer import MiniBatch, RolloutBuffer
 from .common import EpochBatches, generation_validation, require_examples, sample_responses
@@ -74,12 +75,15 @@ def pretraining_term(logprobs: Tensor, kd_divergence: Tensor | None, kd_ratio: f
 
 # ------------------------------------------------------------------ a round: sample, then score
 def sample_round(
-    ctx: TrainingContext, cfg, prompts: PromptDataset, indices: list[int], generator: torch.Generator
+    ctx: TrainingContext, cfg, prompts: PromptDataset, indices: list[int], generator: torch.Generator,
+    stats: SpeculativeStats | None = None,
 ) -> RolloutBuffer:
-    """Responses from p~ = a*p + (1-a)*q_old for the given prompts (Eq. 4), on the CPU."""
+    """Responses from p~ = a*p + (1-a)*q_old for the given prompts (Eq. 4), on the CPU (speculative
+    sampling, `sampling.draft_length` > 0, adds its counts to `stats`)."""
     step = cfg.rollout_batch_size
     parts = [sample_responses(ctx, cfg.sampling, [prompts[i] for i in indices[start:start + step]], generator,
                               teacher_mix_alpha=cfg.teacher_mix_alpha, return_teacher_hidden=cfg.single_step,
+                              stats=stats,
                               # q_old under the update's numerics (bf16 body, fp32 head), and a faster decode
                               student_autocast=torch.bfloat16 if cfg.precision == "bf16" else None)
              for start in range(0, len(indices), step)]
@@ -222,8 +226,10 @@ class MiniLLM(Algorithm):
     @torch.no_grad()
     def collect_round(self) -> RolloutBuffer:
         t0 = time.perf_counter()
+        stats = SpeculativeStats()
         with self.ctx.sampling_scope():  # FSDP: the student gathered once for the whole round
-            r = sample_round(self.ctx, self.cfg, self.prompts, self.prompt_order.next(), self.sample_gen)
+            r = sample_round(self.ctx, self.cfg, self.prompts, self.prompt_order.next(), self.sample_gen,
+                             stats)
         seconds = time.perf_counter() - t0
         r, rewards = score_round(r, self.cfg, self.ctx.reduce_sum)
         for name, value in (
@@ -237,7 +243,11 @@ class MiniLLM(Algorithm):
                     f"(check the teacher/student dtype and that sampling is not truncated)."
                 )
         self.rounds_done += 1
-        self.ctx.log(round_metrics(r, rewards, seconds, self.rounds_done))
+        metrics = round_metrics(r, rewards, seconds, self.rounds_done)
+        if stats.rounds:  # the speculative sampler ran: how much of each draft the teacher kept
+            metrics["rollout/acceptance_rate"] = stats.acceptance_rate
+            metrics["rollout/tokens_per_teacher_forward"] = stats.tokens_per_teacher_forward
+        self.ctx.log(metrics)
         return r
 
     def shuffled(self) -> list[int]:

@@ -9,6 +9,8 @@ The method: Gu et al., MiniLLM, arXiv 2306.08543, Eq. 4-5 (teacher-mixed samplin
     adapter.py   `CausalLMAdapter`: body + LM head + cache factory + device of one model, what the
                  decoder and the scorer ask for; the `GrowingLayer` KV-cache layer; `EvalMode`
     draw.py      token drawing: `sample_from_probs` (inverse CDF), logits processors, `draw_next`
+    speculative.py  teacher-mixed sampling by draft-and-verify (`decode_speculative`, `SpeculativeStats`):
+                 exact samples of p~ with one teacher forward per drafted block
     teacher.py   teacher-forced scoring: `response_hidden`, `teacher_forced_logprobs` (the one scorer),
                  `score_with_teacher`
 """
@@ -24,6 +26,7 @@ from minillm.sampling.rollout import (
     generate_texts,
     response_texts,
 )
+from minillm.sampling.speculative import SpeculativeStats, decode_speculative
 from minillm.sampling.teacher import response_hidden, score_with_teacher, teacher_forced_logprobs
 
 __all__ = [
@@ -33,8 +36,10 @@ __all__ = [
     "GrowingLayer",
     "Rollout",
     "SamplingConfig",
+    "SpeculativeStats",
     "build_processors",
     "check_teacher_sampling",
+    "decode_speculative",
     "draw_next",
     "generate_rollouts",
     "generate_texts",

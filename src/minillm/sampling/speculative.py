@@ -51,6 +51,7 @@ class SpeculativeStats:
     drafted: int = 0
     accepted: int = 0
     teacher_forwards: int = 0
+    teacher_row_forwards: int = 0  # rows decoded in each teacher forward, summed (a row's verifications)
     student_forwards: int = 0
     tokens: int = 0
     rounds: int = 0
@@ -63,10 +64,12 @@ class SpeculativeStats:
 
     @property
     def tokens_per_teacher_forward(self) -> float:
-        return self.tokens / self.teacher_forwards if self.teacher_forwards else float("nan")
+        """Tokens a row gains per teacher forward (k + 1 at most; 1 for lockstep), the prefill included."""
+        return self.tokens / self.teacher_row_forwards if self.teacher_row_forwards else float("nan")
 
     def add(self, other: SpeculativeStats) -> None:
-        for name in ("drafted", "accepted", "teacher_forwards", "student_forwards", "tokens", "rounds"):
+        for name in ("drafted", "accepted", "teacher_forwards", "teacher_row_forwards", "student_forwards",
+                     "tokens", "rounds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.draft_lengths += other.draft_lengths
         for i, n in enumerate(other.kept_counts):
@@ -140,9 +143,9 @@ class _Outputs:
         return cols
 
 
-def _token_logprob(scores: Tensor, tokens: Tensor) -> Tensor:
-    """log softmax(scores)[tokens] for scores [..., V] fp32 and tokens [...]."""
-    return scores.gather(-1, tokens[..., None]).squeeze(-1) - scores.logsumexp(dim=-1)
+def _token_logprob(scores: Tensor, tokens: Tensor, lse: Tensor) -> Tensor:
+    """log softmax(scores)[tokens] for scores [..., V], tokens [...] and lse = scores.logsumexp(-1)."""
+    return scores.gather(-1, tokens[..., None]).squeeze(-1) - lse
 
 
 def _mix_logprob(logq: Tensor, logp: Tensor, alpha: float) -> Tensor:
@@ -189,6 +192,7 @@ def decode_speculative(student_dec: Decoder, teacher_dec: Decoder, prompt_ids: T
     s_logits, _ = student_dec.prefill(prompt_ids, mask, position_ids, groups)
     t_logits, t_hidden = teacher_dec.prefill(prompt_ids, mask, position_ids, groups)
     stats.teacher_forwards += 1
+    stats.teacher_row_forwards += batch
     stats.student_forwards += 1
     vocab = shared_vocab_size or min(s_logits.shape[-1], t_logits.shape[-1])
     if vocab > min(s_logits.shape[-1], t_logits.shape[-1]):
@@ -269,11 +273,12 @@ def decode_speculative(student_dec: Decoder, teacher_dec: Decoder, prompt_ids: T
                                    dim=1)
 
         # 3. Verify the draft: keep d_i with probability min(1, p~(d_i) / q(d_i)); n_kept = leading accepts.
+        s_lse, t_lse = s_scores_all.logsumexp(dim=-1), t_scores_all.logsumexp(dim=-1)  # [b, k+1]
         u_accept = _uniforms((k,), batch, rows, generator, device)
+        draft_ids = fed[:, 1:]
         if k > 0:
-            draft_ids = fed[:, 1:]
-            d_logq = _token_logprob(s_scores_all[:, :k], draft_ids)
-            d_logp = _token_logprob(t_scores_all[:, :k], draft_ids)
+            d_logq = _token_logprob(s_scores_all[:, :k], draft_ids, s_lse[:, :k])
+            d_logp = _token_logprob(t_scores_all[:, :k], draft_ids, t_lse[:, :k])
             d_logmix = _mix_logprob(d_logq, d_logp, alpha)
             if config.greedy:  # the draft is the argmax of q; keep it while it is the argmax of p~
                 target = s_scores_all[:, :k] if alpha == 0 else _mix_probs(s_scores_all[:, :k],
@@ -283,7 +288,6 @@ def decode_speculative(student_dec: Decoder, teacher_dec: Decoder, prompt_ids: T
                 accept = u_accept.log() < (d_logmix - d_logq).clamp(max=0.0)
             n_kept = accept.long().cumprod(dim=1).sum(dim=1)
         else:
-            draft_ids = fed[:, 1:]
             n_kept = torch.zeros(b, dtype=torch.long, device=device)
 
         # 4. The last token of the round, at index n_kept: from the residual (p - q)+ after a rejection, or
@@ -311,13 +315,14 @@ def decode_speculative(student_dec: Decoder, teacher_dec: Decoder, prompt_ids: T
         is_eos = torch.isin(tokens, eos_ids) & keep
         first_eos = torch.where(is_eos, idx[None], k + 1).amin(dim=1)
         keep &= (idx[None] <= first_eos[:, None]) & (idx[None] < budget[:, None])
-        logq = _token_logprob(s_scores_all, tokens)
-        logp = _token_logprob(t_scores_all, tokens)
+        logq = _token_logprob(s_scores_all, tokens, s_lse)
+        logp = _token_logprob(t_scores_all, tokens, t_lse)
         out.write(decoded, keep, tokens, logq, logp, _mix_logprob(logq, logp, alpha),
                   t_hidden.to(device) if return_teacher_hidden else None)
         n_new = keep.long().sum(dim=1)
         finished = finished | (first_eos <= n_kept) | (out.count[decoded] >= max_new)
         stats.rounds += 1
+        stats.teacher_row_forwards += int(active.sum())
         stats.drafted += k * int(active.sum())
         stats.accepted += int(n_kept[active].sum())
         stats.tokens += int(n_new.sum())
