@@ -27,6 +27,12 @@ OUR_SETTINGS = {
                       "alpha = 0, bf16 teacher, fp32 update"),
     "ours_full_tbf16": ({"teacher_mix_alpha": 0.2, "teacher_dtype": "bfloat16"},
                         "full MiniLLM, bf16 teacher, fp32 update"),
+    # the lockstep teacher-mixed sampler (before the speculative one became the default, issue 20)
+    "ours_full_bf16_lockstep": ({"teacher_mix_alpha": 0.2, "teacher_dtype": "bfloat16", "precision": "bf16",
+                                 "draft_length": 0},
+                                "full MiniLLM, lockstep sampling, bf16 teacher + bf16 autocast update"),
+    "ours_full_tbf16_lockstep": ({"teacher_mix_alpha": 0.2, "teacher_dtype": "bfloat16", "draft_length": 0},
+                                 "full MiniLLM, lockstep sampling, bf16 teacher, fp32 update"),
 }
 
 COMMON = {"method": "minillm", "template": "chat", "num_rollouts": 8, "batch_size": 8,
@@ -69,6 +75,8 @@ def run_ours(name: str, teacher: Path, student: Path, steps: int, env: dict) -> 
     rec["rollout_s"] = [r["rollout/seconds"] for r in rollout_rows]
     rec["tokens"] = [r.get("tokens") for r in steps_rows]
     rec["mixed_length"] = [r.get("rollout/mixed_length") for r in rollout_rows]
+    rec["acceptance_rate"] = [r.get("rollout/acceptance_rate") for r in rollout_rows]
+    rec["tokens_per_teacher_forward"] = [r.get("rollout/tokens_per_teacher_forward") for r in rollout_rows]
     later = slice(1, None) if len(rec["step_s"]) > 1 else slice(None)
     rec["median_step_s"] = median(rec["step_s"][later])
     rec["median_rollout_s"] = median(rec["rollout_s"][later])

@@ -3,7 +3,8 @@ sampler at several draft lengths, next to its floor (student decode alone + one 
 tokens).
 
 usage: PYTHONPATH=src python benchmarks/speculative.py [--reps 3] [--max-new 128] [--batch 8] [--threads 2]
-       [--drafts 2,3,4,6] [--tiny] [--out benchmarks/results/speculative.json]
+       [--drafts 2,3,4,6] [--alpha 0.2] [--device cpu|cuda] [--tiny]
+       [--out benchmarks/results/speculative.json]
 
 Same models, prompts and batch as docs/benchmarks.md section 2 (SmolLM2-135M-Instruct teacher, its 4-layer
 pruned student, the first 8 Dolly prompts of ../shared/data/dolly_dev1000.jsonl in chat format, 128 new tokens
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--drafts", default="2,3,4,6")
     ap.add_argument("--alpha", type=float, default=0.2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU run: same script, same table)")
     ap.add_argument("--tiny", action="store_true", help="smoke test on minillm.testing tiny models")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "speculative.json"))
     a = ap.parse_args()
@@ -64,11 +66,12 @@ def main() -> None:
         vocab = check_compatibility(load_tokenizer(teacher_dir), tok, teachers["fp32"], student)
         examples = load_instructions(str(DOLLY), limit=4 * a.batch)
         template = "chat"
+    student.to(a.device)
     for t in teachers.values():
-        t.requires_grad_(False)
+        t.requires_grad_(False).to(a.device)
     prompts = PromptDataset(examples, tok, template=template, max_prompt_length=256)
     batch = collate_prompts([prompts[i] for i in range(a.batch)], tok.pad_token_id)
-    pids, pmask = batch["input_ids"], batch["attention_mask"]
+    pids, pmask = batch["input_ids"].to(a.device), batch["attention_mask"].to(a.device)
     kw = dict(max_new_tokens=a.max_new, vocab=vocab, pad_token_id=tok.pad_token_id, alpha=a.alpha,
               hidden=True)
     drafts = [int(k) for k in a.drafts.split(",")]
@@ -128,7 +131,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     result = {
-        "machine": machine_info(), "reps": a.reps, "batch": a.batch, "max_new": a.max_new, "alpha": a.alpha,
+        "machine": machine_info(), "device": a.device,
+        "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
+        "reps": a.reps, "batch": a.batch, "max_new": a.max_new, "alpha": a.alpha,
         "threads": torch.get_num_threads(), "tiny": a.tiny, "seconds": seconds, "median_seconds": med,
         "stats": {k: {"acceptance_rate": v.acceptance_rate, "tokens_per_teacher_forward":
                       v.tokens_per_teacher_forward, "drafted": v.drafted, "accepted": v.accepted,

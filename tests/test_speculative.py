@@ -112,6 +112,16 @@ def test_whole_responses_follow_the_exact_mixture(small_models, alpha, draft, te
                                ngram=ngram, stats=stats)
     counts = _counts(rollout, support)
     assert chi2_pvalue(counts, probs) > 1e-3
+    # each token given its prefix: the second token after the most frequent first token
+    first = rollout.response_ids[:, 0]
+    y1 = int(torch.bincount(first[rollout.lengths > 1], minlength=V)[1:].argmax()) + 1
+    rows = (first == y1) & (rollout.lengths > 1)
+    second = torch.zeros(V).index_add_(0, rollout.response_ids[rows, 1], torch.ones(int(rows.sum())))
+    cond = torch.zeros(V, dtype=torch.float64)
+    for r, prob in exact.items():
+        if len(r) > 1 and r[0] == y1:
+            cond[r[1]] += prob
+    assert chi2_pvalue(second, cond / cond.sum()) > 1e-3
     lengths = torch.tensor([len(r) for r in support])
     length_probs = torch.zeros(MAX_NEW + 1).index_add_(0, lengths, probs.float())
     assert chi2_pvalue(torch.bincount(rollout.lengths, minlength=MAX_NEW + 1).float(), length_probs) > 1e-3
