@@ -175,6 +175,21 @@ def test_fsdp_minillm_equals_ddp_minillm(minillm_runs, pair):
     assert keys and all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])) for k in keys), (a, b)
 
 
+def test_fsdp_onpolicy_equals_ddp_onpolicy(pair, instruction_file, tmp_path):
+    """On-policy KD (student samples, the teacher in the loss): FSDP2 = DDP with the same seeds (the same
+    samples), teacher replicated and sharded."""
+    runs = {}
+    for name, extra in (("ddp", {}), ("fsdp", {"fsdp": "true"}),
+                        ("fsdp_shard_teacher", {"fsdp": "true", "teacher_sharding": "shard"})):
+        runs[name] = tmp_path / name
+        _torchrun(pair, _args(pair, instruction_file, runs[name], method="onpolicy", max_new_tokens=8,
+                              rollout_batch_size=2, divergence="rkl", **extra))
+    ddp = _weights(runs["ddp"])
+    assert _max_diff(ddp, load_file(str(pair / "student" / "model.safetensors"))) > 1e-3
+    for name in ("fsdp", "fsdp_shard_teacher"):
+        assert _max_diff(ddp, _weights(runs[name])) <= MINILLM_TOL, name
+
+
 def test_fsdp_kill_and_resume_matches_the_uninterrupted_run(minillm_runs, pair, instruction_file, tmp_path):
     out = tmp_path / "killed"
     args = _args(pair, instruction_file, out, **MINILLM, fsdp="true", save_every=1)

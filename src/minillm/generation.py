@@ -3,6 +3,11 @@
 Used directly, for SeqKD's teacher data and for inspection. Each batch is sampled with its own
 generator seeded by (seed, batch index), so an interrupted run continues where it stopped and gives
 the same file as an uninterrupted one.
+
+Resuming keeps only the leading records of `<output>.partial` that are complete, valid JSON and belong to
+this job in order (the id of the example at that position, the same settings); a torn or foreign tail
+(a kill or a full disk in the middle of a write, another run's records) is dropped, with a warning that
+says how many records were dropped, and regenerated.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .config.paths import check_output_file
 from .data import PromptDataset, collate_prompts
+from .errors import ConfigError
+from .io import write_text
 from .sampling import SamplingConfig, generate_rollouts, response_texts
 
 logger = logging.getLogger("minillm")
@@ -25,6 +33,35 @@ def batch_generator(seed: int, batch_index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + batch_index)
 
 
+def _resumable_records(partial: Path, ids: list, settings: dict) -> tuple[list[str], int, str]:
+    """The leading lines of `partial` that are whole records of this job, in order, and how many records
+    after them were dropped (with the first reason). A record is kept only while every record before it was
+    kept: it parses as a JSON object, has the id of the example at its position and this job's settings."""
+    raw = partial.read_bytes().split(b"\n")
+    lines = [ln for ln in raw if ln.strip()]
+    kept: list[str] = []
+    reason = ""
+    for i, line in enumerate(lines):
+        try:
+            text = line.decode("utf-8")
+            rec = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            reason = f"record {i + 1} is torn or not valid JSON"
+            break
+        if not isinstance(rec, dict) or "response" not in rec:
+            reason = f"record {i + 1} is not a generation record"
+            break
+        if i >= len(ids) or str(rec.get("id")) != str(ids[i]):
+            reason = (f"record {i + 1} has id {rec.get('id')!r}, expected "
+                      f"{ids[i] if i < len(ids) else 'no more records'!r}")
+            break
+        if rec.get("settings") != settings:
+            reason = f"record {i + 1} was made with other settings ({rec.get('settings')})"
+            break
+        kept.append(text)
+    return kept, len(lines) - len(kept), reason
+
+
 @torch.no_grad()
 def generate_file(model, tokenizer, examples, output: str | os.PathLike, *, template: str = "minillm",
                   max_prompt_length: int = 256, sampling: SamplingConfig | None = None, batch_size: int = 8,
@@ -32,20 +69,28 @@ def generate_file(model, tokenizer, examples, output: str | os.PathLike, *, temp
     """Write one JSONL record per example: id, instruction, input, prompt, response, references, settings."""
     sampling = sampling or SamplingConfig()
     out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(out, "output")  # a folder or an unwritable place: refused before any work
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output={output}: cannot create the folder {out.parent} ({e.strerror}); choose "
+                          "a writable output.") from None
     partial = out.with_name(out.name + ".partial")
     dataset = PromptDataset(examples, tokenizer, template=template, max_prompt_length=max_prompt_length)
-    done = 0
-    if partial.exists():
-        lines = [ln for ln in partial.read_text().split("\n") if ln.strip()]
-        done = len(lines)
-        done -= done % batch_size  # restart the last (possibly incomplete) batch
-        partial.write_text("".join(ln + "\n" for ln in lines[:done]))
-        logger.info("resuming %s after %d records", out, done)
     settings = {"model": model_name, "template": template, "seed": seed,
                 "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
                 "top_k": sampling.top_k, "top_p": sampling.top_p,
                 "no_repeat_ngram_size": sampling.no_repeat_ngram_size, "greedy": sampling.greedy}
+    done = 0
+    if partial.exists():
+        ids = [dataset[i]["id"] for i in range(len(dataset))]
+        lines, dropped, reason = _resumable_records(partial, ids, settings)
+        if dropped:
+            logger.warning("%s: dropped %d record(s) that cannot be resumed (%s); they are generated again",
+                           partial, dropped, reason)
+        done = len(lines) - len(lines) % batch_size  # restart the last (possibly incomplete) batch
+        write_text(partial, "".join(ln + "\n" for ln in lines[:done]))
+        logger.info("resuming %s after %d records", out, done)
     device = next(model.parameters()).device
     n = len(dataset)
     progress = tqdm(total=n, initial=done, desc=desc, unit="prompt", dynamic_ncols=True)

@@ -3,14 +3,89 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import ClassVar
 
 from ..errors import ConfigError
 from .options import Options, group, option
+from .paths import check_output_file
 from .sampling import SamplingConfig, validate_plain_sampling
 
 _TEMPLATES = ("minillm", "chat", "raw")
 _DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _path_parts(path: str) -> list[str]:
+    """The named components of a model path / hub id, innermost last (no root, no "." or "..")."""
+    parts = PurePath(path.rstrip("/")).parts
+    return [p for p in parts if p not in ("/", ".", "..") and not p.endswith(("/", "\\"))]
+
+
+def _default_label(path: str) -> str:
+    """The label of an unnamed model: its folder name (runs/x/best -> x-best), or the built-in name."""
+    parts = _path_parts(path)
+    label = parts[-1] if parts else path
+    if label in ("best", "final") and len(parts) > 1:
+        label = f"{parts[-2]}-{label}"
+    return label
+
+
+def model_labels(specs) -> dict[str, str]:
+    """Label -> path of `models=` entries (`name=path` or `path`), every label unique, nothing dropped.
+
+    An unnamed model is labelled by its folder name (`runs/x/best` -> `x-best`); when that collides with
+    another label (`a/student`, `b/student`), parent folder names are prefixed until it is unique
+    (`a-student`, `b-student`), deterministically. A model listed twice, or an explicit `name=` used twice,
+    is refused.
+    """
+    entries: list[tuple[str, str]] = []  # (explicit name or "", path), in the given order
+    seen_paths: dict[str, str] = {}
+    for spec in specs:
+        spec = str(spec)
+        name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+        if path in seen_paths:
+            raise ConfigError(f"models: {path!r} is listed twice ({seen_paths[path]!r} and {spec!r}); list "
+                              "each model once (give another copy its own folder to compare it with itself).")
+        seen_paths[path] = spec
+        entries.append((name, path))
+    named: dict[str, str] = {}
+    for name, path in entries:
+        if name and name in named:
+            raise ConfigError(f"models: the label {name!r} is given to both {named[name]!r} and {path!r}; "
+                              "give each model its own label (name=path).")
+        if name:
+            named[name] = path
+    unnamed = [path for name, path in entries if not name]
+    depth = dict.fromkeys(unnamed, 0)  # parent folders prefixed to the default label
+
+    def label(path: str) -> str:
+        parts = _path_parts(path)
+        base = _default_label(path)
+        used = 2 if parts and base != parts[-1] else 1  # runs/x/best -> x-best uses two parts
+        parents = parts[:-used] if len(parts) > used else []
+        k = min(depth[path], len(parents))
+        return "-".join([*parents[len(parents) - k:], base])
+
+    while True:
+        labels = {path: label(path) for path in unnamed}
+        counts: dict[str, int] = {}
+        for lab in labels.values():
+            counts[lab] = counts.get(lab, 0) + 1
+        clash = [p for p, lab in labels.items() if counts[lab] > 1 or lab in named]
+        if not clash:
+            break
+        grown = False
+        for p in clash:
+            before = labels[p]
+            depth[p] += 1
+            grown |= label(p) != before
+        if not grown:  # no parent folder left to tell them apart
+            p = clash[0]
+            other = next((q for q in unnamed if q != p and labels[q] == labels[p]), None) or named[labels[p]]
+            raise ConfigError(f"models: {p!r} and {other!r} would both be labelled {labels[p]!r} (the label "
+                              f"names the output folder); name them: models={labels[p]}-1={p},"
+                              f"{labels[p]}-2={other}.")
+    return {(name or labels[path]): path for name, path in entries}
 
 
 @dataclass
@@ -33,6 +108,7 @@ class GenerateConfig(Options):
             if not getattr(self, key):
                 raise ConfigError(f"`{key}` is required (set {key}=...).")
         super().validate()
+        check_output_file(self.output, "output")  # before the model is loaded and anything generated
 
 
 @dataclass
@@ -73,6 +149,12 @@ class EvalConfig(Options):
     def validate(self) -> None:
         if not self.models:
             raise ConfigError("`models` is required (models=path1,path2 or models=[name=path]).")
+        # Labels name the output folders: unnamed models whose folder names collide are named here
+        # (a/student, b/student -> a-student=a/student, b-student=b/student) so none is dropped; the
+        # names are kept in the config (and config.yaml), so every reader of `models` sees the same labels.
+        labels = {path: label for label, path in model_labels(self.models).items()}
+        self.models = [spec if "=" in str(spec) or _default_label(str(spec)) == labels[str(spec)]
+                       else f"{labels[str(spec)]}={spec}" for spec in self.models]
         if not self.data and not self.calibration:
             raise ConfigError("`data` is required (data=file1.jsonl,file2.jsonl).")
         if self.exposure_bias and not self.teacher:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -79,11 +80,23 @@ class Options:
         return cls.__name__
 
     def validate(self) -> None:
+        check_finite_fields(self, self.label())
         for path, reason in self.refused.items():
             head, name = path.split(".")
             sub = getattr(self, head)
             if getattr(sub, name) != getattr(type(sub)(), name):
                 raise ConfigError(f"`{path}` does not apply to {self.label()}: {reason}")
+
+
+def check_finite_fields(cfg, where: str) -> None:
+    """Refuse NaN / +-inf in any option of `cfg` or of its nested groups (also on direct construction)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for sub in dataclasses.fields(value):
+                _check_finite(getattr(value, sub.name), where, f"{f.name}.{sub.name}")
+        else:
+            _check_finite(value, where, f.name)
 
 
 def nested_groups(cls) -> dict[str, type]:
@@ -165,12 +178,26 @@ def _convert(cls, f: dataclasses.Field, value: Any, where: str, name: str):
     tp = _base_type(typing.get_type_hints(cls)[f.name])
     try:
         return _CONVERTERS[tp](value) if tp in _CONVERTERS else value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int("1e999"), int(inf)
         raise ConfigError(f"{where}: `{name}` expects {tp.__name__}, got {value!r}.") from None
+
+
+def _non_finite(value: Any) -> bool:
+    """A float NaN or +-inf, alone or inside a list (a range check lets NaN through: `nan < 0` is False)."""
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _check_finite(value: Any, where: str, name: str) -> None:
+    if _non_finite(value):
+        raise ConfigError(f"{where}: `{name}` must be a finite number; got {value!r}. NaN and infinity are "
+                          f"not valid option values: set {name}=<a finite number>.")
 
 
 def _check_range(f: dataclasses.Field, value: Any, where: str, name: str | None = None) -> None:
     md, name = f.metadata, name or f.name
+    _check_finite(value, where, name)
     if "choices" in md and value not in md["choices"]:
         hint = difflib.get_close_matches(str(value), [str(c) for c in md["choices"]], n=1)
         extra = f" Did you mean '{hint[0]}'?" if hint else ""

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from minillm.config.commands import model_labels
 from minillm.data import PromptDataset, collate_prompts, load_instructions
 from minillm.errors import ConfigError, DataError
 from minillm.evaluation.metrics import distinct_n, exact_match, mean_and_std, rouge_l
@@ -75,7 +76,14 @@ def _read_complete(path: Path, ids: list[str]) -> list[dict] | None:
 
 
 def check_names(models: dict, data_files: Sequence[str]) -> dict[str, str]:
-    """Validate model labels (used as folder names) and map set name (file stem) -> data file."""
+    """Validate model labels (used as folder names) and map set name (file stem) -> data file.
+
+    Labels are the keys of `models`, so they are unique here; a list of paths is labelled by
+    `minillm.config.commands.model_labels` (unique labels, never a model dropped) before it gets here.
+    """
+    if not isinstance(models, dict):
+        raise ConfigError(f"evaluate_models takes {{label: model}}, got a {type(models).__name__}; label a "
+                          "list of paths with minillm.config.commands.model_labels(paths)")
     if not models:
         raise ConfigError("evaluate_models needs at least one model ({name: path or (model, tokenizer)})")
     for name, spec in models.items():
@@ -237,7 +245,8 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
     Args:
         models: label -> model path / hub id / built-in name (loaded with minillm.models, one at a time,
             only when it has unfinished work), or a (model, tokenizer) pair already in memory. Labels
-            name the output folders.
+            name the output folders. A list of paths (`name=path` or `path`) is labelled by
+            `model_labels`: folder names, with parent folders prefixed until unique.
         data_files: instruction JSONL files or hub names; the set name is the file stem.
         out_dir: receives `{model}/{set}/seed{seed}.jsonl` (id, prompt, response, references, rougeL,
             exact_match, length, response_ids), `results.json`, `results.md` and `eval_config.json`.
@@ -248,6 +257,8 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
     Returns the content of results.json: {"settings": ..., "results": {model: {set: {"n", "n_dropped",
     "seeds", "rougeL", "exact_match", "length", "dist4"}}}}, each metric {"mean", "std", "per_seed"}.
     """
+    if isinstance(models, (list, tuple)) and all(isinstance(m, (str, os.PathLike)) for m in models):
+        models = model_labels(models)
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {seeds}")

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
-from minillm.errors import ModelError
+from minillm.config.paths import check_writable_parent
+from minillm.errors import ConfigError, ModelError
+from minillm.io import write_json
 from minillm.models.loading import load_model, load_tokenizer
-from minillm.models.saving import save_pretrained_atomic
+from minillm.models.saving import save_to_temp_sibling
 
 __all__ = ["prune_command", "prune_model", "pruned_layer_indices"]
 
@@ -89,14 +95,100 @@ def _count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are counted once
 
 
+PRUNE_MARKER = "prune.json"  # written into every prune output: what made it and which files it holds
+
+
+def _prune_output_files(out: Path) -> list[str] | None:
+    """The files an earlier `minillm prune` wrote into `out` (its marker); None if prune did not make it."""
+    try:
+        files = json.loads((out / PRUNE_MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return files if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
+
+
+def check_prune_out(out: str | os.PathLike) -> Path:
+    """Refuse an `--out` that prune cannot write or must not replace, before any model is loaded.
+
+    Accepted: a new path, an empty folder, or the folder of an earlier `minillm prune` that holds only
+    the files that prune wrote (it is replaced). Refused: a file, a folder with anything else in it (prune
+    never deletes or overwrites files it did not write), a place that cannot be written.
+    """
+    path = Path(os.path.abspath(Path(out).expanduser()))
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out}: {path} is a file, not a folder; prune writes a model folder there. "
+                          "Choose a new --out (a folder that does not exist yet).")
+    if path.is_dir():
+        try:
+            present = sorted(str(p.relative_to(path)) for p in path.rglob("*") if not p.is_dir())
+        except OSError as e:
+            raise ConfigError(f"--out {out}: cannot read the folder {path} ({e.strerror}); choose a new "
+                              "--out.") from None
+        if present:
+            ours = _prune_output_files(path)
+            foreign = [f for f in present if ours is None or (f not in ours and f != PRUNE_MARKER)]
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                what = ("is not the output of an earlier `minillm prune`" if ours is None else
+                        "holds files an earlier `minillm prune` did not write")
+                raise ConfigError(f"--out {out}: the folder {path} {what} ({shown}); prune never deletes or "
+                                  "overwrites files it did not write. Choose a new --out, or move or remove "
+                                  "that folder yourself.")
+    check_writable_parent(path, "--out")
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot write into {path} (permission denied or a read-only file "
+                          "system); choose a writable --out.")
+    return path
+
+
+def _save_pruned(pruned: PreTrainedModel, tokenizer, out: Path, marker: dict) -> Path:
+    """Build the folder in a temporary sibling (model, tokenizer, marker) and rename it into place; an
+    earlier prune output at `out` is replaced only once the new folder is complete."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = save_to_temp_sibling(pruned, tokenizer, out)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write the pruned model next to it in {out.parent} "
+                          f"({e.strerror or e}); choose a writable --out with free space.") from None
+    old = None
+    try:
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if not p.is_dir())
+        write_json(tmp / PRUNE_MARKER, {**marker, "files": files})
+        check_prune_out(out)  # again, right before the rename: nothing foreign appeared meanwhile
+        if out.exists() and any(out.iterdir()):  # an earlier prune output: moved aside, removed at the end
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old)  # `old` is an empty folder, so a folder may replace it
+        try:  # onto a new path or an empty folder: one atomic rename
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)
+            raise
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ConfigError(f"--out {out}: cannot put the pruned model in place ({e.strerror or e}); "
+                              "choose a writable --out.") from None
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
 def prune_command(model: str, layers: int, strategy: str, out: str) -> Path:
-    """`minillm prune`: load, keep `layers` decoder layers, save model + tokenizer atomically to `out`."""
+    """`minillm prune`: load, keep `layers` decoder layers, save model + tokenizer atomically to `out`.
+
+    `out` is checked before the model is loaded (see `check_prune_out`): prune writes a new folder, or
+    replaces an earlier prune output, never a file or a folder holding anything else.
+    """
+    target = check_prune_out(out)
     source = load_model(model)
     tokenizer = load_tokenizer(model)
     total = source.config.num_hidden_layers
     kept = pruned_layer_indices(total, layers, strategy)
     pruned = prune_model(source, layers, strategy)
-    path = save_pretrained_atomic(pruned, tokenizer, out)
+    path = _save_pruned(pruned, tokenizer, target, {"command": "minillm prune", "model": str(model),
+                                                    "layers": layers, "strategy": strategy, "kept": kept})
     before, after = _count_parameters(source) / 1e6, _count_parameters(pruned) / 1e6
     print(f"pruned {model}: kept layers {kept} of {total} ({strategy}); parameters "
           f"{before:.1f}M -> {after:.1f}M; saved to {path}")
