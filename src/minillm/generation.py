@@ -5,13 +5,15 @@ generator seeded by (seed, batch index), so an interrupted run continues where i
 the same file as an uninterrupted one.
 
 Resuming keeps only the leading records of `<output>.partial` that are complete, valid JSON and belong to
-this job in order (the id of the example at that position, the same settings); a torn or foreign tail
+this job in order (the id of the example at that position, the same settings, the same model by content
+fingerprint and the same prompts); a torn or foreign tail
 (a kill or a full disk in the middle of a write, another run's records) is dropped, with a warning that
 says how many records were dropped, and regenerated.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +26,7 @@ from .config.paths import check_output_file
 from .data import PromptDataset, collate_prompts
 from .errors import ConfigError
 from .io import write_text
+from .models.fingerprint import weights_fingerprint
 from .sampling import SamplingConfig, generate_rollouts, response_texts
 
 logger = logging.getLogger("minillm")
@@ -77,7 +80,12 @@ def generate_file(model, tokenizer, examples, output: str | os.PathLike, *, temp
                           "a writable output.") from None
     partial = out.with_name(out.name + ".partial")
     dataset = PromptDataset(examples, tokenizer, template=template, max_prompt_length=max_prompt_length)
-    settings = {"model": model_name, "template": template, "seed": seed,
+    # What makes the records: a resumed .partial keeps only records made by this model (content fingerprint)
+    # from these prompts with these settings.
+    prompts = hashlib.blake2b("\x00".join(dataset[i]["prompt"] for i in range(len(dataset))).encode(),
+                              digest_size=16).hexdigest()
+    settings = {"model": model_name, "model_fingerprint": weights_fingerprint(model), "prompts": prompts,
+                "template": template, "seed": seed,
                 "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
                 "top_k": sampling.top_k, "top_p": sampling.top_p,
                 "no_repeat_ngram_size": sampling.no_repeat_ngram_size, "greedy": sampling.greedy}

@@ -43,6 +43,7 @@ from minillm.evaluation.metrics import distinct_n, exact_match, mean_and_std, ro
 from minillm.evaluation.report import format_mean_std
 from minillm.io import read_jsonl, write_json, write_jsonl, write_text
 from minillm.models import load_model, load_tokenizer
+from minillm.models.fingerprint import source_fingerprint, weights_fingerprint
 from minillm.sampling import SamplingConfig, generate_rollouts, response_texts
 
 if TYPE_CHECKING:
@@ -106,19 +107,30 @@ def check_names(models: dict, data_files: Sequence[str]) -> dict[str, str]:
     return sets
 
 
-def _pin_settings(out_dir: Path, settings: dict, sources: dict[str, str]) -> None:
-    """Record the generation settings and model sources; refuse to mix with files made differently."""
+def _pin_settings(out_dir: Path, settings: dict, sources: dict[str, dict]) -> None:
+    """Record the generation settings and each model's source and content fingerprint; refuse to mix with
+    files made differently (other settings, or another model under the same label, e.g. one retrained at
+    the same path)."""
     path = out_dir / "eval_config.json"
     pinned = {"settings": settings, "models": sources}
     if path.is_file():
         old = json.loads(path.read_text())
         changed = [f"{k}: {old['settings'].get(k)!r} -> {v!r}" for k, v in settings.items()
                    if old["settings"].get(k) != v]
-        changed += [f"model {m}: {old['models'][m]!r} -> {s!r}" for m, s in sources.items()
-                    if m in old["models"] and old["models"][m] != s]
+        for m, s in sources.items():
+            before = old["models"].get(m)
+            if before is None or before == s:
+                continue
+            if isinstance(before, dict) and before.get("source") == s["source"]:
+                changed.append(f"model {m}: the model at {s['source']} is not the one that made the "
+                               f"generations (content fingerprint {before.get('fingerprint')} -> "
+                               f"{s['fingerprint']}; retrained or replaced)")
+            else:
+                changed.append(f"model {m}: {before!r} -> {s!r}")
         if changed:
-            raise ConfigError(f"{out_dir} holds generations made with other settings ({'; '.join(changed)}); "
-                              "use a new output directory, or delete the old one to regenerate")
+            raise ConfigError(f"{out_dir} holds generations made with other settings or models "
+                              f"({'; '.join(changed)}); use a new output directory, or delete the old one "
+                              "(or that model's folder in it) to regenerate")
         pinned["models"] = {**old["models"], **sources}
     write_json(path, pinned, indent=2)
 
@@ -274,7 +286,8 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
                 "dtype": dtype}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sources = {name: str(spec) if not isinstance(spec, tuple) else "<in-memory model>"
+    sources = {name: {"source": "<in-memory model>", "fingerprint": weights_fingerprint(spec[0])}
+               if isinstance(spec, tuple) else {"source": str(spec), "fingerprint": source_fingerprint(spec)}
                for name, spec in models.items()}
     _pin_settings(out, settings, sources)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
