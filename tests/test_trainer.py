@@ -273,7 +273,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tiny_dirs, instruction_f
     assert len(ckpts) == 1
     step = int(ckpts[0].name.split("-")[1])
     assert step >= 3
-    cfg = _cfg(tiny_dirs, instruction_file, out, batch_size=2, max_steps=100000, resume=True)
+    # seed=0: the CLI run's (a resume refuses another seed); the optimiser settings may differ and apply
+    cfg = _cfg(tiny_dirs, instruction_file, out, batch_size=2, max_steps=100000, resume=True, seed=0)
     cfg.max_steps = step + 2  # finish quickly: the schedule length differs, resume still works
     api.train(cfg)
     assert json.loads((out / "summary.json").read_text())["steps"] == step + 2

@@ -4,7 +4,8 @@ The loop is method-agnostic: an `Algorithm` (algorithms/) supplies micro-batches
 micro-batch, and sees only a narrow `TrainingContext`; the trainer does precision, gradient
 accumulation, clipping, AdamW, warmup + constant / cosine schedules, validation and best-model
 selection, logging (metrics.jsonl, TensorBoard through Accelerate's trackers, tqdm) and checkpoints
-that resume exactly (minillm.checkpoint: Accelerate's `save_state` inside an atomic rename).
+that resume exactly (minillm.checkpoint: Accelerate's `save_state` inside an atomic rename; a broken
+latest checkpoint falls back to the newest intact one; minillm.resume: what a resume may change).
 SIGTERM / Ctrl-C finish the current step, save, and exit.
 """
 
@@ -47,6 +48,7 @@ from .models import (
     save_pretrained_atomic,
     set_train_mode,
 )
+from .resume import apply_optimizer_settings
 from .runlog import RunLog, to_float
 
 logger = logging.getLogger("minillm")
@@ -174,14 +176,27 @@ class Trainer:
         return self.checkpoints.save(self.step, {"best": self.best})
 
     def load_checkpoint(self, path: Path) -> None:
+        """Restore the checkpoint `path`; the config's learning rate and AdamW settings then apply (a resume
+        may change them, see minillm.resume). Damaged files raise CheckpointBroken."""
         state = self.checkpoints.load(path)
         self.step, self.best = state["step"], state["best"]
         self.ctx.step = self.step
+        apply_optimizer_settings(self.optimizer, self.scheduler, self.cfg)
         logger.info("resumed from %s (step %d)", path, self.step)
+
+    def _resume(self) -> None:
+        """resume=true: continue from the newest intact checkpoint (broken newer ones are reported and moved
+        aside; none intact refuses), or start from scratch when there is none."""
+        if self.checkpoints.resume(self.load_checkpoint) is None:
+            logger.warning(
+                "resume requested but %s has no checkpoint: starting from scratch", self.checkpoints.root
+            )
 
     # ------------------------------------------------------------------ logging
     def _open_logs(self) -> None:
-        self.run_log.open(self.cfg)
+        """On resume, what was logged after the checkpoint's step is dropped (it is logged again)."""
+        resume_step = self.step if self.cfg.resume else None
+        self.run_log.open(self.cfg, resume_step, final_eval_again=self.step >= self.total_steps)
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.run_log.log(metrics, self.step if step is None else step)
@@ -205,13 +220,7 @@ class Trainer:
     def train(self) -> Path:
         """Train to `total_steps`; returns the folder of the selected (best) model."""
         if self.cfg.resume:
-            ckpts = self.checkpoints.list()
-            if ckpts:
-                self.load_checkpoint(ckpts[-1])
-            else:
-                logger.warning(
-                    "resume requested but %s has no checkpoint: starting from scratch", self.checkpoints.root
-                )
+            self._resume()
         self._open_logs()
         old_handlers = {}
         if threading.current_thread() is threading.main_thread():
