@@ -36,6 +36,7 @@ from .evaluation.sequence_kl import kl_from_generations, teacher_self_logprobs
 from .generation import generate_file
 from .io import read_jsonl, write_text
 from .models import check_compatibility, load_model, load_tokenizer
+from .ownership import claim_output_dir
 from .resume import check_resume_config
 from .trainer import Trainer
 
@@ -85,6 +86,11 @@ def train(cfg: TrainConfig, accelerator=None) -> Path:
     """Run `cfg.method`; returns the folder of the selected model (a plain Hugging Face folder)."""
     cfg.validate()
     check_resume_config(cfg)  # before any expensive work: a resume may not change what the run is
+    with claim_output_dir(cfg, "train"):  # one run per output_dir: locked, recorded, never mixed
+        return _train(cfg, accelerator)
+
+
+def _train(cfg: TrainConfig, accelerator) -> Path:
     student, teacher, tokenizer, shared = load_pair(cfg)
     limit = cfg.limit_train or None
     train_examples = load_instructions(cfg.train_data, limit=limit) if cfg.train_data else []

@@ -116,7 +116,9 @@ def _pruned_student(pruned: Path, b: dict, teacher_dir: Path, tokenizer) -> Path
 
 def _train(out_dir: Path, **kw) -> Path:
     """Train one stage; returns the selected model folder."""
-    cfg = build_config(TrainConfig, None, {"output_dir": str(out_dir), "template": "chat", **kw})
+    # resume=true: a stage interrupted mid-training continues in its own folder (a fresh run there is refused)
+    cfg = build_config(TrainConfig, None, {"output_dir": str(out_dir), "template": "chat", "resume": True,
+                                           **kw})
     return Path(api.train(cfg))
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from minillm.errors import ModelError
+
 __all__ = ["save_pretrained_atomic", "save_to_temp_sibling"]
 
 
@@ -27,6 +29,28 @@ def save_to_temp_sibling(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     return tmp
 
 
+# Files a Hugging Face model folder (model + tokenizer + generation config, possibly sharded) is made of.
+_MODEL_SUFFIXES = (".safetensors", ".json", ".bin", ".model", ".txt", ".jinja", ".py", ".md")
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace `out` unless it is absent, empty, or a model folder (config.json and only model /
+    tokenizer files): a save never deletes files that are not a model's."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ModelError(f"cannot save the model to {out}: it is a file; choose a folder path.")
+    entries = [p for p in out.iterdir()]
+    if not entries:
+        return
+    foreign = [p.name for p in entries if p.is_dir() or not p.name.endswith(_MODEL_SUFFIXES)]
+    if not (out / "config.json").is_file() or foreign:
+        shown = ", ".join(sorted(foreign or [p.name for p in entries])[:5])
+        raise ModelError(f"cannot save the model to {out}: the folder holds files that are not a model's "
+                         f"({shown}); saving replaces the whole folder, so choose another path or move "
+                         "those files away.")
+
+
 def save_pretrained_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
                            out_dir: str | os.PathLike) -> Path:
     """Save model (safetensors) and tokenizer as a plain HF folder that appears all at once.
@@ -36,6 +60,7 @@ def save_pretrained_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenize
     the new one has been renamed into place.
     """
     out = Path(out_dir).expanduser().absolute()
+    _check_replaceable(out)  # before the (long) save: never replace what is not a model folder
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = save_to_temp_sibling(model, tokenizer, out)
     if not out.exists():
