@@ -72,3 +72,44 @@ def test_evaluate_refuses_generations_of_a_model_retrained_at_the_same_path(tok,
     evaluate_models({"mem": pair}, [str(data)], tmp_path / "eval2", **kwargs)
     with pytest.raises(ConfigError, match="other settings or models"):
         evaluate_models({"mem": (tiny_llama(tok, seed=5), tok)}, [str(data)], tmp_path / "eval2", **kwargs)
+
+
+def test_seqkd_teacher_data_is_reused_only_for_the_same_teacher_and_prompts(tiny_dirs, instruction_file,
+                                                                            tmp_path):
+    import dataclasses
+    import shutil
+
+    from minillm import api
+    from minillm.config import TrainConfig, build_config
+
+    out = tmp_path / "seqkd"
+    teacher = shutil.copytree(tiny_dirs["teacher"], tmp_path / "teacher")  # retrained below
+    cfg = build_config(TrainConfig, None, dict(
+        method="seqkd", student=str(tiny_dirs["student"]), teacher=str(teacher),
+        train_data=str(instruction_file), output_dir=str(out), batch_size=2, max_steps=1, max_length=200,
+        max_prompt_length=160, valid_fraction=0.0, max_new_tokens=4, save_every=1))
+    api.train(cfg)
+    data = (out / "seqkd_teacher_data.jsonl").read_text()
+    api.train(dataclasses.replace(cfg, resume=True, max_steps=2))  # same teacher: the cache is reused
+    assert (out / "seqkd_teacher_data.jsonl").read_text() == data
+    # the teacher retrained at the same path: the cache is not this teacher's, the resume is refused
+    tok = tiny_tokenizer()
+    tiny_llama(tok, seed=77, hidden_size=48).save_pretrained(teacher)
+    with pytest.raises(ConfigError, match=r"was not made by this teacher.*other settings"):
+        api.train(dataclasses.replace(cfg, resume=True, max_steps=3))
+    assert (out / "seqkd_teacher_data.jsonl").read_text() == data  # left as it was
+
+
+def test_seqkd_data_without_responses_is_a_clear_error(tiny_dirs, instruction_file, tmp_path):
+    from minillm import api
+    from minillm.config import TrainConfig, build_config
+    from minillm.errors import DataError
+
+    bad = tmp_path / "teacher_data.jsonl"
+    bad.write_text('{"id": "0", "instruction": "hi", "input": ""}\n')
+    cfg = build_config(TrainConfig, None, dict(
+        method="seqkd", student=str(tiny_dirs["student"]), teacher=str(tiny_dirs["teacher"]),
+        train_data=str(instruction_file), output_dir=str(tmp_path / "run"), batch_size=2, max_steps=1,
+        max_length=200, max_prompt_length=160, valid_fraction=0.0, seqkd_data=str(bad)))
+    with pytest.raises(DataError, match=r"teacher_data.jsonl:1: a SeqKD record needs a `response`"):
+        api.train(cfg)

@@ -27,13 +27,13 @@ from .config import (
     TrainConfig,
     save_config,
 )
-from .data import InstructionExample, build_prompt, load_instructions
-from .errors import ConfigError
+from .data import InstructionExample, PromptDataset, build_prompt, load_instructions
+from .errors import ConfigError, DataError
 from .evaluation.calibration import evaluate_calibration, reliability_diagram
 from .evaluation.exposure_bias import measure_exposure_bias, plot_exposure_bias
 from .evaluation.runner import check_names, evaluate_models
 from .evaluation.sequence_kl import kl_from_generations, teacher_self_logprobs
-from .generation import generate_file
+from .generation import finished_records, generate_file, job_settings
 from .io import read_jsonl, write_text
 from .models import check_compatibility, load_model, load_tokenizer
 from .ownership import claim_output_dir
@@ -64,20 +64,36 @@ def seqkd_examples(cfg: SeqKDConfig, teacher, tokenizer, examples):
     validation; only `cfg.sampling.max_new_tokens` caps the samples.
     """
     path = Path(cfg.seqkd_data) if cfg.seqkd_data else Path(cfg.output_dir) / "seqkd_teacher_data.jsonl"
+    sampling = SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens)
+    if cfg.seqkd_data and not path.exists():
+        raise ConfigError(f"seqkd_data={cfg.seqkd_data} does not exist (create it with `minillm generate`).")
+    if not cfg.seqkd_data and path.exists():
+        # The run's own cache: reused only when this teacher (by content), these prompts and these settings
+        # made it; otherwise the teacher or the data changed under the run, which a resume may not do.
+        dataset = PromptDataset(examples, tokenizer, template=cfg.template,
+                                max_prompt_length=cfg.max_prompt_length)
+        settings = job_settings(teacher, dataset, sampling, template=cfg.template, seed=cfg.seed,
+                                model_name=cfg.teacher)
+        ok, reason = finished_records(path, dataset, settings)
+        if not ok:
+            raise ConfigError(f"{path} (this run's SeqKD teacher data) was not made by this teacher from "
+                              f"these prompts with these settings ({reason}): the teacher at {cfg.teacher} "
+                              "or the training data changed since the run started. Start a new run (a new "
+                              "output_dir, or overwrite=true), or restore the teacher and data it used.")
     if not path.exists():
-        if cfg.seqkd_data:
-            raise ConfigError(f"seqkd_data={cfg.seqkd_data} does not exist (create it with "
-                              "`minillm generate`).")
         logger.info("SeqKD: sampling the teacher's responses for %d prompts into %s", len(examples), path)
         generate_file(teacher, tokenizer, examples, path, template=cfg.template,
-                      max_prompt_length=cfg.max_prompt_length,
-                      sampling=SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens),
+                      max_prompt_length=cfg.max_prompt_length, sampling=sampling,
                       batch_size=cfg.rollout_batch_size, seed=cfg.seed, model_name=cfg.teacher,
                       desc="seqkd data")
     out = []
-    for rec in read_jsonl(path):
+    for line, rec in enumerate(read_jsonl(path), start=1):
+        response = rec.get("response") if isinstance(rec, dict) else None
+        if not isinstance(response, str):
+            raise DataError(f"{path}:{line}: a SeqKD record needs a `response` string (the teacher's answer; "
+                            "`minillm generate` writes such files)")
         out.append(InstructionExample(instruction=rec.get("instruction", ""), input=rec.get("input", ""),
-                                      outputs=[rec["response"]], id=str(rec.get("id", len(out))),
+                                      outputs=[response], id=str(rec.get("id", len(out))),
                                       extra={"teacher_response": True}))
     return out
 

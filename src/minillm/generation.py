@@ -65,6 +65,32 @@ def _resumable_records(partial: Path, ids: list, settings: dict) -> tuple[list[s
     return kept, len(lines) - len(kept), reason
 
 
+def job_settings(model, dataset: PromptDataset, sampling: SamplingConfig, *, template: str, seed: int,
+                 model_name: str) -> dict:
+    """What makes a generation file's records, recorded in each: the model (name and content fingerprint),
+    the prompts (a hash), the template, the seed and the sampling settings. A .partial is resumed, and a
+    finished file reused (`finished_records`), only when they are the same."""
+    prompts = hashlib.blake2b("\x00".join(dataset[i]["prompt"] for i in range(len(dataset))).encode(),
+                              digest_size=16).hexdigest()
+    return {"model": model_name, "model_fingerprint": weights_fingerprint(model), "prompts": prompts,
+            "template": template, "seed": seed,
+            "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+            "top_k": sampling.top_k, "top_p": sampling.top_p,
+            "no_repeat_ngram_size": sampling.no_repeat_ngram_size, "greedy": sampling.greedy}
+
+
+def finished_records(path: Path, dataset: PromptDataset, settings: dict) -> tuple[bool, str]:
+    """(True, "") when `path` holds exactly one valid record per prompt of `dataset`, in order, all made
+    with `settings`; else (False, the first reason)."""
+    ids = [dataset[i]["id"] for i in range(len(dataset))]
+    lines, dropped, reason = _resumable_records(path, ids, settings)
+    if dropped:
+        return False, reason
+    if len(lines) != len(ids):
+        return False, f"it has {len(lines)} of the {len(ids)} records"
+    return True, ""
+
+
 @torch.no_grad()
 def generate_file(model, tokenizer, examples, output: str | os.PathLike, *, template: str = "minillm",
                   max_prompt_length: int = 256, sampling: SamplingConfig | None = None, batch_size: int = 8,
@@ -80,15 +106,7 @@ def generate_file(model, tokenizer, examples, output: str | os.PathLike, *, temp
                           "a writable output.") from None
     partial = out.with_name(out.name + ".partial")
     dataset = PromptDataset(examples, tokenizer, template=template, max_prompt_length=max_prompt_length)
-    # What makes the records: a resumed .partial keeps only records made by this model (content fingerprint)
-    # from these prompts with these settings.
-    prompts = hashlib.blake2b("\x00".join(dataset[i]["prompt"] for i in range(len(dataset))).encode(),
-                              digest_size=16).hexdigest()
-    settings = {"model": model_name, "model_fingerprint": weights_fingerprint(model), "prompts": prompts,
-                "template": template, "seed": seed,
-                "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
-                "top_k": sampling.top_k, "top_p": sampling.top_p,
-                "no_repeat_ngram_size": sampling.no_repeat_ngram_size, "greedy": sampling.greedy}
+    settings = job_settings(model, dataset, sampling, template=template, seed=seed, model_name=model_name)
     done = 0
     if partial.exists():
         ids = [dataset[i]["id"] for i in range(len(dataset))]
