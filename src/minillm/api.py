@@ -37,6 +37,7 @@ from .generation import finished_records, generate_file, job_settings
 from .io import read_jsonl, write_text
 from .models import check_compatibility, load_model, load_tokenizer
 from .ownership import claim_output_dir
+from .preflight import check_context, check_disk, check_embeddings, training_lengths
 from .resume import check_resume_config
 from .trainer import Trainer
 
@@ -108,6 +109,11 @@ def train(cfg: TrainConfig, accelerator=None) -> Path:
 
 def _train(cfg: TrainConfig, accelerator) -> Path:
     student, teacher, tokenizer, shared = load_pair(cfg)
+    lengths = training_lengths(cfg)
+    for role, model in (("student", student), ("teacher", teacher)):
+        if model is not None:
+            check_context(model, role, lengths)
+            check_embeddings(model, tokenizer, role)
     limit = cfg.limit_train or None
     train_examples = load_instructions(cfg.train_data, limit=limit) if cfg.train_data else []
     valid_examples = load_instructions(cfg.valid_data) if cfg.valid_data else None
@@ -119,6 +125,8 @@ def _train(cfg: TrainConfig, accelerator) -> Path:
     algorithm = build_algorithm(cfg.method, train_examples, valid_examples, cfg)
     trainer = Trainer(cfg, student, tokenizer, algorithm, teacher=teacher, shared_vocab_size=shared,
                       accelerator=accelerator)
+    if trainer.accelerator.is_main_process:  # before the first step: room for what the run will write
+        check_disk(Path(cfg.output_dir), student, cfg, trainer.total_steps)
     return trainer.train()
 
 
@@ -127,6 +135,10 @@ def generate(cfg: GenerateConfig) -> Path:
     cfg.validate()
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=cfg.dtype)
+    check_embeddings(model, tokenizer, "generating")
+    check_context(model, "generating", {f"max_prompt_length ({cfg.max_prompt_length}) + max_new_tokens "
+                                        f"({cfg.sampling.max_new_tokens})":
+                                        cfg.max_prompt_length + cfg.sampling.max_new_tokens})
     examples = load_instructions(cfg.data, limit=cfg.limit or None, require_output=False)
     out = generate_file(model, tokenizer, examples, cfg.output, template=cfg.template,
                         max_prompt_length=cfg.max_prompt_length, sampling=cfg.sampling,
