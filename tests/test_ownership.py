@@ -93,3 +93,30 @@ def test_a_model_save_never_replaces_a_folder_that_is_not_a_model(tmp_path):
     save_pretrained_atomic(model, tok, tmp_path / "m")
     save_pretrained_atomic(model, tok, tmp_path / "m")  # a model folder is replaced by the new save
     assert (tmp_path / "m" / "config.json").is_file()
+
+
+def test_one_writer_per_generation_output_and_evaluation_folder(tmp_path):
+    """A second `generate` into the same output, or `evaluate` into the same folder, while the first holds
+    it, is refused (they would interleave their records)."""
+    from conftest import make_instructions
+    from minillm.config import SamplingConfig
+    from minillm.data import InstructionExample
+    from minillm.evaluation.runner import evaluate_models
+    from minillm.generation import generate_file
+    from minillm.io import write_jsonl
+    from minillm.ownership import file_lock
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    examples = [InstructionExample(instruction="say hi", input="", outputs=["hi"], id="0")]
+    out = tmp_path / "gen.jsonl"
+    with file_lock(tmp_path / "gen.jsonl.lock", "another generate"):
+        with pytest.raises(ConfigError, match=r"output=.*gen.jsonl is being written by pid \d+"):
+            generate_file(model, tok, examples, out, sampling=SamplingConfig(max_new_tokens=2))
+    generate_file(model, tok, examples, out, sampling=SamplingConfig(max_new_tokens=2))
+    assert out.is_file() and not (tmp_path / "gen.jsonl.lock").exists()
+    data = write_jsonl(tmp_path / "set.jsonl", make_instructions(2))
+    (tmp_path / "eval").mkdir()
+    with file_lock(tmp_path / "eval" / ".minillm.lock", "another evaluate"):
+        with pytest.raises(ConfigError, match=r"output_dir=.*eval is being written by pid \d+"):
+            evaluate_models({"m": (model, tok)}, [str(data)], tmp_path / "eval", seeds=[1], max_new_tokens=2)

@@ -27,6 +27,7 @@ from .data import PromptDataset, collate_prompts
 from .errors import ConfigError
 from .io import write_text
 from .models.fingerprint import weights_fingerprint
+from .ownership import file_lock
 from .sampling import SamplingConfig, generate_rollouts, response_texts
 
 logger = logging.getLogger("minillm")
@@ -104,6 +105,14 @@ def generate_file(model, tokenizer, examples, output: str | os.PathLike, *, temp
     except OSError as e:
         raise ConfigError(f"output={output}: cannot create the folder {out.parent} ({e.strerror}); choose "
                           "a writable output.") from None
+    with file_lock(out.with_name(out.name + ".lock"), f"output={output}"):  # one writer per output
+        return _generate_locked(model, tokenizer, examples, out, template, max_prompt_length, sampling,
+                                batch_size, seed, model_name, desc)
+
+
+def _generate_locked(model, tokenizer, examples, out: Path, template: str, max_prompt_length: int,
+                     sampling: SamplingConfig, batch_size: int, seed: int, model_name: str,
+                     desc: str) -> Path:
     partial = out.with_name(out.name + ".partial")
     dataset = PromptDataset(examples, tokenizer, template=template, max_prompt_length=max_prompt_length)
     settings = job_settings(model, dataset, sampling, template=template, seed=seed, model_name=model_name)

@@ -30,7 +30,7 @@ from pathlib import Path
 from .errors import ConfigError
 from .io import write_text
 
-__all__ = ["MANIFEST", "claim_output_dir", "describe_run"]
+__all__ = ["MANIFEST", "claim_output_dir", "describe_run", "file_lock"]
 
 logger = logging.getLogger("minillm")
 
@@ -181,3 +181,34 @@ def _write_manifest(out: Path, cfg, command: str) -> None:
                "resume": bool(cfg.resume)}
     manifest["sittings"] = [*old.get("sittings", []), sitting]
     write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+
+
+@contextmanager
+def file_lock(path: Path, what: str):
+    """Hold an exclusive lock file `path` for the `with` block (a second writer of the same output is
+    refused, naming `what` and the holder); the lock file is removed afterwards."""
+    try:
+        fd = open(path, "a+")
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot create the lock file {path} ({e.strerror or e}); choose a "
+                          "writable location.") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fd.seek(0)
+        holder = fd.read().strip() or "another process"
+        fd.close()
+        raise ConfigError(f"{what} is being written by {holder}; wait for it to finish or choose another "
+                          "output.") from None
+    fd.seek(0)
+    fd.truncate()
+    fd.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    fd.flush()
+    try:
+        yield
+    finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        fd.close()

@@ -44,6 +44,7 @@ from minillm.evaluation.report import format_mean_std
 from minillm.io import read_jsonl, write_json, write_jsonl, write_text
 from minillm.models import load_model, load_tokenizer
 from minillm.models.fingerprint import source_fingerprint, weights_fingerprint
+from minillm.ownership import file_lock
 from minillm.preflight import check_context, check_embeddings
 from minillm.sampling import SamplingConfig, generate_rollouts, response_texts
 
@@ -292,6 +293,14 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
                 "dtype": dtype}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with file_lock(out / ".minillm.lock", f"output_dir={out}"):  # one evaluation per output folder
+        return _evaluate_locked(models, sets, out, seeds, settings, sampling, limit, template,
+                                max_prompt_length, batch_size, dtype, device)
+
+
+def _evaluate_locked(models: dict, sets: dict[str, str], out: Path, seeds: list[int], settings: dict,
+                     sampling: SamplingConfig, limit, template: str, max_prompt_length: int, batch_size: int,
+                     dtype: str, device: str | None) -> dict:
     sources = {name: {"source": "<in-memory model>", "fingerprint": weights_fingerprint(spec[0])}
                if isinstance(spec, tuple) else {"source": str(spec), "fingerprint": source_fingerprint(spec)}
                for name, spec in models.items()}
