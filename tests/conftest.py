@@ -73,3 +73,13 @@ def instruction_file(tmp_path_factory) -> str:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+# Cases tried by the generated / fault suites (tests/test_properties.py, tests/test_faults.py), shown in the
+# terminal summary of every run (CI included): suite name -> count.
+SUITE_CASES: dict[str, int] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    for name, count in sorted(SUITE_CASES.items()):
+        terminalreporter.write_line(f"{name}: {count} cases tried")

@@ -208,6 +208,9 @@ def _report(root: Path, budget: str, b: dict, models: dict, results: dict, timin
             minillm_dir: Path) -> Path:
     final = root / "student"
     if final.exists():
+        if not (final / "config.json").is_file():  # never delete a folder the quickstart did not write
+            raise ConfigError(f"{final} exists and is not a model folder; move it away (the quickstart "
+                              "writes the distilled student there).")
         shutil.rmtree(final)
     shutil.copytree(minillm_dir, final)
     return write_report(root, budget, b, models, results, timings, compare, minillm_return=MINILLM_RETURN)
