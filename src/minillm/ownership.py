@@ -71,9 +71,9 @@ def _read_manifest(out: Path) -> dict | None:
         return {}
 
 
-def _lock(out: Path):
-    """An exclusive lock on `out` (the open file; closing it releases the lock), or ConfigError if held."""
-    path = out / LOCK
+def _acquire(path: Path, busy: str):
+    """Open `path` and take an exclusive non-blocking flock on it, writing who holds it; the open file is
+    returned (closing it releases the lock). Held elsewhere: ConfigError, `busy` formatted with the holder."""
     fd = open(path, "a+")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -81,14 +81,19 @@ def _lock(out: Path):
         fd.seek(0)
         holder = fd.read().strip() or "another process"
         fd.close()
-        raise ConfigError(f"output_dir={out} is in use by {holder}: two runs must not write into one folder. "
-                          "Wait for it to finish, or choose another output_dir.") from None
+        raise ConfigError(busy.format(holder=holder)) from None
     fd.seek(0)
     fd.truncate()
     fd.write(f"pid {os.getpid()} on {socket.gethostname()} since "
              f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
     fd.flush()
     return fd
+
+
+def _lock(out: Path):
+    """An exclusive lock on the output folder `out`, or ConfigError naming the run that holds it."""
+    return _acquire(out / LOCK, f"output_dir={out} is in use by {{holder}}: two runs must not write into one "
+                                "folder. Wait for it to finish, or choose another output_dir.")
 
 
 def _move_aside(out: Path) -> Path:
@@ -188,22 +193,11 @@ def file_lock(path: Path, what: str):
     """Hold an exclusive lock file `path` for the `with` block (a second writer of the same output is
     refused, naming `what` and the holder); the lock file is removed afterwards."""
     try:
-        fd = open(path, "a+")
+        fd = _acquire(path, f"{what} is being written by {{holder}}; wait for it to finish or choose another "
+                            "output.")
     except OSError as e:
         raise ConfigError(f"{what}: cannot create the lock file {path} ({e.strerror or e}); choose a "
                           "writable location.") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fd.seek(0)
-        holder = fd.read().strip() or "another process"
-        fd.close()
-        raise ConfigError(f"{what} is being written by {holder}; wait for it to finish or choose another "
-                          "output.") from None
-    fd.seek(0)
-    fd.truncate()
-    fd.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    fd.flush()
     try:
         yield
     finally:
