@@ -26,7 +26,7 @@ from .config import (
 )
 from .config.options import nested_groups, read_yaml
 from .config.training import METHODS
-from .errors import MiniLLMError, TrainingInterrupted
+from .errors import ConfigError, MiniLLMError, TrainingInterrupted
 
 # `minillm sft` lists the base options; `minillm distill` adds the teacher and one group per method
 COMMANDS = {
@@ -161,8 +161,14 @@ def _overrides(args) -> dict[str, object]:
         k, v = item.split("=", 1)
         overrides[k.strip().lstrip("-").replace("-", "_")] = v
     for k, v in vars(args).items():
-        if k.startswith("opt_"):
-            overrides[k[4:]] = v
+        if not k.startswith("opt_"):
+            continue
+        k = k[4:]
+        # argparse keeps no order between flags and key=value: refuse rather than guess which one was meant
+        if k in overrides and str(overrides[k]) != str(v):
+            raise ConfigError(f"command line: `{k}` is given twice with different values ({k}={overrides[k]} "
+                              f"and --{k} {v}); give it once.")
+        overrides[k] = v
     return overrides
 
 
@@ -257,6 +263,25 @@ def _plan(args) -> None:
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
 
 
+def os_error_message(e: OSError) -> str:
+    """An operating-system error as a user message: what failed, on which path, and what to do."""
+    import errno
+
+    where = " -> ".join(str(p) for p in (e.filename, e.filename2) if p) or "a file"
+    what = e.strerror or str(e)
+    hints = {errno.ENOSPC: "free disk space (or choose an output on another disk) and rerun; a training run "
+                           "continues from its last checkpoint with resume=true",
+             errno.EDQUOT: "free space within your disk quota and rerun (resume=true continues a run)",
+             errno.EROFS: "the file system is read-only: choose a writable output location",
+             errno.EACCES: "permission denied: choose a location you can write, or fix its permissions",
+             errno.EPERM: "operation not permitted: choose a location you can write",
+             errno.ENOENT: "the path does not exist: check the spelling",
+             errno.EISDIR: "a folder is where a file is expected: give a file path",
+             errno.ENOTDIR: "a file is where a folder is expected: give a folder path"}
+    hint = hints.get(e.errno, "check the path and the file system")
+    return f"{what}: {where} ({hint})."
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         code = run(argv)
@@ -266,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingInterrupted as e:
         print(f"minillm: {e}", file=sys.stderr)
         code = 130
+    except OSError as e:  # the file system refused: say which path and what to do, not a traceback
+        print(f"minillm: error: {os_error_message(e)}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
         print("minillm: interrupted", file=sys.stderr)
         code = 130

@@ -49,8 +49,13 @@ def iter_jsonl(path: str | os.PathLike, shape: str = "one JSON object") -> Itera
     writes raw.
     """
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # binary lines end at b"\n" only; each is decoded on its own
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                                f"{error.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from .options import Options, group, option
-from .paths import check_output_file
+from .paths import check_output_dir, check_output_file
 from .sampling import SamplingConfig, validate_plain_sampling
 
 _TEMPLATES = ("minillm", "chat", "raw")
@@ -164,3 +164,4 @@ class EvalConfig(Options):
                 raise ConfigError("sequence_kl=true needs teacher=... and data=...")
             validate_plain_sampling(self.sampling, "sequence_kl=true")
         super().validate()
+        check_output_dir(self.output_dir, "output_dir")  # before any model is loaded

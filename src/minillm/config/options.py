@@ -242,10 +242,18 @@ def unknown_key_error(cls, key: str, where: str) -> ConfigError:
 def read_yaml(yaml_path: str) -> dict:
     """The top-level mapping of a YAML config file (errors name the file and line)."""
     path = Path(yaml_path)
+    if path.is_dir():
+        raise ConfigError(f"config file {yaml_path} is a folder; pass a YAML file (--config FILE.yaml).")
     if not path.is_file():
         raise ConfigError(f"config file {yaml_path} does not exist.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{yaml_path}:{line}: not a UTF-8 text file ({e.reason} at byte {e.start}); "
+                          "save the config as UTF-8.") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {yaml_path}: {e.strerror or e}.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
-__all__ = ["check_output_file", "check_writable_parent", "nearest_existing"]
+__all__ = ["check_output_dir", "check_output_file", "check_writable_parent", "nearest_existing"]
 
 
 def nearest_existing(path: Path) -> Path:
@@ -45,3 +45,17 @@ def check_output_file(path: str | os.PathLike, key: str = "output") -> Path:
             raise ConfigError(f"{key}={path}: {p} is a directory, but {key} names the JSONL file to write; "
                               f"give a file path such as {key}={Path(path) / 'generations.jsonl'}.")
     return check_writable_parent(target, key)
+
+
+def check_output_dir(path: str | os.PathLike, key: str = "output_dir", *, writable: bool = True) -> Path:
+    """Refuse an output *folder* path that is a file or lies under a file, and (with `writable`) one that
+    cannot be written (see `check_writable_parent`). Returns the absolute path."""
+    target = Path(os.path.abspath(Path(path).expanduser()))
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{key}={path}: {target} is a file, but {key} names the folder to write into; "
+                          f"choose another {key} (a new or existing folder).")
+    base = nearest_existing(target)
+    if not base.is_dir():
+        raise ConfigError(f"{key}={path}: {base} is a file, so the folder {target} cannot be created; "
+                          f"choose another {key}.")
+    return check_writable_parent(target / "x", key) if writable else target

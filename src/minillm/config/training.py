@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from ..errors import ConfigError
 from .options import Options, group, option
+from .paths import check_output_dir
 from .sampling import SamplingConfig, validate_teacher_mix_alpha, validate_untruncated_sampling
 
 METHODS = ("sft", "kd", "seqkd", "rkl", "jsd", "tvd", "skl", "srkl", "onpolicy", "minillm")
@@ -121,6 +122,9 @@ class TrainConfig(Options):
     keep_checkpoints: int = option(2, "Resumable checkpoints kept on disk (newest first).", min=1)
     log_every: int = option(1, "Log metrics every N optimiser steps.", min=1)
     resume: bool = option(False, "Continue from the latest checkpoint in output_dir.")
+    overwrite: bool = option(False, "Start a new run in an output_dir that holds another run or other files: "
+                                    "the old content is moved aside to <output_dir>.replaced-<time> (nothing "
+                                    "is deleted).")
 
     # LoRA
     lora_r: int = option(0, "LoRA rank for the student (0 = full fine-tuning; needs the peft extra).", min=0)
@@ -130,7 +134,7 @@ class TrainConfig(Options):
     @classmethod
     def class_for(cls, values: dict[str, Any]) -> type:
         method = values.get("method", cls.method)
-        if method not in METHOD_CONFIGS:
+        if not isinstance(method, str) or method not in METHOD_CONFIGS:  # e.g. `method: [kd]` in YAML
             return cls  # the `method` field's choices name the methods (with a "did you mean")
         target = config_class(method)
         if issubclass(target, cls):
@@ -163,6 +167,9 @@ class TrainConfig(Options):
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                               f"({self.max_length}) so that responses have room.")
         super().validate()
+        # a file in the way is refused before any model is loaded; whether the folder is writable is checked
+        # when the run starts (`minillm plan` reads configs written for another machine)
+        check_output_dir(self.output_dir, "output_dir", writable=False)
 
 
 @dataclass

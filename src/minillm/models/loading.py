@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from minillm.errors import ModelError
@@ -100,11 +102,27 @@ def _make_trainable(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+# what a truncated or corrupt file raises inside the readers: struct.error / EOFError / IndexError (a GGUF
+# cut short after its magic bytes), SafetensorError (a zero-byte or truncated model.safetensors), ...
+_CORRUPT_FILE_ERRORS = (OSError, ValueError, RuntimeError, struct.error, EOFError, IndexError, KeyError,
+                        SafetensorError)
+
+
 def _read_gguf(loader: Callable, path: Path, **kwargs):
     try:
         return loader(str(path.parent), gguf_file=path.name, **kwargs)
     except (OSError, ValueError) as error:  # bad magic bytes, unsupported architecture or quant type
         raise ModelError(f"cannot load GGUF file '{path}': {error}") from error
+    except _CORRUPT_FILE_ERRORS as error:
+        raise ModelError(f"cannot load GGUF file '{path}' ({path.stat().st_size} bytes): it is truncated or "
+                         f"corrupt ({type(error).__name__}: {error}); download or convert it "
+                         "again.") from error
+
+
+def _weights_files(folder: str) -> str:
+    names = sorted(p.name for p in Path(folder).iterdir()
+                   if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
+    return ", ".join(f"{n} ({(Path(folder) / n).stat().st_size} bytes)" for n in names) or "no weights file"
 
 
 def _load_gguf_model(path: Path, dtype: torch.dtype) -> PreTrainedModel:
@@ -155,4 +173,9 @@ def load_model(name_or_path: str, *, dtype: str | torch.dtype = "float32") -> Pr
             model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
         except OSError as error:
             raise ModelError(f"cannot load a model from folder '{where}': {error}") from error
+        except _CORRUPT_FILE_ERRORS as error:
+            raise ModelError(f"cannot load a model from folder '{where}': its weights "
+                             f"({_weights_files(where)}) are truncated or corrupt ({type(error).__name__}: "
+                             f"{error}); save the model again (save_pretrained) or download it "
+                             "again.") from error
     return model.eval()
