@@ -43,6 +43,8 @@ from minillm.sampling.decoder import Decoder
 
 __all__ = ["SpeculativeStats", "decode_speculative", "supports_speculative"]
 
+NO_TOKEN = torch.iinfo(torch.long).max  # the n-gram history's left padding: an id no token can match
+
 
 @dataclass
 class SpeculativeStats:
@@ -175,177 +177,209 @@ def decode_speculative(student_dec: Decoder, teacher_dec: Decoder, prompt_ids: T
     Returns the columns [B, T] of the rollout (tokens, active, log q, log p, log p~[, teacher hidden]) as
     `decode_lockstep` records them, T = the longest response.
     """
-    device = student_dec.device
-    stats = stats if stats is not None else SpeculativeStats()
-    eos_ids = torch.tensor(eos_token_id, device=device).reshape(-1)
-    processors = draw.build_processors(config)
-    with_history = config.no_repeat_ngram_size > 0  # the only processor that reads the token history
-    batch, prompt_len = prompt_ids.shape
-    max_new = config.max_new_tokens
-    mask = (prompt_mask != 0).long().to(device)
-    position_ids = position_ids_from_mask(mask)
-    no_token = torch.iinfo(torch.long).max
-    history = prompt_ids.to(device).masked_fill(mask == 0, no_token)
+    run = _SpeculativeRun(student_dec, teacher_dec, config, eos_token_id, pad_token_id, alpha, generator,
+                          return_teacher_hidden, stats if stats is not None else SpeculativeStats())
+    run.prefill(prompt_ids, prompt_mask, shared_vocab_size)
+    while not run.done():
+        if compact:
+            run.compact()
+        run.round(draft_length)
+    return run.out.columns(int(run.out.count.max()), with_teacher=True)
 
-    in_step = lockstep_group()
-    groups = None if in_step else _decoder.prefill_groups(mask.sum(dim=1).tolist(), prompt_len)
-    s_logits, _ = student_dec.prefill(prompt_ids, mask, position_ids, groups)
-    t_logits, t_hidden = teacher_dec.prefill(prompt_ids, mask, position_ids, groups)
-    stats.teacher_forwards += 1
-    stats.teacher_row_forwards += batch
-    stats.student_forwards += 1
-    vocab = shared_vocab_size or min(s_logits.shape[-1], t_logits.shape[-1])
-    if vocab > min(s_logits.shape[-1], t_logits.shape[-1]):
-        raise ValueError(f"shared_vocab_size = {vocab} exceeds the logit widths "
-                         f"{[s_logits.shape[-1], t_logits.shape[-1]]}.")
-    hidden_size = t_hidden.shape[-1] if return_teacher_hidden else None
-    out = _Outputs(batch, max_new, device, pad_token_id, hidden_size, torch.float32)
 
-    # The first token: one draw from p~ at the prompt's end (both distributions are known from the prefills).
-    token, logq, logp, logmix = draw.draw_next(s_logits[:, :vocab], t_logits[:, :vocab].to(device), history,
-                                               processors, alpha=alpha, greedy=config.greedy,
-                                               generator=generator)
-    all_rows = torch.arange(batch, device=device)
-    first = torch.ones((batch, 1), dtype=torch.bool, device=device)
-    out.write(all_rows, first, token[:, None], logq[:, None], logp[:, None], logmix[:, None],
-              t_hidden[:, None].to(device) if return_teacher_hidden else None)
-    stats.tokens += batch
-    finished = torch.isin(token, eos_ids) | (max_new <= 1)  # over the decoded rows
-    rows: Tensor | None = None  # decoded rows -> original rows (None: all)
-    pending = token
-    next_pos = mask.sum(dim=1)  # position of the pending token
-    if with_history:
-        history = torch.cat([history, token[:, None]], dim=1)
+class _SpeculativeRun:
+    """The state of one speculative decode: the decoded rows' masks, positions, pending tokens and n-gram
+    history (`rows` maps them to the original batch once finished rows are dropped) and the records."""
 
-    while True:
-        all_done = bool(finished.all())
-        if in_step:
-            all_done = ranks_done(all_done, device)
-        if all_done:
-            break
-        n_done = int(finished.sum())
-        if compact and n_done >= max(1, math.ceil(finished.shape[0] / 4)) and n_done < finished.shape[0]:
-            keep = (~finished).nonzero().squeeze(1)
-            rows = keep if rows is None else rows[keep]
-            student_dec.select_rows(keep)
-            teacher_dec.select_rows(keep.to(teacher_dec.device))
-            mask, next_pos, pending, finished = mask[keep], next_pos[keep], pending[keep], finished[keep]
-            if with_history:
-                history = history[keep]
-        active = ~finished
-        decoded = all_rows if rows is None else rows
-        budget = max_new - out.count[decoded]  # tokens each row may still add
+    def __init__(self, student_dec: Decoder, teacher_dec: Decoder, config: SamplingConfig, eos_token_id,
+                 pad_token_id: int, alpha: float, generator: torch.Generator | None, return_hidden: bool,
+                 stats: SpeculativeStats) -> None:
+        self.student, self.teacher, self.config, self.alpha = student_dec, teacher_dec, config, alpha
+        self.device = student_dec.device
+        self.eos_ids = torch.tensor(eos_token_id, device=self.device).reshape(-1)
+        self.pad, self.generator, self.return_hidden = pad_token_id, generator, return_hidden
+        self.stats = stats
+        self.processors = draw.build_processors(config)
+        self.with_history = config.no_repeat_ngram_size > 0  # the only processor that reads the history
+        self.in_step = lockstep_group()  # a sharded teacher: every process makes the same teacher calls
+        self.rows: Tensor | None = None  # decoded rows -> original rows (None: all)
+
+    # ------------------------------------------------------------------ set-up and the first token
+    def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, shared_vocab_size: int | None) -> None:
+        """Both prompt forwards, then the first token: one draw from p~ (both distributions are known)."""
+        device, stats = self.device, self.stats
+        self.batch, prompt_len = prompt_ids.shape
+        self.mask = (prompt_mask != 0).long().to(device)
+        self.history = prompt_ids.to(device).masked_fill(self.mask == 0, NO_TOKEN)
+        position_ids = position_ids_from_mask(self.mask)
+        groups = None if self.in_step else _decoder.prefill_groups(self.mask.sum(dim=1).tolist(), prompt_len)
+        s_logits, _ = self.student.prefill(prompt_ids, self.mask, position_ids, groups)
+        t_logits, t_hidden = self.teacher.prefill(prompt_ids, self.mask, position_ids, groups)
+        stats.teacher_forwards += 1
+        stats.student_forwards += 1
+        stats.teacher_row_forwards += self.batch
+        widths = [s_logits.shape[-1], t_logits.shape[-1]]
+        self.vocab = shared_vocab_size or min(widths)
+        if self.vocab > min(widths):
+            raise ValueError(f"shared_vocab_size = {self.vocab} exceeds the logit widths {widths}.")
+        self.out = _Outputs(self.batch, self.config.max_new_tokens, device, self.pad,
+                            t_hidden.shape[-1] if self.return_hidden else None, torch.float32)
+        token, logq, logp, logmix = draw.draw_next(
+            s_logits[:, :self.vocab], t_logits[:, :self.vocab].to(device), self.history, self.processors,
+            alpha=self.alpha, greedy=self.config.greedy, generator=self.generator)
+        self.all_rows = torch.arange(self.batch, device=device)
+        first = torch.ones((self.batch, 1), dtype=torch.bool, device=device)
+        self.out.write(self.all_rows, first, token[:, None], logq[:, None], logp[:, None], logmix[:, None],
+                       t_hidden[:, None].to(device) if self.return_hidden else None)
+        stats.tokens += self.batch
+        self.finished = torch.isin(token, self.eos_ids) | (self.config.max_new_tokens <= 1)
+        self.pending = token
+        self.next_pos = self.mask.sum(dim=1)  # position of the pending token
+        if self.with_history:
+            self.history = torch.cat([self.history, token[:, None]], dim=1)
+
+    def done(self) -> bool:
+        all_done = bool(self.finished.all())
+        return ranks_done(all_done, self.device) if self.in_step else all_done
+
+    def compact(self) -> None:
+        """Drop finished rows once a quarter of the decoded rows (and at least one, not all) have finished."""
+        n_done = int(self.finished.sum())
+        if not (n_done >= max(1, math.ceil(self.finished.shape[0] / 4)) and n_done < self.finished.shape[0]):
+            return
+        keep = (~self.finished).nonzero().squeeze(1)
+        self.rows = keep if self.rows is None else self.rows[keep]
+        self.student.select_rows(keep)
+        self.teacher.select_rows(keep.to(self.teacher.device))
+        self.mask, self.next_pos = self.mask[keep], self.next_pos[keep]
+        self.pending, self.finished = self.pending[keep], self.finished[keep]
+        if self.with_history:
+            self.history = self.history[keep]
+
+    # ------------------------------------------------------------------ one round: draft, verify, keep
+    def round(self, draft_length: int) -> None:
+        active = ~self.finished
+        decoded = self.all_rows if self.rows is None else self.rows
+        budget = self.config.max_new_tokens - self.out.count[decoded]  # tokens each row may still add
         k = max(0, min(draft_length, int(budget[active].max()) - 1)) if bool(active.any()) else 0
-        b = pending.shape[0]
+        new_cols = active.long()[:, None].expand(-1, k + 1)
+        s_scores, fed, histories = self._draft(k, active, new_cols)
+        t_scores, t_hidden = self._verify(fed, new_cols, histories)
+        s_lse, t_lse = s_scores.logsumexp(dim=-1), t_scores.logsumexp(dim=-1)  # [b, k+1]
+        n_kept = self._accepted(s_scores, t_scores, fed[:, 1:], s_lse, t_lse)
+        last = self._last_token(s_scores, t_scores, n_kept, k)
+        tokens = torch.cat([fed[:, 1:], last[:, None]], dim=1)  # [b, k+1]; index n_kept holds `last`
+        tokens.scatter_(1, n_kept[:, None], last[:, None])
+        self._commit(tokens, n_kept, active, budget, decoded, s_scores, t_scores, s_lse, t_lse, t_hidden)
+        self.pending = last.masked_fill(self.finished, self.pad)
 
-        # 1. The student feeds the pending token and drafts k tokens from q (k + 1 forwards).
-        feed = pending.masked_fill(~active, pad_token_id)
-        new_cols = active.long()[:, None].expand(b, k + 1)
-        hist = history
-        s_scores, drafts, histories = [], [], []
+    def _draft(self, k: int, active: Tensor, new_cols: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """The student feeds the pending token and drafts k tokens from q (k + 1 forwards): its processed
+        scores [b, k+1, V], the fed tokens [b, k+1] (pending, drafts) and the history at each position."""
+        feed = self.pending.masked_fill(~active, self.pad)
+        fed, hist, scores_at, histories = [feed], self.history, [], []
         for i in range(k + 1):
-            step_mask = torch.cat([mask, new_cols[:, :i + 1]], dim=1)
-            logits, _ = student_dec.step(feed[:, None], step_mask, (next_pos + i)[:, None])
-            stats.student_forwards += 1
-            scores = _process(_wide(logits[:, :vocab]), hist, processors)
-            s_scores.append(scores)
+            step_mask = torch.cat([self.mask, new_cols[:, :i + 1]], dim=1)
+            logits, _ = self.student.step(feed[:, None], step_mask, (self.next_pos + i)[:, None])
+            self.stats.student_forwards += 1
+            scores = _process(_wide(logits[:, :self.vocab]), hist, self.processors)
+            scores_at.append(scores)
             histories.append(hist)
             if i == k:
                 break
-            if config.greedy:
+            if self.config.greedy:
                 feed = scores.argmax(dim=-1)
             else:
-                e, _, _ = draw.exp_shifted(scores)
-                feed = draw.sample_from_probs(e, generator, rows=rows, batch=batch)
-            feed = feed.masked_fill(~active, pad_token_id)
-            drafts.append(feed)
-            if with_history:
+                feed = draw.sample_from_probs(draw.exp_shifted(scores)[0], self.generator, rows=self.rows,
+                                              batch=self.batch)
+            feed = feed.masked_fill(~active, self.pad)
+            fed.append(feed)
+            if self.with_history:
                 hist = torch.cat([hist, feed[:, None]], dim=1)
-        s_scores_all = torch.stack(s_scores, dim=1)  # [b, k+1, V]
+        return torch.stack(scores_at, dim=1), torch.stack(fed, dim=1), histories
 
-        # 2. One teacher forward over pending + drafts: p at every drafted position and the bonus position.
-        fed = torch.stack([pending.masked_fill(~active, pad_token_id), *drafts], dim=1)  # [b, k+1]
-        t_logits, t_hidden = teacher_dec.feed(fed, torch.cat([mask, new_cols], dim=1),
-                                              next_pos[:, None] + torch.arange(k + 1, device=device))
-        stats.teacher_forwards += 1
-        t_logits = _wide(t_logits[..., :vocab]).to(device)
-        t_scores_all = torch.stack([_process(t_logits[:, i], histories[i], processors) for i in range(k + 1)],
-                                   dim=1)
+    def _verify(self, fed: Tensor, new_cols: Tensor, histories: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """One teacher forward over pending + drafts: processed scores [b, k+1, V] at every drafted position
+        and the bonus position, and the hidden states there."""
+        positions = self.next_pos[:, None] + torch.arange(fed.shape[1], device=self.device)
+        t_logits, t_hidden = self.teacher.feed(fed, torch.cat([self.mask, new_cols], dim=1), positions)
+        self.stats.teacher_forwards += 1
+        t_logits = _wide(t_logits[..., :self.vocab]).to(self.device)
+        scores = [_process(t_logits[:, i], histories[i], self.processors) for i in range(fed.shape[1])]
+        return torch.stack(scores, dim=1), t_hidden
 
-        # 3. Verify the draft: keep d_i with probability min(1, p~(d_i) / q(d_i)); n_kept = leading accepts.
-        s_lse, t_lse = s_scores_all.logsumexp(dim=-1), t_scores_all.logsumexp(dim=-1)  # [b, k+1]
-        u_accept = _uniforms((k,), batch, rows, generator, device)
-        draft_ids = fed[:, 1:]
-        if k > 0:
-            d_logq = _token_logprob(s_scores_all[:, :k], draft_ids, s_lse[:, :k])
-            d_logp = _token_logprob(t_scores_all[:, :k], draft_ids, t_lse[:, :k])
-            d_logmix = _mix_logprob(d_logq, d_logp, alpha)
-            if config.greedy:  # the draft is the argmax of q; keep it while it is the argmax of p~
-                target = s_scores_all[:, :k] if alpha == 0 else _mix_probs(s_scores_all[:, :k],
-                                                                           t_scores_all[:, :k], alpha)
-                accept = target.argmax(dim=-1) == draft_ids
-            else:
-                accept = u_accept.log() < (d_logmix - d_logq).clamp(max=0.0)
-            n_kept = accept.long().cumprod(dim=1).sum(dim=1)
+    def _accepted(self, s_scores: Tensor, t_scores: Tensor, drafts: Tensor, s_lse: Tensor,
+                  t_lse: Tensor) -> Tensor:
+        """Drafted token d_i is kept with probability min(1, p~(d_i) / q(d_i)); the number of leading kept
+        drafts per row [b] (greedy: while the draft is the argmax of p~)."""
+        k = drafts.shape[1]
+        u_accept = _uniforms((k,), self.batch, self.rows, self.generator, self.device)
+        if k == 0:
+            return torch.zeros(drafts.shape[0], dtype=torch.long, device=self.device)
+        if self.config.greedy:
+            target = s_scores[:, :k] if self.alpha == 0 else _mix_probs(s_scores[:, :k], t_scores[:, :k],
+                                                                        self.alpha)
+            accept = target.argmax(dim=-1) == drafts
         else:
-            n_kept = torch.zeros(b, dtype=torch.long, device=device)
+            d_logq = _token_logprob(s_scores[:, :k], drafts, s_lse[:, :k])
+            d_logp = _token_logprob(t_scores[:, :k], drafts, t_lse[:, :k])
+            accept = u_accept.log() < (_mix_logprob(d_logq, d_logp, self.alpha) - d_logq).clamp(max=0.0)
+        return accept.long().cumprod(dim=1).sum(dim=1)
 
-        # 4. The last token of the round, at index n_kept: from the residual (p - q)+ after a rejection, or
-        # from p~ (the bonus) when the whole draft was kept.
-        at = n_kept[:, None, None].expand(b, 1, s_scores_all.shape[-1])
-        s_last, t_last = s_scores_all.gather(1, at).squeeze(1), t_scores_all.gather(1, at).squeeze(1)
-        rejected = n_kept < k
-        if config.greedy:
-            last = (s_last if alpha == 0 else _mix_probs(s_last, t_last, alpha)).argmax(dim=-1)
-        else:
-            q_last, p_last = s_last.softmax(dim=-1), t_last.softmax(dim=-1)
-            mixture = q_last.mul(1 - alpha).add_(p_last, alpha=alpha)
-            residual = (p_last - q_last).clamp_(min=0.0)
-            # A rejection has probability alpha * TV(p, q); a residual that rounds to nothing can only follow
-            # a rejection of probability ~0, and then p~ is the distribution the token is drawn from.
-            empty = residual.sum(dim=-1, keepdim=True) <= 0
-            probs = torch.where(rejected[:, None] & ~empty, residual, mixture)
-            last = draw.sample_from_probs(probs, generator, rows=rows, batch=batch)
-        tokens = torch.cat([draft_ids, last[:, None]], dim=1)  # [b, k+1]; index n_kept holds `last`
-        tokens.scatter_(1, n_kept[:, None], last[:, None])
+    def _last_token(self, s_scores: Tensor, t_scores: Tensor, n_kept: Tensor, k: int) -> Tensor:
+        """The round's last token, at index n_kept: from the residual (p - q)+ after a rejection, or from p~
+        (the bonus) when the whole draft was kept."""
+        at = n_kept[:, None, None].expand(-1, 1, s_scores.shape[-1])
+        s_last, t_last = s_scores.gather(1, at).squeeze(1), t_scores.gather(1, at).squeeze(1)
+        if self.config.greedy:
+            return (s_last if self.alpha == 0 else _mix_probs(s_last, t_last, self.alpha)).argmax(dim=-1)
+        q_last, p_last = s_last.softmax(dim=-1), t_last.softmax(dim=-1)
+        mixture = q_last.mul(1 - self.alpha).add_(p_last, alpha=self.alpha)
+        residual = (p_last - q_last).clamp_(min=0.0)
+        # A rejection has probability alpha * TV(p, q); a residual that rounds to nothing can only follow a
+        # rejection of probability ~0, and then p~ is the distribution the token is drawn from.
+        empty = residual.sum(dim=-1, keepdim=True) <= 0
+        probs = torch.where((n_kept < k)[:, None] & ~empty, residual, mixture)
+        return draw.sample_from_probs(probs, self.generator, rows=self.rows, batch=self.batch)
 
-        # 5. Keep tokens 0..n_kept, cut at the first EOS and at each row's budget; record them.
-        idx = torch.arange(k + 1, device=device)
-        keep = (idx[None] <= n_kept[:, None]) & active[:, None]
-        is_eos = torch.isin(tokens, eos_ids) & keep
-        first_eos = torch.where(is_eos, idx[None], k + 1).amin(dim=1)
-        keep &= (idx[None] <= first_eos[:, None]) & (idx[None] < budget[:, None])
-        logq = _token_logprob(s_scores_all, tokens, s_lse)
-        logp = _token_logprob(t_scores_all, tokens, t_lse)
-        out.write(decoded, keep, tokens, logq, logp, _mix_logprob(logq, logp, alpha),
-                  t_hidden.to(device) if return_teacher_hidden else None)
+    def _commit(self, tokens: Tensor, n_kept: Tensor, active: Tensor, budget: Tensor, decoded: Tensor,
+                s_scores: Tensor, t_scores: Tensor, s_lse: Tensor, t_lse: Tensor, t_hidden: Tensor) -> None:
+        """Record tokens 0..n_kept (cut at the first EOS and at each row's budget), then roll both caches back
+        to each row's kept prefix: the pending column and the kept drafts stay, the rest are masked, and
+        trailing columns no row kept are cropped."""
+        k = tokens.shape[1] - 1
+        idx = torch.arange(k + 1, device=self.device)
+        kept_cols = (idx[None] <= n_kept[:, None]) & active[:, None]
+        first_eos = torch.where(torch.isin(tokens, self.eos_ids) & kept_cols, idx[None], k + 1).amin(dim=1)
+        keep = kept_cols & (idx[None] <= first_eos[:, None]) & (idx[None] < budget[:, None])
+        logq = _token_logprob(s_scores, tokens, s_lse)
+        logp = _token_logprob(t_scores, tokens, t_lse)
+        self.out.write(decoded, keep, tokens, logq, logp, _mix_logprob(logq, logp, self.alpha),
+                       t_hidden.to(self.device) if self.return_hidden else None)
         n_new = keep.long().sum(dim=1)
-        finished = finished | (first_eos <= n_kept) | (out.count[decoded] >= max_new)
+        self.finished = self.finished | (first_eos <= n_kept) | (self.out.count[decoded] >=
+                                                                 self.config.max_new_tokens)
+        self._count(k, n_kept, active, n_new)
+        self.mask = torch.cat([self.mask, kept_cols.long()], dim=1)
+        used = int(kept_cols.any(dim=0).nonzero().max()) + 1 if bool(kept_cols.any()) else 0
+        if used < k + 1:
+            self.student.cache.crop(used - k - 1)
+            self.teacher.cache.crop(used - k - 1)
+            self.mask = self.mask[:, :self.mask.shape[1] - (k + 1 - used)]
+        self.next_pos = self.next_pos + kept_cols.long().sum(dim=1)
+        if self.with_history:
+            counts = torch.where(self.finished, 0, n_new)
+            self.history = _append_ragged(self.history, tokens, counts, NO_TOKEN)
+
+    def _count(self, k: int, n_kept: Tensor, active: Tensor, n_new: Tensor) -> None:
+        stats, n_active = self.stats, int(active.sum())
         stats.rounds += 1
-        stats.teacher_row_forwards += int(active.sum())
-        stats.drafted += k * int(active.sum())
+        stats.teacher_row_forwards += n_active
+        stats.drafted += k * n_active
         stats.accepted += int(n_kept[active].sum())
         stats.tokens += int(n_new.sum())
         stats.draft_lengths.append(k)
-        kept = torch.bincount(n_kept[active], minlength=k + 1).tolist()
-        stats.add(SpeculativeStats(kept_counts=kept))
-
-        # 6. Roll both caches back to each row's kept prefix: the pending column and the accepted drafts stay,
-        # the rest are masked; trailing columns no row kept are cropped.
-        kept_cols = (idx[None] <= n_kept[:, None]) & active[:, None]
-        mask = torch.cat([mask, kept_cols.long()], dim=1)
-        used = int(kept_cols.any(dim=0).nonzero().max()) + 1 if bool(kept_cols.any()) else 0
-        if used < k + 1:
-            crop = k + 1 - used
-            student_dec.cache.crop(-crop)
-            teacher_dec.cache.crop(-crop)
-            mask = mask[:, :mask.shape[1] - crop]
-        next_pos = next_pos + kept_cols.long().sum(dim=1)
-        if with_history:
-            history = _append_ragged(history, tokens, torch.where(finished, 0, n_new), no_token)
-        pending = last.masked_fill(finished, pad_token_id)
-    length = int(out.count.max())
-    return out.columns(length, with_teacher=True)
+        stats.add(SpeculativeStats(kept_counts=torch.bincount(n_kept[active], minlength=k + 1).tolist()))
 
 
 def _wide(logits: Tensor) -> Tensor:
