@@ -113,3 +113,15 @@ def test_seqkd_data_without_responses_is_a_clear_error(tiny_dirs, instruction_fi
         max_length=200, max_prompt_length=160, valid_fraction=0.0, seqkd_data=str(bad)))
     with pytest.raises(DataError, match=r"teacher_data.jsonl:1: a SeqKD record needs a `response`"):
         api.train(cfg)
+
+
+def test_evaluate_refuses_generations_of_an_edited_data_file(tok, tmp_path):
+    data = write_jsonl(tmp_path / "set.jsonl", make_instructions(2))
+    pair = (tiny_llama(tok, seed=1), tok)
+    kwargs = dict(seeds=[1], max_new_tokens=2, batch_size=2)
+    evaluate_models({"m": pair}, [str(data)], tmp_path / "eval", **kwargs)
+    rows = make_instructions(2)
+    rows[0]["instruction"] = "an edited prompt with the same id"
+    write_jsonl(data, rows)
+    with pytest.raises(ConfigError, match="other settings or models.*data"):
+        evaluate_models({"m": pair}, [str(data)], tmp_path / "eval", **kwargs)

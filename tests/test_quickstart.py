@@ -34,6 +34,16 @@ def test_quickstart_tiny(tmp_path):
     ids = tok("Name a color.", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=2, do_sample=False).shape[1] > ids.shape[1]
     assert any((out / "runs" / "minillm" / "tensorboard").iterdir())
+    # its finished stages (teacher answers, models) are reused only for the same budget
+    from minillm.errors import ConfigError
+    from minillm.quickstart import quickstart
+
+    with pytest.raises(ConfigError, match=r"holds a quickstart made with --budget tiny"):
+        quickstart(str(out), budget="small")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty and holds no quickstart"):
+        quickstart(str(tmp_path / "other"), budget="tiny")
 
 
 def test_verdict_reports_the_metric_change_with_its_sign():

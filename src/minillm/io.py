@@ -7,6 +7,7 @@ name the file and line of a malformed record.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -70,3 +71,15 @@ def iter_jsonl(path: str | os.PathLike, shape: str = "one JSON object") -> Itera
 def read_jsonl(path: str | os.PathLike, shape: str = "one JSON object") -> list[Any]:
     """The records of a JSONL file, blank lines skipped; a bad line raises DataError naming it."""
     return [record for _, record in iter_jsonl(path, shape)]
+
+
+def file_hash(path: str | os.PathLike) -> str | None:
+    """BLAKE2b (128-bit, hex) of a file's bytes, or None when `path` is not a file (e.g. a hub name)."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    with open(p, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()

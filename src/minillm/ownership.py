@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConfigError
-from .io import write_text
+from .io import file_hash, write_text
 
 __all__ = ["MANIFEST", "claim_output_dir", "describe_run", "file_lock"]
 
@@ -40,17 +39,6 @@ LOCK = ".minillm.lock"
 # also one made before manifests existed).
 RUN_FILES = {MANIFEST, LOCK, "config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "best", "final",
              "tensorboard", "seqkd_teacher_data.jsonl", "seqkd_teacher_data.jsonl.partial", "runs"}
-
-
-def _file_hash(path: str) -> str | None:
-    p = Path(path)
-    if not p.is_file():
-        return None
-    h = hashlib.blake2b(digest_size=16)
-    with open(p, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def describe_run(manifest: dict) -> str:
@@ -178,7 +166,7 @@ def _write_manifest(out: Path, cfg, command: str) -> None:
         "pid": os.getpid(),
         "minillm_version": __version__,
         "resumed": bool(old) and bool(cfg.resume),
-        "inputs": {k: {"path": str(config[k]), "blake2b": _file_hash(str(config[k]))}
+        "inputs": {k: {"path": str(config[k]), "blake2b": file_hash(str(config[k]))}
                    for k in data_keys if config.get(k)},
         "config": json.loads(json.dumps(config, default=str)),
     }

@@ -163,12 +163,33 @@ def _teacher() -> tuple[Path, object]:
     return teacher_dir, load_tokenizer(str(teacher_dir))
 
 
+def _pin_quickstart(root: Path, budget: str, b: dict) -> None:
+    """Finished stages are reused from `root` (teacher answers, trained models, evaluation): only for the
+    same budget and teacher, recorded in `root/quickstart.json`; another budget is refused."""
+    pinned = {"budget": budget, "settings": b, "teacher": TEACHER}
+    path = root / "quickstart.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != json.loads(json.dumps(pinned)):
+            raise ConfigError(f"{root} holds a quickstart made with --budget {old.get('budget')} (settings "
+                              f"{old.get('settings')}); its finished stages would be reused. Use another "
+                              f"--out for --budget {budget}, or the same budget to continue it.")
+        return
+    if (root / "runs").is_dir() or (root / "data" / "test.jsonl").is_file():
+        logger.warning("%s: a quickstart from before budgets were recorded; continuing it as --budget %s",
+                       root, budget)
+    elif any(root.iterdir()):
+        raise ConfigError(f"{root} is not empty and holds no quickstart; choose another --out.")
+    write_text(path, json.dumps(pinned, indent=1))
+
+
 def quickstart(out: str = "quickstart", budget: str = "small", compare: bool = False) -> Path:
     if budget not in BUDGETS:
         raise ConfigError(f"--budget must be one of {', '.join(BUDGETS)}; got {budget!r}")
     b = BUDGETS[budget]
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    _pin_quickstart(root, budget, b)
     stages = Stages(log=logger)
 
     teacher_dir, tokenizer = stages.run("teacher", _teacher)

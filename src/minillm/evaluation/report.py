@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from minillm.errors import DataError
+from minillm.io import write_text
 
 
 def load_results(run_dir: str | Path) -> dict:
@@ -76,7 +77,7 @@ def render_report(run_dirs: list[str | Path], out_path_md: str | Path, out_path_
     title = f"{metric}: mean ± std over seeds"
     out_md = Path(out_path_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(f"# {title}\n\n" + "\n".join(lines) + "\n")
+    write_text(out_md, f"# {title}\n\n" + "\n".join(lines) + "\n")  # atomic: old or complete
     _bar_chart(rows, sets, Path(out_path_png), title)
     return rows
 

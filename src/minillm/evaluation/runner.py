@@ -41,7 +41,7 @@ from minillm.data import PromptDataset, collate_prompts, load_instructions
 from minillm.errors import ConfigError, DataError
 from minillm.evaluation.metrics import distinct_n, exact_match, mean_and_std, rouge_l
 from minillm.evaluation.report import format_mean_std
-from minillm.io import read_jsonl, write_json, write_jsonl, write_text
+from minillm.io import file_hash, read_jsonl, write_json, write_jsonl, write_text
 from minillm.models import load_model, load_tokenizer
 from minillm.models.fingerprint import source_fingerprint, weights_fingerprint
 from minillm.ownership import file_lock
@@ -290,7 +290,9 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                 "no_repeat_ngram_size": no_repeat_ngram_size, "batch_size": batch_size,
                 "limit": limit or None, "template": template, "max_prompt_length": max_prompt_length,
-                "dtype": dtype}
+                "dtype": dtype,
+                # the prompts themselves: generations of an edited data file are not reused
+                "data": {name: file_hash(source) or str(source) for name, source in sets.items()}}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / ".minillm.lock", f"output_dir={out}"):  # one evaluation per output folder
