@@ -35,6 +35,9 @@ from minillm.cli import main
 
 CASES: Counter = Counter()  # test name -> generated cases run
 OUTCOMES: Counter = Counter()  # (test name, exit code) -> count
+# model folders with broken contents (made by World)
+BAD_MODEL_FOLDERS = ("zero-byte-safetensors", "truncated-safetensors", "garbage-safetensors", "no-weights",
+                     "bad-config-json", "config-only")
 LAST: dict[str, str] = {"stderr": ""}  # what the last command printed on stderr
 SETTINGS = dict(
     deadline=None,
@@ -230,14 +233,7 @@ class World:
         self.bad_models.update(
             {
                 k: str(bad / k)
-                for k in (
-                    "zero-byte-safetensors",
-                    "truncated-safetensors",
-                    "garbage-safetensors",
-                    "no-weights",
-                    "bad-config-json",
-                    "config-only",
-                )
+                for k in BAD_MODEL_FOLDERS
             }
         )
         self.bad_models.update(
@@ -744,12 +740,7 @@ ROLES = {
 BAD_MODELS = [
     "missing",
     "empty-folder",
-    "zero-byte-safetensors",
-    "truncated-safetensors",
-    "garbage-safetensors",
-    "no-weights",
-    "bad-config-json",
-    "config-only",
+    *BAD_MODEL_FOLDERS,
     "truncated-gguf",
     "magic-only-gguf",
     "not-a-gguf",
