@@ -233,8 +233,12 @@ def test_a_run_never_deletes_checkpoints_it_did_not_write(tiny_dirs, instruction
                                                           caplog):
     run = _copy(finished, tmp_path)  # a fresh run (no resume) into the folder of a finished one
     old_step2 = (run / "checkpoints" / "step-0000002" / "model.safetensors").read_bytes()
+    cfg = _cfg(tiny_dirs, instruction_file, run, max_steps=2, keep_checkpoints=1, seed=5)
+    with pytest.raises(ConfigError, match="already holds"):  # refused first by the output's ownership
+        api.train(cfg)
+    # and below that, the checkpoint layer itself (a Trainer used without `api.train`'s claim)
     with caplog.at_level(logging.WARNING, logger="minillm"):
-        api.train(_cfg(tiny_dirs, instruction_file, run, max_steps=2, keep_checkpoints=1, seed=5))
+        api._train(cfg, None)
     ckpts = run / "checkpoints"
     # the old run's step 4 is not pruned (the new run's step 2 is newest of this run, the one it keeps), and
     # its step 2 is moved aside, not replaced
