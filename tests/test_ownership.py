@@ -120,3 +120,19 @@ def test_one_writer_per_generation_output_and_evaluation_folder(tmp_path):
     with file_lock(tmp_path / "eval" / ".minillm.lock", "another evaluate"):
         with pytest.raises(ConfigError, match=r"output_dir=.*eval is being written by pid \d+"):
             evaluate_models({"m": (model, tok)}, [str(data)], tmp_path / "eval", seeds=[1], max_new_tokens=2)
+
+
+def test_a_run_that_fails_before_writing_leaves_nothing_and_blocks_nothing(tiny_dirs, tmp_path):
+    out = tmp_path / "runs" / "run"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "output": "y"}\n{not json\n')
+    cfg = build_config(TrainConfig, None, dict(method="sft", student=str(tiny_dirs["student"]),
+                                               train_data=str(bad), output_dir=str(out), max_steps=1))
+    with pytest.raises(Exception, match="bad.jsonl:2"):
+        api.train(cfg)
+    assert not out.parent.exists()  # the folders it created for its claim are gone again
+    out.mkdir(parents=True)
+    (out / MANIFEST).write_text("{}")  # a claim left by a run killed before it wrote anything
+    with pytest.raises(Exception, match="bad.jsonl:2"):  # is taken over, not refused as another run
+        api.train(cfg)
+    assert out.is_dir()  # it existed before: left in place

@@ -98,8 +98,8 @@ def _move_aside(out: Path) -> Path:
 def _check_existing(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse (or move aside with overwrite) a non-empty `out` this run may not write into."""
     entries = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
-    if not entries:
-        return
+    if not entries or entries == [MANIFEST]:
+        return  # empty, or a run that stopped before it wrote anything (its claim alone): taken over
     manifest = _read_manifest(out)
     ours = manifest is not None or set(entries) <= RUN_FILES
     if resume and ours:
@@ -138,6 +138,7 @@ def claim_output_dir(cfg, command: str = "train"):
             raise ConfigError(f"output_dir={out} is a file; choose a folder path for output_dir.")
         # Refused before anything is written into it (not even the lock file); checked again under the lock.
         _check_existing(out, resume=bool(cfg.resume), overwrite=bool(getattr(cfg, "overwrite", False)))
+        created = [p for p in (out, *out.parents) if not p.exists()]  # folders this claim makes
         out.mkdir(parents=True, exist_ok=True)
         fd = _lock(out)
     except OSError as e:
@@ -147,6 +148,18 @@ def claim_output_dir(cfg, command: str = "train"):
         _check_existing(out, resume=True, overwrite=False)  # what appeared meanwhile must be a run's
         _write_manifest(out, cfg, command)
         yield out
+    except BaseException:
+        # A run that fails before writing anything (bad data, a missing model) leaves no folder behind: only
+        # a folder this claim created and that holds nothing but the claim is removed.
+        if created and {p.name for p in out.iterdir()} <= {MANIFEST, LOCK}:
+            for name in (MANIFEST, LOCK):
+                (out / name).unlink(missing_ok=True)
+            for folder in created:  # innermost first; a parent something else wrote into stays
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        raise
     finally:
         fd.close()
 
