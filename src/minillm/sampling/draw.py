@@ -22,7 +22,8 @@ from transformers.generation.logits_process import LogitsProcessor
 from minillm.config import SamplingConfig
 from minillm.errors import ModelError
 
-__all__ = ["build_processors", "draw_next", "exp_shifted", "sample_from_probs"]
+__all__ = ["apply_processors", "build_processors", "draw_next", "exp_shifted", "mix_logprob", "row_uniforms",
+           "sample_from_probs"]
 
 
 def sample_from_probs(probs: Tensor, generator: torch.Generator | None = None, *, rows: Tensor | None = None,
@@ -47,16 +48,38 @@ def sample_from_probs(probs: Tensor, generator: torch.Generator | None = None, *
         raise ModelError(f"sampling: the model's next-token probabilities are NaN, infinite or all zero in "
                          f"batch rows {bad[:8]}{more} (non-finite logits: check the model weights and the "
                          "dtype - bf16/fp16 overflow - or fully masked rows of left-padded prompts)")
-    # The generator may live on another device than the logits (a CPU generator driving a GPU model).
-    u_device = generator.device if generator is not None else cdf.device
-    if rows is None:
-        u = torch.rand(total.shape, generator=generator, device=u_device)
-    else:
-        u = torch.rand((batch, 1), generator=generator, device=u_device)[rows.to(u_device)]
-    u = u.to(cdf.device) * total
+    u = row_uniforms((1,), batch if rows is not None else total.shape[0], rows, generator, cdf.device) * total
     index = torch.searchsorted(cdf, u, right=True)
     last_positive = torch.searchsorted(cdf, total, right=False)
     return torch.minimum(index, last_positive).squeeze(-1)
+
+
+def row_uniforms(shape_rest: tuple[int, ...], full_batch: int, rows: Tensor | None,
+                 generator: torch.Generator | None, device) -> Tensor:
+    """Uniforms [b, *shape_rest] on `device` for the decoded rows `rows` of a batch of `full_batch` (all rows
+    when None): uniforms are drawn for every original row, so each row gets the ones it would get without
+    compaction and the generator advances the same. The generator may live on another device than the
+    logits (a CPU generator driving a GPU model)."""
+    u_device = generator.device if generator is not None else device
+    u = torch.rand((full_batch, *shape_rest), generator=generator, device=u_device)
+    if rows is not None:
+        u = u[rows.to(u_device)]
+    return u.to(device)
+
+
+def apply_processors(scores: Tensor, history: Tensor | None, processors: list[LogitsProcessor]) -> Tensor:
+    """The processors applied in order to one model's scores [B, V] with token history [B, T]."""
+    for processor in processors:
+        scores = processor(history, scores)
+    return scores
+
+
+def mix_logprob(logq: Tensor, logp: Tensor, alpha: float) -> Tensor:
+    """log p~(y) = log(alpha p(y) + (1 - alpha) q(y)) from the two log-probs (exact far in either tail);
+    log q at alpha = 0."""
+    if alpha == 0:
+        return logq
+    return torch.logaddexp(math.log(alpha) + logp, math.log1p(-alpha) + logq)
 
 
 def build_processors(config: SamplingConfig) -> list[LogitsProcessor]:
@@ -98,9 +121,7 @@ def _process(s_scores: Tensor, t_scores: Tensor | None, history: Tensor,
         for processor in processors:
             both = processor(history, both)
         return both[:batch], both[batch:]
-    for processor in processors:
-        s_scores = processor(history, s_scores)
-    return s_scores, t_scores
+    return apply_processors(s_scores, history, processors), t_scores
 
 
 def draw_next(
@@ -140,6 +161,4 @@ def draw_next(
     if t_scores is None:
         return token, tok_logq, None, None
     tok_logp = (t_scores.gather(1, token[:, None]) - lognorm_p).squeeze(1)
-    tok_logmix = tok_logq if alpha == 0 else torch.logaddexp(math.log(alpha) + tok_logp,
-                                                            math.log1p(-alpha) + tok_logq)
-    return token, tok_logq, tok_logp, tok_logmix
+    return token, tok_logq, tok_logp, mix_logprob(tok_logq, tok_logp, alpha)

@@ -74,9 +74,12 @@ class SpeculativeStats:
                      "tokens", "rounds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.draft_lengths += other.draft_lengths
-        for i, n in enumerate(other.kept_counts):
-            if i == len(self.kept_counts):
-                self.kept_counts.append(0)
+        self.add_kept(other.kept_counts)
+
+    def add_kept(self, counts: list[int]) -> None:
+        """Add per-number-of-kept-drafts counts (`counts[i]`: row-rounds that kept i drafted tokens)."""
+        self.kept_counts += [0] * (len(counts) - len(self.kept_counts))
+        for i, n in enumerate(counts):
             self.kept_counts[i] += n
 
 
@@ -87,12 +90,6 @@ def supports_speculative(*decoders: Decoder) -> bool:
         if not isinstance(layers, list) or not all(type(layer) is GrowingLayer for layer in layers):
             return False
     return True
-
-
-def _process(scores: Tensor, history: Tensor | None, processors) -> Tensor:
-    for processor in processors:
-        scores = processor(history, scores)
-    return scores
 
 
 def _append_ragged(history: Tensor, tokens: Tensor, counts: Tensor, fill: int) -> Tensor:
@@ -148,23 +145,6 @@ class _Outputs:
 def _token_logprob(scores: Tensor, tokens: Tensor, lse: Tensor) -> Tensor:
     """log softmax(scores)[tokens] for scores [..., V], tokens [...] and lse = scores.logsumexp(-1)."""
     return scores.gather(-1, tokens[..., None]).squeeze(-1) - lse
-
-
-def _mix_logprob(logq: Tensor, logp: Tensor, alpha: float) -> Tensor:
-    if alpha == 0:
-        return logq
-    return torch.logaddexp(math.log(alpha) + logp, math.log1p(-alpha) + logq)
-
-
-def _uniforms(shape_rest: tuple[int, ...], full_batch: int, rows: Tensor | None,
-              generator: torch.Generator | None, device) -> Tensor:
-    """Uniforms for every original row (so the generator advances the same whatever the compaction), those
-    of the decoded rows."""
-    u_device = generator.device if generator is not None else device
-    u = torch.rand((full_batch, *shape_rest), generator=generator, device=u_device)
-    if rows is not None:
-        u = u[rows.to(u_device)]
-    return u.to(device)
 
 
 def decode_speculative(student_dec: Decoder, teacher_dec: Decoder, prompt_ids: Tensor, prompt_mask: Tensor, *,
@@ -282,7 +262,7 @@ class _SpeculativeRun:
             step_mask = torch.cat([self.mask, new_cols[:, :i + 1]], dim=1)
             logits, _ = self.student.step(feed[:, None], step_mask, (self.next_pos + i)[:, None])
             self.stats.student_forwards += 1
-            scores = _process(_wide(logits[:, :self.vocab]), hist, self.processors)
+            scores = draw.apply_processors(_wide(logits[:, :self.vocab]), hist, self.processors)
             scores_at.append(scores)
             histories.append(hist)
             if i == k:
@@ -305,7 +285,8 @@ class _SpeculativeRun:
         t_logits, t_hidden = self.teacher.feed(fed, torch.cat([self.mask, new_cols], dim=1), positions)
         self.stats.teacher_forwards += 1
         t_logits = _wide(t_logits[..., :self.vocab]).to(self.device)
-        scores = [_process(t_logits[:, i], histories[i], self.processors) for i in range(fed.shape[1])]
+        scores = [draw.apply_processors(t_logits[:, i], histories[i], self.processors)
+                  for i in range(fed.shape[1])]
         return torch.stack(scores, dim=1), t_hidden
 
     def _accepted(self, s_scores: Tensor, t_scores: Tensor, drafts: Tensor, s_lse: Tensor,
@@ -313,7 +294,7 @@ class _SpeculativeRun:
         """Drafted token d_i is kept with probability min(1, p~(d_i) / q(d_i)); the number of leading kept
         drafts per row [b] (greedy: while the draft is the argmax of p~)."""
         k = drafts.shape[1]
-        u_accept = _uniforms((k,), self.batch, self.rows, self.generator, self.device)
+        u_accept = draw.row_uniforms((k,), self.batch, self.rows, self.generator, self.device)
         if k == 0:
             return torch.zeros(drafts.shape[0], dtype=torch.long, device=self.device)
         if self.config.greedy:
@@ -323,7 +304,7 @@ class _SpeculativeRun:
         else:
             d_logq = _token_logprob(s_scores[:, :k], drafts, s_lse[:, :k])
             d_logp = _token_logprob(t_scores[:, :k], drafts, t_lse[:, :k])
-            accept = u_accept.log() < (_mix_logprob(d_logq, d_logp, self.alpha) - d_logq).clamp(max=0.0)
+            accept = u_accept.log() < (draw.mix_logprob(d_logq, d_logp, self.alpha) - d_logq).clamp(max=0.0)
         return accept.long().cumprod(dim=1).sum(dim=1)
 
     def _last_token(self, s_scores: Tensor, t_scores: Tensor, n_kept: Tensor, k: int) -> Tensor:
@@ -354,7 +335,7 @@ class _SpeculativeRun:
         keep = kept_cols & (idx[None] <= first_eos[:, None]) & (idx[None] < budget[:, None])
         logq = _token_logprob(s_scores, tokens, s_lse)
         logp = _token_logprob(t_scores, tokens, t_lse)
-        self.out.write(decoded, keep, tokens, logq, logp, _mix_logprob(logq, logp, self.alpha),
+        self.out.write(decoded, keep, tokens, logq, logp, draw.mix_logprob(logq, logp, self.alpha),
                        t_hidden.to(self.device) if self.return_hidden else None)
         n_new = keep.long().sum(dim=1)
         self.finished = self.finished | (first_eos <= n_kept) | (self.out.count[decoded] >=
@@ -379,7 +360,7 @@ class _SpeculativeRun:
         stats.accepted += int(n_kept[active].sum())
         stats.tokens += int(n_new.sum())
         stats.draft_lengths.append(k)
-        stats.add(SpeculativeStats(kept_counts=torch.bincount(n_kept[active], minlength=k + 1).tolist()))
+        stats.add_kept(torch.bincount(n_kept[active], minlength=k + 1).tolist())
 
 
 def _wide(logits: Tensor) -> Tensor:
