@@ -37,7 +37,7 @@ from .generation import finished_records, generate_file, job_settings
 from .io import read_jsonl, write_text
 from .models import check_compatibility, load_model, load_tokenizer
 from .ownership import claim_output_dir
-from .preflight import check_context, check_disk, check_embeddings, training_lengths
+from .preflight import check_context, check_disk, check_embeddings, generation_length, training_lengths
 from .resume import check_resume_config
 from .trainer import Trainer
 
@@ -136,9 +136,8 @@ def generate(cfg: GenerateConfig) -> Path:
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=cfg.dtype)
     check_embeddings(model, tokenizer, "generating")
-    check_context(model, "generating", {f"max_prompt_length ({cfg.max_prompt_length}) + max_new_tokens "
-                                        f"({cfg.sampling.max_new_tokens})":
-                                        cfg.max_prompt_length + cfg.sampling.max_new_tokens})
+    check_context(model, "generating",
+                  generation_length("max_prompt_length", cfg.max_prompt_length, cfg.sampling.max_new_tokens))
     examples = load_instructions(cfg.data, limit=cfg.limit or None, require_output=False)
     out = generate_file(model, tokenizer, examples, cfg.output, template=cfg.template,
                         max_prompt_length=cfg.max_prompt_length, sampling=cfg.sampling,

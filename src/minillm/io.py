@@ -78,8 +78,12 @@ def file_hash(path: str | os.PathLike) -> str | None:
     p = Path(path)
     if not p.is_file():
         return None
-    h = hashlib.blake2b(digest_size=16)
-    with open(p, "rb") as f:
+    return hash_file_into(hashlib.blake2b(digest_size=16), p).hexdigest()
+
+
+def hash_file_into(h, path: str | os.PathLike):
+    """Feed a file's bytes to the hash object `h` in 8 MiB blocks; returns `h`."""
+    with open(path, "rb") as f:
         while block := f.read(8 << 20):
             h.update(block)
-    return h.hexdigest()
+    return h

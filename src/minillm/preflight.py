@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .errors import ConfigError, ModelError
 
-__all__ = ["check_context", "check_disk", "check_embeddings", "model_context", "training_lengths"]
+__all__ = ["check_context", "check_disk", "check_embeddings", "generation_length", "model_context",
+           "training_lengths"]
 
 logger = logging.getLogger("minillm")
 
@@ -37,13 +38,16 @@ def model_context(model) -> tuple[int, str] | None:
 
 def training_lengths(cfg) -> dict[str, int]:
     """The sequence lengths a training run feeds its models: what each is made of -> positions."""
-    lengths = {f"max_length ({cfg.max_length})": cfg.max_length}
-    new = cfg.sampling.max_new_tokens
-    what = f"max_prompt_length ({cfg.max_prompt_length}) + max_new_tokens ({new})"
-    lengths[what] = cfg.max_prompt_length + new
+    lengths = {f"max_length ({cfg.max_length})": cfg.max_length,
+               **generation_length("max_prompt_length", cfg.max_prompt_length, cfg.sampling.max_new_tokens)}
     if getattr(cfg, "pt_data", None):
         lengths[f"pt_seq_len ({cfg.pt_seq_len})"] = cfg.pt_seq_len
     return lengths
+
+
+def generation_length(prompt_what: str, prompt: int, max_new_tokens: int) -> dict[str, int]:
+    """{"<prompt_what> (P) + max_new_tokens (N)": P + N}: the longest sequence a generation feeds."""
+    return {f"{prompt_what} ({prompt}) + max_new_tokens ({max_new_tokens})": prompt + max_new_tokens}
 
 
 def check_context(model, role: str, lengths: dict[str, int]) -> None:

@@ -45,7 +45,7 @@ from minillm.io import file_hash, read_jsonl, write_json, write_jsonl, write_tex
 from minillm.models import load_model, load_tokenizer
 from minillm.models.fingerprint import source_fingerprint, weights_fingerprint
 from minillm.ownership import file_lock
-from minillm.preflight import check_context, check_embeddings
+from minillm.preflight import check_context, check_embeddings, generation_length
 from minillm.sampling import SamplingConfig, generate_rollouts, response_texts
 
 if TYPE_CHECKING:
@@ -243,8 +243,7 @@ def _run_jobs(jobs: dict[str, list[_Job]], models: dict, tokenizers: dict, sampl
             check_embeddings(model, tokenizers[name], f"evaluated ({name})")
             prompt = max(len(item["prompt_ids"]) for job, _ in pending for item in job.dataset.items)
             check_context(model, f"evaluated ({name})",
-                          {f"the longest prompt ({prompt}) + max_new_tokens ({sampling.max_new_tokens})":
-                           prompt + sampling.max_new_tokens})
+                          generation_length("the longest prompt", prompt, sampling.max_new_tokens))
             for job, ids in pending:
                 bar.set_description(f"{name}/{job.set_name}/seed{job.seed}")
                 _generate_job(job, model, tokenizers[name], sampling, batch_size, bar)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["source_fingerprint", "weights_fingerprint"]
+from minillm.io import hash_file_into
 
-_CHUNK = 8 << 20
+__all__ = ["source_fingerprint", "weights_fingerprint"]
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -45,18 +45,12 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return "weights:" + h.hexdigest()
 
 
-def _hash_file(h, path: Path) -> None:
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-
-
 def source_fingerprint(spec: str | os.PathLike) -> str:
     """BLAKE2b of the files of a local model folder or file; `name:<spec>` for anything else."""
     path = Path(os.path.expanduser(str(spec)))
     if path.is_file():
         h = hashlib.blake2b(digest_size=16)
-        _hash_file(h, path)
+        hash_file_into(h, path)
         return "files:" + h.hexdigest()
     if not path.is_dir():
         return f"name:{spec}"
@@ -66,5 +60,5 @@ def source_fingerprint(spec: str | os.PathLike) -> str:
     for p in files:
         rel = p.relative_to(path).as_posix()
         h.update(f"{rel}|{p.stat().st_size}|".encode())
-        _hash_file(h, p)
+        hash_file_into(h, p)
     return "files:" + h.hexdigest()
