@@ -34,7 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .errors import TrainingError
-from .io import write_json
+from .io import free_name, hash_file_into, write_json
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
@@ -152,7 +152,7 @@ class Checkpoints:
         if not final.exists():
             os.replace(tmp, final)
             return
-        aside = _free_name(final, ".replaced") if final.name not in self.owned else final.with_name(
+        aside = free_name(final, ".replaced") if final.name not in self.owned else final.with_name(
             f".old-{final.name}")
         if aside.exists():
             shutil.rmtree(aside)
@@ -202,7 +202,7 @@ class Checkpoints:
         return problem
 
     def _set_aside(self, broken: list[tuple[Path, str]], used: Path) -> None:
-        moves = [(path, why, _free_name(path, BROKEN_SUFFIX)) for path, why in broken]
+        moves = [(path, why, free_name(path, BROKEN_SUFFIX)) for path, why in broken]
         self.accelerator.wait_for_everyone()  # every process named the same folders before any is moved
         if self.accelerator.is_main_process:
             for path, why, aside in moves:
@@ -276,7 +276,7 @@ def verify(folder: Path) -> str | None:
             problems.append(f"{rel} is missing")
         elif p.stat().st_size != size:
             problems.append(f"{rel} has {p.stat().st_size} bytes, {size} were written")
-        elif digest is not None and _sha256(p) != digest:
+        elif digest is not None and _sha256_of(p) != digest:
             problems.append(f"{rel} changed after it was written (SHA-256 differs)")
     return "; ".join(problems) or None
 
@@ -288,28 +288,16 @@ def _manifest(folder: Path, step: int) -> dict:
         if p.is_file() and p.name != COMPLETE_MARKER:
             size = p.stat().st_size
             files[p.relative_to(folder).as_posix()] = {"size": size, **(
-                {"sha256": _sha256(p)} if size <= HASH_LIMIT else {})}
+                {"sha256": _sha256_of(p)} if size <= HASH_LIMIT else {})}
     return {"step": step, "files": files}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _sha256_of(path: Path) -> str:
+    return hash_file_into(hashlib.sha256(), path).hexdigest()
 
 
 def _step_of(path: Path) -> int:
     return int(path.name.split("-")[1])
-
-
-def _free_name(path: Path, suffix: str) -> Path:
-    """`path` + `suffix`, or + `suffix-2`, `-3`, ... when taken."""
-    aside, n = path.with_name(path.name + suffix), 2
-    while aside.exists():
-        aside, n = path.with_name(f"{path.name}{suffix}-{n}"), n + 1
-    return aside
 
 
 def _sharded_state(model, optimizer) -> dict:

@@ -87,3 +87,12 @@ def hash_file_into(h, path: str | os.PathLike):
         while block := f.read(8 << 20):
             h.update(block)
     return h
+
+
+def free_name(path: str | os.PathLike, suffix: str) -> Path:
+    """A sibling name for moving `path` aside: `path` + `suffix`, or + `suffix-2`, `-3`, ... when taken."""
+    path = Path(path)
+    aside, n = path.with_name(path.name + suffix), 2
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}{suffix}-{n}"), n + 1
+    return aside

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConfigError
-from .io import file_hash, write_text
+from .io import file_hash, free_name, write_text
 
 __all__ = ["MANIFEST", "claim_output_dir", "describe_run", "file_lock"]
 
@@ -85,12 +85,7 @@ def _lock(out: Path):
 
 
 def _move_aside(out: Path) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    target = out.with_name(f"{out.name}.replaced-{stamp}")
-    n = 1
-    while target.exists():
-        n += 1
-        target = out.with_name(f"{out.name}.replaced-{stamp}-{n}")
+    target = free_name(out, f".replaced-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     os.replace(out, target)
     return target
 
