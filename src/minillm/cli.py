@@ -41,6 +41,36 @@ COMMANDS = {
 }
 
 
+# = minillm.data.prepare.SETS, spelled out so that the parser does not import the data stack (start-up)
+DATA_SETS = ("dolly", "selfinst", "vicuna", "sni", "unni")
+PREPARE_HELP = """\
+Turn one of the paper's instruction sets, in the format it is published in, into the project's
+instruction JSONL (instruction, input, output, source, id + extra fields) that `minillm evaluate` and
+the training commands read. Counts kept and dropped, and why, are printed; a bad input is an error
+naming the file:line and the expected format, and nothing is written.
+
+  dolly     SRC: databricks-dolly-15k.jsonl. --out is a FOLDER: train.jsonl, valid.jsonl, test.jsonl.
+            In file order, after the prompt-length filter: the first 500 records are the test set
+            (DollyEval), the next 1,000 validation, the rest training (as MiniLLM's released files).
+  selfinst  SRC: self-instruct human_eval/user_oriented_instructions.jsonl; --out is a FILE. One
+            example per instance (252), then the prompt-length filter (242 in the paper's release).
+  vicuna    SRC: FastChat fastchat/eval/table/question.jsonl (or its folder); --out is a FILE. 80
+            questions, references from --answers (default: answer/answer_gpt35.jsonl beside it,
+            i.e. gpt-3.5-turbo's: the spec does not have MiniLLM use GPT-4 answers, and MiniLLM's
+            released Vicuna references read as ChatGPT's, as the summary the spec cites says).
+  sni       SRC: an allenai/natural-instructions checkout; --out is a FOLDER. The 119 test tasks of
+            splits/default/test_tasks.txt, first 100 instances each, in files by the length of the
+            longest reference: 0_5.jsonl, 6_10.jsonl, 11_.jsonl (the paper's tables use 11_).
+  unni      SRC: Unnatural Instructions core_data.jsonl; --out is a FOLDER. A sample of 10,000
+            instances (--seed), in the same length buckets.
+
+SRC `hub` takes the authors' processed copy (MiniLLM/dolly, MiniLLM/self-inst, MiniLLM/Vicuna,
+MiniLLM/sinst, MiniLLM/uinst) from the Hugging Face hub or its local cache, as released.
+The paper's prompt-length filter and length buckets count tokens: pass --tokenizer (e.g. the
+student's); without it the filter is off and the buckets count whitespace words.
+"""
+
+
 def _add_option(group, name: str, f: dataclasses.Field, aliases: tuple[str, ...] = ()) -> None:
     md = f.metadata
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -146,11 +176,36 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name.replace('_', '-')}", dest=f"plan_{name}",
                        action=argparse.BooleanOptionalAction)
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes per device)")
+    _add_data_parser(sub)
     p = sub.add_parser("report", help="Put several evaluation runs side by side (markdown table + PNG "
                                       "chart).")
     p.add_argument("runs", nargs="+", help="evaluation output folders (each with results.json)")
     p.add_argument("--out", default="report", help="output path prefix (writes PREFIX.md and PREFIX.png)")
     return parser
+
+
+def _add_data_parser(sub) -> None:
+    p = sub.add_parser("data", help="Prepare the paper's instruction sets (Dolly, SelfInst, Vicuna, S-NI, "
+                                    "UnNI) from their public files (`minillm data prepare`).")
+    data_sub = p.add_subparsers(dest="data_command", metavar="subcommand")
+    p = data_sub.add_parser("prepare", help="One of the paper's sets, from its public format, as instruction "
+                                            "JSONL.", description=PREPARE_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data_set", metavar="SET", choices=DATA_SETS, help=f"one of: {', '.join(DATA_SETS)}")
+    p.add_argument("src", metavar="SRC", help="the set's public file (folder for sni), or `hub`")
+    p.add_argument("--out", required=True, help="output file (selfinst, vicuna) or folder (dolly, sni, unni)")
+    p.add_argument("--tokenizer", help="tokenizer that counts the paper's tokens (model folder, .gguf, hub "
+                                       "id or built-in name); default: none (no prompt filter, buckets in "
+                                       "words)")
+    p.add_argument("--max-prompt-length", type=int, default=256,
+                   help="dolly, selfinst: drop examples whose prompt has more tokens (default 256)")
+    p.add_argument("--answers", help="vicuna: reference answer file (default: answer/answer_gpt35.jsonl "
+                                     "beside question.jsonl)")
+    p.add_argument("--instances-per-task", type=int, default=100,
+                   help="sni: first instances kept per task (default 100)")
+    p.add_argument("--sample-size", type=int, default=10_000,
+                   help="unni: instances sampled (default 10000)")
+    p.add_argument("--seed", type=int, default=42, help="unni: seed of the sample (default 42)")
 
 
 def _overrides(args) -> dict[str, object]:
@@ -210,6 +265,8 @@ def run(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _setup_logging()
+    if args.command == "data":
+        return _data(args)
     # Start-up: the training stack (torch, transformers) takes ~4 s to import against 0.1 s for this module,
     # so `minillm --help` and config errors stay instant; the same holds for prune/quickstart/report below.
     from . import api
@@ -237,6 +294,26 @@ def run(argv: list[str] | None = None) -> int:
 
         render_report(args.runs, args.out + ".md", args.out + ".png")
         print(f"wrote {args.out}.md and {args.out}.png")
+    return 0
+
+
+def _data(args) -> int:
+    """`minillm data prepare`: prints the report lines (counts kept and dropped, files written)."""
+    if getattr(args, "overrides", None):
+        raise MiniLLMError(f"minillm data prepare takes flags (see --help), not key=value: got "
+                           f"{' '.join(args.overrides)}.")
+    if args.data_command is None:
+        build_parser().parse_args(["data", "--help"])  # prints the subcommands and exits
+    from pathlib import Path
+
+    from .data.prepare import Options, prepare, token_counter
+
+    opts = Options(count_tokens=token_counter(args.tokenizer) if args.tokenizer else None,
+                   max_prompt_length=args.max_prompt_length, seed=args.seed, sample_size=args.sample_size,
+                   instances_per_task=args.instances_per_task,
+                   answers=Path(args.answers).expanduser() if args.answers else None)
+    for line in prepare(args.data_set, args.src, args.out, opts):
+        print(line)
     return 0
 
 
