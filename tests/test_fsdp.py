@@ -96,8 +96,8 @@ def _args(pair, instruction_file, out, **kw) -> dict:
 def _torchrun(pair, args: dict, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(pair / "driver.py"), *(f"{k}={v}" for k, v in args.items())]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

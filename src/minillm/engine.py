@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -17,6 +19,7 @@ from .models import final_hidden
 
 __all__ = [
     "HiddenStates", "build_scheduler", "configure_deepspeed", "deepspeed_requested", "make_accelerator",
+    "trackers",
 ]
 
 
@@ -78,13 +81,46 @@ def _accelerator(cfg) -> Accelerator:
         # launch without GPUs asks for gloo instead
         cpu=cpu and not deepspeed,
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if cpu and deepspeed else None,
-        log_with="tensorboard",
+        log_with=trackers(cfg),
         project_dir=str(cfg.output_dir),
     )
     plugin = acc.state.deepspeed_plugin
     if plugin is not None:
         configure_deepspeed(acc, plugin, cfg)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        atexit.unregister(_end_process_group)  # several runs in one process: one call at exit
+        atexit.register(_end_process_group)
     return acc
+
+
+def _end_process_group() -> None:
+    """Ends the process group before the interpreter tears down. Left to the C++ destructors at exit,
+    gloo's worker threads are sometimes destroyed while joinable, which aborts the process ("terminate
+    called without an active exception", SIGABRT) after a run that had finished: torchrun then reports a
+    failure. Several runs in one process keep the group until the last one exits."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def trackers(cfg) -> list:
+    """Accelerate's trackers for `cfg.report_to`: TensorBoard by name (it logs to output_dir/tensorboard);
+    W&B and MLflow built here so that they get the project and the run's name (Accelerate would use one
+    project name for all, which also names TensorBoard's folder). W&B runs offline with WANDB_MODE=offline."""
+    names = [str(n) for n in getattr(cfg, "report_to", ["tensorboard"]) if str(n) != "none"]
+    out = Path(cfg.output_dir)
+    made: list = []
+    for name in names:
+        if name == "wandb":
+            from accelerate.tracking import WandBTracker
+
+            made.append(WandBTracker(cfg.tracker_project, name=out.name, dir=str(out)))
+        elif name == "mlflow":
+            from accelerate.tracking import MLflowTracker
+
+            made.append(MLflowTracker(experiment_name=cfg.tracker_project, run_name=out.name))
+        else:
+            made.append(name)
+    return made
 
 
 def configure_deepspeed(acc: Accelerator, plugin, cfg) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from .config import save_config
+from .config import config_to_dict, save_config
 from .io import write_text
 
 logger = logging.getLogger("minillm")
@@ -47,9 +47,12 @@ class RunLog:
         if resume_step is not None:  # SummaryWriter(purge_step=...): events from that step on are hidden
             purge = resume_step if final_eval_again else resume_step + 1
             kwargs = {"init_kwargs": {"tensorboard": {"purge_step": max(purge, 0)}}}
-        self.accelerator.init_trackers("tensorboard", **kwargs)
+        self.accelerator.init_trackers("tensorboard", **kwargs)  # the project name is TensorBoard's folder
         if not self.accelerator.is_main_process:
             return
+        for tracker in self.accelerator.trackers:  # W&B / MLflow keep the run's settings beside its metrics
+            if tracker.name != "tensorboard":
+                tracker.store_init_configuration(config_to_dict(cfg))
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out)
         path = self.out / "metrics.jsonl"

@@ -18,6 +18,7 @@ class adds only the options that method reads and documents only those:
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -121,6 +122,11 @@ class TrainConfig(Options):
                              min=0)
     keep_checkpoints: int = option(2, "Resumable checkpoints kept on disk (newest first).", min=1)
     log_every: int = option(1, "Log metrics every N optimiser steps.", min=1)
+    report_to: list = option(["tensorboard"], "Experiment trackers (Accelerate's tracker API), a list: "
+                                              "tensorboard (in output_dir/tensorboard), wandb, mlflow; none "
+                                              "for metrics.jsonl only (always written).")
+    tracker_project: str = option("minillm", "Project (W&B) or experiment (MLflow) the run is logged under; "
+                                             "the run is named after output_dir.")
     resume: bool = option(False, "Continue from the latest checkpoint in output_dir.")
     overwrite: bool = option(False, "Start a new run in an output_dir that holds another run or other files: "
                                     "the old content is moved aside to <output_dir>.replaced-<time> (nothing "
@@ -167,9 +173,29 @@ class TrainConfig(Options):
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                               f"({self.max_length}) so that responses have room.")
         super().validate()
+        check_trackers(self.report_to)
         # a file in the way is refused before any model is loaded; whether the folder is writable is checked
         # when the run starts (`minillm plan` reads configs written for another machine)
         check_output_dir(self.output_dir, "output_dir", writable=False)
+
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name -> module it needs
+
+
+def check_trackers(names: list) -> None:
+    """`report_to`: known tracker names whose package is installed, or `none` alone."""
+    names = [str(n) for n in names]
+    if "none" in names:
+        if len(names) > 1:
+            raise ConfigError(f"report_to={','.join(names)}: `none` cannot be combined with a tracker.")
+        return
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"report_to: unknown tracker {name!r}; choose from "
+                              f"{', '.join([*TRACKERS, 'none'])}.")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(f"report_to={name} needs the {TRACKERS[name]} package, which is not installed "
+                              f"(pip install {TRACKERS[name]}), or leave {name} out of report_to.")
 
 
 @dataclass
