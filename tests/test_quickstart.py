@@ -20,9 +20,12 @@ def test_quickstart_tiny(tmp_path):
     out = tmp_path / "qs"
     assert run(["quickstart", "--budget", "tiny", "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
-    for needle in ("## What ran", "## Results", "student-init", "minillm", "teacher", "## Examples",
-                   "## Reproduce or scale up"):
+    for needle in ("## What reverse KL does, exactly", "## What ran", "## Results", "student-init", "minillm",
+                   "teacher", "## Examples", "## Reproduce or scale up", "exact/distributions.png"):
         assert needle in report
+    assert report.index("## What reverse KL does, exactly") < report.index("## Results")
+    exact = json.loads((out / "exact" / "results.json").read_text())["mean"]
+    assert f"| MiniLLM | {exact['minillm']['reverse_kl']:.3f} |" in report  # the exact stage's own numbers
     assert (out / "training_curves.png").stat().st_size > 5000 and (out / "methods.png").stat().st_size > 5000
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["student-init", "minillm", "teacher"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -94,12 +95,17 @@ def _accelerator(cfg) -> Accelerator:
 
 
 def _end_process_group() -> None:
-    """Ends the process group before the interpreter tears down. Left to the C++ destructors at exit,
-    gloo's worker threads are sometimes destroyed while joinable, which aborts the process ("terminate
-    called without an active exception", SIGABRT) after a run that had finished: torchrun then reports a
-    failure. Several runs in one process keep the group until the last one exits."""
+    """At exit: end the process group, then give gloo's worker threads a moment with the GIL free.
+
+    A gloo worker thread frees each finished collective after the caller has seen it finish - for the last
+    barrier, together with the FSDP all-gather still queued behind it, whose tensors are Python objects. If
+    that happens while the interpreter is finalising, the thread cannot take the GIL, is ended by CPython,
+    and the unwinding through a C++ destructor aborts the process (`terminate called without an active
+    exception`, SIGABRT: seen in CI as a failed torchrun after a run that had finished). Here, before
+    finalisation, the sleep releases the GIL so the worker can finish freeing them."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        time.sleep(0.2)
 
 
 def trackers(cfg) -> list:

