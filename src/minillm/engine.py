@@ -108,7 +108,7 @@ def _end_process_group() -> None:
         time.sleep(0.2)
 
 
-def trackers(cfg) -> list:
+def trackers(cfg) -> list | None:
     """Accelerate's trackers for `cfg.report_to`: TensorBoard by name (it logs to output_dir/tensorboard);
     W&B and MLflow built here so that they get the project and the run's name (Accelerate would use one
     project name for all, which also names TensorBoard's folder). W&B runs offline with WANDB_MODE=offline."""
@@ -126,7 +126,7 @@ def trackers(cfg) -> list:
             made.append(MLflowTracker(experiment_name=cfg.tracker_project, run_name=out.name))
         else:
             made.append(name)
-    return made
+    return made or None  # None, not []: Accelerate warns that no tracker is installed for an empty list
 
 
 def configure_deepspeed(acc: Accelerator, plugin, cfg) -> None:
