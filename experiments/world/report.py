@@ -205,6 +205,23 @@ def _world_length(wname: str, s: dict) -> int:
     return s["spec"]["length"] if wname == "main" else int(wname[3:])
 
 
+MEASURES_HELP = [
+    "How to read the measures (all against the world's exact process p; the model is q; definitions in "
+    "`src/minillm/world/measures.py`):", "",
+    "- `reverse_kl_support`: KL(q_S || p) with q_S the model restricted to p's support and renormalised. "
+    "With noise 0 the support is sparse, so the full reverse KL(q || p) is infinite for every model that "
+    "puts any mass outside it; `outside_support` is that mass (the share of the model's samples p cannot "
+    "produce). Mode seeking shows as a low `outside_support`; `reverse_kl_support` then says how well the "
+    "mass inside the support is spread.",
+    "- `forward_kl`: KL(p || q) on the truth's samples (mode covering); `precision`: mean exact log p of the "
+    "model's in-support samples (not length-normalised, so longer samples score lower); `mode_coverage` / "
+    "`mode_mass_l1`: modes hit, and the L1 distance of the model's mode masses to the truth's; "
+    "`exacc_err`: ExAccErr with the truth as the teacher (negative when the model's errors along its own "
+    "prefixes are smaller than along the truth's).",
+    "- The students learn from the teacher, not from the truth: a gap between teacher and truth (see Setup) "
+    "is inherited by every method.", ""]
+
+
 def write_page(results: dict, docs: Path) -> Path:
     s, summary = results["settings"], results["summary"]
     main = results["worlds"]["main"]
@@ -227,8 +244,9 @@ def write_page(results: dict, docs: Path) -> Path:
              f"{b[2]}; "
              f"seeds {s['seeds']}; measures on {s['n_measure']} samples per prompt (measurement seed "
              f"{s['measure_seed']})",
-             "- seconds per stage (the sitting that finished it): " + ", ".join(
-                 f"{k} {v:.1f}" for k, v in results["stage_seconds"].items()), ""]
+             f"- wall time: {sum(results['stage_seconds'].values()) / 60:.1f} min over "
+             f"{len(results['stage_seconds'])} stages (per stage: results.json `stage_seconds`)", "",
+             *MEASURES_HELP]
     for student, ws in summary["main"].items():
         if student == "teacher":
             continue
