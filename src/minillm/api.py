@@ -180,7 +180,10 @@ def evaluate(cfg: EvalConfig) -> Path:
                         max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                         top_p=s.top_p, no_repeat_ngram_size=s.no_repeat_ngram_size, batch_size=cfg.batch_size,
                         limit=cfg.limit or None, template=cfg.template,
-                        max_prompt_length=cfg.max_prompt_length, dtype=cfg.dtype)
+                        max_prompt_length=cfg.max_prompt_length, dtype=cfg.dtype, protocol=cfg.protocol,
+                        published=cfg.published)
+        # the printed table: Rouge-L / exact match / length / Dist-4 per set (and the published rows)
+        logger.info("evaluation results (%s):\n%s", out / "results.md", (out / "results.md").read_text())
     if teacher_label is not None:
         _sequence_kl(cfg, models, teacher_label, out)
     if cfg.exposure_bias:
@@ -195,7 +198,7 @@ def _sequence_kl(cfg, models: dict[str, str], teacher_label: str, out: Path) -> 
     teacher = load_model(str(cfg.teacher), dtype=cfg.dtype)
     teacher_tok = load_tokenizer(str(cfg.teacher))
     seeds = [int(s) for s in cfg.seeds]
-    sets = check_names(models, [str(d) for d in cfg.data])
+    sets = check_names(models, [str(d) for d in cfg.data], cfg.protocol)
     results: dict[str, dict] = {}
     lines = ["| model | set | reverse KL | forward KL | reverse KL / token | length |",
              "|---|---|---|---|---|---|"]

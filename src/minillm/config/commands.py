@@ -7,12 +7,14 @@ from pathlib import PurePath
 from typing import ClassVar
 
 from ..errors import ConfigError
+from ..evaluation.protocol import PROTOCOLS, PUBLISHED_CHOICES, check_settings
 from .options import Options, group, option
 from .paths import check_output_dir, check_output_file
 from .sampling import SamplingConfig, validate_plain_sampling
 
 _TEMPLATES = ("minillm", "chat", "raw")
 _DTYPES = ("float32", "bfloat16", "float16")
+
 
 
 def _path_parts(path: str) -> list[str]:
@@ -141,6 +143,16 @@ class EvalConfig(Options):
     exposure_bias_samples: int = option(1, "Samples per prompt for ExAccErr.", min=1)
     calibration: list = option([], "Classification-style files (with `labels`) for ECE and reliability "
                                    "diagrams.")
+    protocol: str = option("none", "minillm: evaluate exactly as the MiniLLM paper's Table 1 (seeds 10-50, "
+                                   "temperature 1, no top-k/top-p/n-gram ban, <= 256 new tokens, prompts "
+                                   "<= 256 tokens, the minillm template, no limit; other values are "
+                                   "refused) on its sets (dolly, selfinst, vicuna, sni, unni: by `set` "
+                                   "field, file name or `source` field), with the paper's published numbers "
+                                   "beside ours. none: any settings.", choices=PROTOCOLS)
+    published: str = option("auto", "protocol=minillm: which published Table 1 block to show: auto (the "
+                                    "student size nearest to the smallest model evaluated), none, or one of "
+                                    "gpt2-120m, gpt2-760m, opt-1.3b, opt-6.7b, llama-7b.",
+                            choices=PUBLISHED_CHOICES)
 
     @classmethod
     def label(cls) -> str:
@@ -164,4 +176,21 @@ class EvalConfig(Options):
                 raise ConfigError("sequence_kl=true needs teacher=... and data=...")
             validate_plain_sampling(self.sampling, "sequence_kl=true")
         super().validate()
+        self._check_protocol()
         check_output_dir(self.output_dir, "output_dir")  # before any model is loaded
+
+    def _check_protocol(self) -> None:
+        """protocol=minillm: refuse every option that contradicts the paper's evaluation, by its name."""
+        if self.protocol == "none":
+            if self.published not in ("auto", "none"):
+                raise ConfigError(f"published={self.published} needs protocol=minillm: the paper's numbers "
+                                  "are only comparable with an evaluation run by the paper's protocol.")
+            return
+        if not self.data:
+            raise ConfigError("protocol=minillm needs data=... (one or more of the paper's test sets: dolly, "
+                              "selfinst, vicuna, sni, unni).")
+        s = self.sampling
+        keys = ("temperature", "top_k", "top_p", "max_new_tokens", "no_repeat_ngram_size")
+        values = {**{k: getattr(s, k) for k in keys}, "seeds": self.seeds, "template": self.template,
+                  "max_prompt_length": self.max_prompt_length, "limit": self.limit}
+        check_settings(values, {k: f"sampling.{k}" for k in keys})

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from minillm.data import encode_prompt
 from minillm.errors import DataError
@@ -102,12 +103,13 @@ def prefix_forward_kl(student, teacher, rollout: Rollout, *, shared_vocab_size: 
 
 def _sample_and_score(generator_model, student, teacher, prompt_ids: list[list[int]], *, pad_token_id: int,
                       eos_token_id: int, config: SamplingConfig, seed: int, shared_vocab_size: int,
-                      batch_size: int) -> list[Tensor]:
+                      batch_size: int, desc: str = "exposure bias") -> list[Tensor]:
     """Sample responses from `generator_model` and score every prefix: per-sample e_t lists."""
     device = next(generator_model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     errors = []
-    for start in range(0, len(prompt_ids), batch_size):
+    starts = range(0, len(prompt_ids), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", dynamic_ncols=True):
         batch = prompt_ids[start:start + batch_size]
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in batch], device=device)
@@ -145,8 +147,10 @@ def measure_exposure_bias(student, teacher, tokenizer, prompts: Sequence[str], *
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0)
     common = {"pad_token_id": pad, "eos_token_id": eos, "config": config, "seed": seed,
               "shared_vocab_size": vocab, "batch_size": batch_size}
-    student_prefix_kl = _sample_and_score(student, student, teacher, repeated, **common)
-    teacher_prefix_kl = _sample_and_score(teacher, student, teacher, repeated, **common)
+    student_prefix_kl = _sample_and_score(student, student, teacher, repeated,
+                                          desc="exposure bias: student samples", **common)
+    teacher_prefix_kl = _sample_and_score(teacher, student, teacher, repeated,
+                                          desc="exposure bias: teacher samples", **common)
     curve = exacc_err_curve(student_prefix_kl, teacher_prefix_kl)
     return {**curve, "num_prompts": len(kept), "num_dropped": len(prompts) - len(kept),
             "samples_per_prompt": samples_per_prompt}

@@ -39,6 +39,49 @@ def format_mean_std(stat: dict) -> str:
     return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
 
 
+_METRICS = (("rougeL", "Rouge-L"), ("exact_match", "exact match"), ("length", "length (tokens)"),
+            ("dist4", "Dist-4"))
+
+
+def results_markdown(results: dict, settings: dict, protocol: dict | None = None,
+                     published: dict | None = None) -> str:
+    """results.md of one evaluation: the Table 1 layout (Rouge-L, rows = models, columns = sets; with the
+    paper's published rows below ours when given) and a per-set table of every metric, all "mean ± std"
+    over seeds."""
+    sets = list(dict.fromkeys(s for per_set in results.values() for s in per_set))
+    out = ["# Evaluation results", ""]
+    if protocol:
+        out += [f"Protocol: {protocol['description']}", ""]
+    out += ["Rouge-L (F, stemmed, max over references, ×100): mean ± std over seeds.", "",
+            f"| model | {' | '.join(sets)} |", "|---|" + "---|" * len(sets)]
+    for model, per_set in results.items():
+        cells = [format_mean_std(per_set[s]["rougeL"]) if s in per_set else "–" for s in sets]
+        out.append(f"| {model} | {' | '.join(cells)} |")
+    if published:
+        from minillm.evaluation.published import published_table_rows
+
+        out += published_table_rows(published, sets)
+        out += ["", f"(published) rows: the paper's numbers for {published['student']} students of "
+                f"{published['teacher']} (chosen by {published['chosen_by']}), copied from the paper, NOT "
+                f"re-measured here; '–' = not recovered. Source: {published['source']}."]
+    out += ["", "| model | set | n (dropped) | " + " | ".join(t for _, t in _METRICS) + " |",
+            "|---|---|---|" + "---|" * len(_METRICS)]
+    for model, per_set in results.items():
+        for s, r in per_set.items():
+            cells = [format_mean_std(r[k]) for k, _ in _METRICS]
+            out.append(f"| {model} | {s} | {r['n']} ({r['n_dropped']}) | {' | '.join(cells)} |")
+    out += ["", "Exact match: SQuAD-normalised, max over references, ×100. Length: generated tokens without "
+            "EOS. Dist-4: distinct word 4-grams / all word 4-grams over a seed's responses, ×100."]
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+    note = ("no_repeat_ngram_size=0 matches the paper's published numbers (the fork bug disabled the 6-gram "
+            "block until Sep 2024 in the LMOps transformers fork).")
+    out += ["", f"Settings: {shown}.", note, ""]
+    if protocol and protocol.get("notes"):
+        out += ["Notes (where this run differs from the paper's evaluation):", "",
+                *(f"- {n}" for n in protocol["notes"]), ""]
+    return "\n".join(out)
+
+
 def _collect(run_dirs: list[str | Path], metric: str) -> tuple[dict[str, dict[str, dict]], list[str]]:
     """{row name: {set: {"mean", "std"}}} over all runs, and the ordered union of set names.
 

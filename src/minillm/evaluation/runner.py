@@ -13,6 +13,10 @@ Protocol defaults (all overridable): seeds 10, 20, 30, 40, 50; temperature 1, to
 *processors*, so every number in the paper was produced WITHOUT the 6-gram block. 0 reproduces the
 published protocol; pass 6 to match the post-Sep-2024 scripts. The value is recorded in results.json.
 
+`protocol="minillm"` (`minillm evaluate --protocol minillm`) makes these defaults binding: a contradicting
+setting is refused, each data file must be one of the paper's five sets, and the paper's published Table 1
+numbers (`minillm.evaluation.published`) are shown beside ours, marked as published.
+
 Runs are resumable at the granularity of one (model, set, seed) file: each file is written atomically
 (`minillm.io`: temporary file + os.replace), and a re-run skips every file that is complete for the same
 examples.
@@ -40,7 +44,18 @@ from minillm.config.commands import model_labels
 from minillm.data import PromptDataset, collate_prompts, load_instructions
 from minillm.errors import ConfigError, DataError
 from minillm.evaluation.metrics import distinct_n, exact_match, mean_and_std, rouge_l
-from minillm.evaluation.report import format_mean_std
+from minillm.evaluation.protocol import (
+    DESCRIPTION,
+    PAPER_SETS,
+    PROTOCOLS,
+    PUBLISHED_CHOICES,
+    SETTINGS,
+    check_settings,
+    choose_published,
+    data_notes,
+    recognise_set,
+)
+from minillm.evaluation.report import results_markdown
 from minillm.io import file_hash, read_jsonl, write_json, write_jsonl, write_text
 from minillm.models import load_model, load_tokenizer
 from minillm.models.fingerprint import source_fingerprint, weights_fingerprint
@@ -78,8 +93,11 @@ def _read_complete(path: Path, ids: list[str]) -> list[dict] | None:
     return records if [str(r.get("id")) for r in records] == ids else None
 
 
-def check_names(models: dict, data_files: Sequence[str]) -> dict[str, str]:
-    """Validate model labels (used as folder names) and map set name (file stem) -> data file.
+def check_names(models: dict, data_files: Sequence[str], protocol: str = "none") -> dict[str, str]:
+    """Validate model labels (used as folder names) and map set name -> data file.
+
+    The set name is the file stem; under protocol="minillm" it is the paper set the file holds (dolly,
+    selfinst, vicuna, sni, unni: `protocol.recognise_set`), in Table 1's order.
 
     Labels are the keys of `models`, so they are unique here; a list of paths is labelled by
     `minillm.config.commands.model_labels` (unique labels, never a model dropped) before it gets here.
@@ -99,13 +117,16 @@ def check_names(models: dict, data_files: Sequence[str]) -> dict[str, str]:
                               "to decode)")
     sets: dict[str, str] = {}
     for source in data_files:
-        stem = Path(str(source)).stem
+        stem = recognise_set(str(source)) if protocol == "minillm" else Path(str(source)).stem
         if stem in sets:
-            raise ConfigError(f"data files {sets[stem]!r} and {source!r} have the same set name {stem!r} "
-                              "(the file stem); rename one so their results do not overwrite each other")
+            what = "the paper's set" if protocol == "minillm" else "the same set name"
+            raise ConfigError(f"data files {sets[stem]!r} and {source!r} are both {what} {stem!r}; pass one "
+                              "of them (or rename one) so their results do not overwrite each other")
         sets[stem] = str(source)
     if not sets:
         raise ConfigError("evaluate_models needs at least one data file")
+    if protocol == "minillm":
+        sets = {name: sets[name] for name in PAPER_SETS if name in sets}
     return sets
 
 
@@ -198,53 +219,35 @@ def _aggregate(per_seed: dict[int, list[dict]], num_dropped: int) -> dict:
     }
 
 
-def _markdown(results: dict, settings: dict) -> str:
-    """Table 1 layout (Rouge-L, rows = models, columns = sets) and a per-set detail table."""
-    sets = list(dict.fromkeys(s for per_set in results.values() for s in per_set))
-    out = ["# Evaluation results", "",
-           "Rouge-L (F, stemmed, max over references, ×100): mean ± std over seeds.", "",
-           f"| model | {' | '.join(sets)} |", "|---|" + "---|" * len(sets)]
-    for model, per_set in results.items():
-        cells = [format_mean_std(per_set[s]["rougeL"]) if s in per_set else "–" for s in sets]
-        out.append(f"| {model} | {' | '.join(cells)} |")
-    out += ["", "| model | set | n (dropped) | Rouge-L | exact match | length (tokens) | Dist-4 |",
-            "|---|---|---|---|---|---|---|"]
-    for model, per_set in results.items():
-        for s, r in per_set.items():
-            cells = [format_mean_std(r[k]) for k in ("rougeL", "exact_match", "length", "dist4")]
-            out.append(f"| {model} | {s} | {r['n']} ({r['n_dropped']}) | {' | '.join(cells)} |")
-    shown = ", ".join(f"{k}={v}" for k, v in settings.items())
-    note = ("no_repeat_ngram_size=0 matches the paper's published numbers (the fork bug disabled the 6-gram "
-            "block until Sep 2024 in the LMOps transformers fork).")
-    out += ["", f"Settings: {shown}.", note, ""]
-    return "\n".join(out)
-
-
 def _run_jobs(jobs: dict[str, list[_Job]], models: dict, tokenizers: dict, sampling: SamplingConfig,
               batch_size: int, dtype: str, device: str) -> dict[tuple[str, str, int], list[dict]]:
-    """Generate every unfinished job, one model in memory at a time; (model, set, seed) -> its records."""
+    """Generate every unfinished job, one model in memory at a time; (model, set, seed) -> its records.
+
+    One progress bar (batches, with ETA) over all jobs; finished files found on a resume count as its
+    starting point, so the rate and ETA reflect only the batches generated now.
+    """
     records: dict[tuple[str, str, int], list[dict]] = {}
+    pending: dict[str, list[tuple[_Job, list[str]]]] = {}
+    done_batches = 0
+    for name, model_jobs in jobs.items():
+        for job in model_jobs:
+            ids = [str(job.dataset[i]["id"]) for i in range(len(job.dataset))]
+            done = _read_complete(job.path, ids)
+            if done is None:
+                pending.setdefault(name, []).append((job, ids))
+            else:
+                records[name, job.set_name, job.seed] = done
+                done_batches += job.num_batches
     total = sum(job.num_batches for js in jobs.values() for job in js)
-    with tqdm(total=total, unit="batch", desc="evaluate", dynamic_ncols=True) as bar:
-        for name, model_jobs in jobs.items():
-            pending = []
-            for job in model_jobs:
-                ids = [str(job.dataset[i]["id"]) for i in range(len(job.dataset))]
-                done = _read_complete(job.path, ids)
-                if done is None:
-                    pending.append((job, ids))
-                else:
-                    records[name, job.set_name, job.seed] = done
-                    bar.update(job.num_batches)
-            if not pending:
-                continue
+    with tqdm(total=total, initial=done_batches, unit="batch", desc="evaluate", dynamic_ncols=True) as bar:
+        for name, todo in pending.items():
             spec = models[name]
             model = spec[0] if isinstance(spec, tuple) else load_model(str(spec), dtype=dtype).to(device)
             check_embeddings(model, tokenizers[name], f"evaluated ({name})")
-            prompt = max(len(item["prompt_ids"]) for job, _ in pending for item in job.dataset.items)
+            prompt = max(len(item["prompt_ids"]) for job, _ in todo for item in job.dataset.items)
             check_context(model, f"evaluated ({name})",
                           generation_length("the longest prompt", prompt, sampling.max_new_tokens))
-            for job, ids in pending:
+            for job, ids in todo:
                 bar.set_description(f"{name}/{job.set_name}/seed{job.seed}")
                 _generate_job(job, model, tokenizers[name], sampling, batch_size, bar)
                 records[name, job.set_name, job.seed] = _read_complete(job.path, ids)
@@ -257,7 +260,7 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                     no_repeat_ngram_size: int = 0, batch_size: int = 8, limit: int | None = None,
                     template: str = "minillm", max_prompt_length: int = 256, dtype: str = "float32",
-                    device: str | None = None) -> dict:
+                    device: str | None = None, protocol: str = "none", published: str = "auto") -> dict:
     """Evaluate every model on every data file for every seed; write generations and aggregates.
 
     Args:
@@ -271,9 +274,16 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
         limit: only the first `limit` examples of each set (None or 0: all).
         max_prompt_length: prompts longer than this many tokens are dropped (counted in `n_dropped`).
         dtype, device: for models loaded from a path (device default: CUDA when available).
+        protocol: "minillm" enforces the paper's Table 1 evaluation (`minillm.evaluation.protocol`):
+            contradicting settings are refused, every data file must be one of the paper's five sets
+            (named dolly, selfinst, vicuna, sni, unni in the outputs), and the published numbers are shown
+            beside ours. "none": any settings and data.
+        published: under protocol="minillm", which published Table 1 block to show: "auto" (the student
+            size nearest to the smallest model evaluated), "none", or a key of `published.PAIRS`.
 
-    Returns the content of results.json: {"settings": ..., "results": {model: {set: {"n", "n_dropped",
-    "seeds", "rougeL", "exact_match", "length", "dist4"}}}}, each metric {"mean", "std", "per_seed"}.
+    Returns the content of results.json: {"settings": ..., "protocol": {"name", ...}, "published": the
+    Table 1 block or None, "results": {model: {set: {"n", "n_dropped", "seeds", "rougeL", "exact_match",
+    "length", "dist4"}}}}, each metric {"mean", "std", "per_seed"}.
     """
     if isinstance(models, (list, tuple)) and all(isinstance(m, (str, os.PathLike)) for m in models):
         models = model_labels(models)
@@ -282,7 +292,13 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
         raise ConfigError(f"seeds must be a non-empty list of distinct integers, got {seeds}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    sets = check_names(models, data_files)
+    values = {"seeds": seeds, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+              "max_new_tokens": max_new_tokens, "no_repeat_ngram_size": no_repeat_ngram_size,
+              "template": template, "max_prompt_length": max_prompt_length, "limit": limit}
+    info, block = _protocol(models, protocol, published, values)
+    sets = check_names(models, data_files, protocol)
+    if info:
+        info["sets"] = dict(sets)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                               top_p=top_p, no_repeat_ngram_size=no_repeat_ngram_size)
     # Everything that changes generations; pinned against the files already in out_dir.
@@ -296,12 +312,30 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / ".minillm.lock", f"output_dir={out}"):  # one evaluation per output folder
         return _evaluate_locked(models, sets, out, seeds, settings, sampling, limit, template,
-                                max_prompt_length, batch_size, dtype, device)
+                                max_prompt_length, batch_size, dtype, device, info, block)
+
+
+def _protocol(models: dict, protocol: str, published: str, values: dict) -> tuple[dict | None, dict | None]:
+    """Check `values` (the settings) against `protocol`; its description for results.json (None for
+    protocol="none") and the published Table 1 block to show (None for none)."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if published not in PUBLISHED_CHOICES:
+        raise ConfigError(f"published must be one of {', '.join(PUBLISHED_CHOICES)}, got {published!r}")
+    if protocol == "none":
+        if published not in ("auto", "none"):
+            raise ConfigError(f"published={published} needs protocol=minillm: the paper's numbers are only "
+                              "comparable with an evaluation run by the paper's protocol")
+        return None, None
+    check_settings(values)
+    info = {"name": protocol, "description": DESCRIPTION, "notes": [],
+            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in SETTINGS.items()}}
+    return info, choose_published(models, published)
 
 
 def _evaluate_locked(models: dict, sets: dict[str, str], out: Path, seeds: list[int], settings: dict,
                      sampling: SamplingConfig, limit, template: str, max_prompt_length: int, batch_size: int,
-                     dtype: str, device: str | None) -> dict:
+                     dtype: str, device: str | None, info: dict | None, block: dict | None) -> dict:
     sources = {name: {"source": "<in-memory model>", "fingerprint": weights_fingerprint(spec[0])}
                if isinstance(spec, tuple) else {"source": str(spec), "fingerprint": source_fingerprint(spec)}
                for name, spec in models.items()}
@@ -309,6 +343,8 @@ def _evaluate_locked(models: dict, sets: dict[str, str], out: Path, seeds: list[
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     examples = {name: load_instructions(source, limit=limit or None) for name, source in sets.items()}
+    if info:
+        info["notes"] = [n for set_name, exs in examples.items() for n in data_notes(set_name, exs)]
     tokenizers = {name: spec[1] if isinstance(spec, tuple) else load_tokenizer(str(spec))
                   for name, spec in models.items()}
     jobs: dict[str, list[_Job]] = {}
@@ -322,6 +358,9 @@ def _evaluate_locked(models: dict, sets: dict[str, str], out: Path, seeds: list[
                                 f"{max_prompt_length} tokens for model {name!r}'s tokenizer; raise "
                                 "max_prompt_length")
             dropped[name, set_name] = dataset.num_dropped
+            if info and dataset.num_dropped:
+                info["notes"].append(f"{name}/{set_name}: {dataset.num_dropped} prompts longer than "
+                                     f"{max_prompt_length} tokens were dropped (the paper truncated them)")
             batches = -(-len(dataset) // batch_size)
             jobs[name] += [_Job(set_name, seed, out / name / set_name / f"seed{seed}.jsonl", dataset, batches)
                            for seed in seeds]
@@ -331,7 +370,8 @@ def _evaluate_locked(models: dict, sets: dict[str, str], out: Path, seeds: list[
                                            dropped[name, set_name])
                       for set_name in sets}
                for name in models}
-    summary = {"settings": settings, "results": results}
+    summary = {"settings": settings, "protocol": info or {"name": "none"}, "published": block,
+               "results": results}
     write_json(out / "results.json", summary, indent=2)
-    write_text(out / "results.md", _markdown(results, settings))
+    write_text(out / "results.md", results_markdown(results, settings, info, block))
     return summary

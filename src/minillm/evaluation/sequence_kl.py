@@ -61,7 +61,8 @@ def compare_to_teacher(students: dict, teacher, tokenizer, examples, *, template
     first_seed_texts: dict[str, dict[str, str]] = {n: {} for n in names}
     for seed in seeds:
         acc: dict[str, dict[str, list[float]]] = {n: {} for n in names}
-        for start in range(0, len(dataset), batch_size):
+        for start in tqdm(range(0, len(dataset), batch_size), desc=f"compare to teacher (seed {seed})",
+                          unit="batch", dynamic_ncols=True):
             items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
             batch = collate_prompts(items, tokenizer.pad_token_id)
             refs = [it["references"] for it in items]
