@@ -57,6 +57,7 @@ def compare_to_teacher(students: dict, teacher, tokenizer, examples, *, template
     dataset = PromptDataset(examples, tokenizer, template=template, max_prompt_length=max_prompt_length)
     config = SamplingConfig(max_new_tokens=max_new_tokens)
     names = list(students) + ["teacher"]
+    device = next(teacher.parameters()).device  # the models' device (the quickstart uses CUDA when present)
     runs: list[dict[str, dict[str, list[float]]]] = []
     first_seed_texts: dict[str, dict[str, str]] = {n: {} for n in names}
     for seed in seeds:
@@ -65,6 +66,7 @@ def compare_to_teacher(students: dict, teacher, tokenizer, examples, *, template
                           unit="batch", dynamic_ncols=True):
             items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
             batch = collate_prompts(items, tokenizer.pad_token_id)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             refs = [it["references"] for it in items]
             ids = [it["id"] for it in items]
             gen = torch.Generator().manual_seed(int(seed) * 100_003 + start)
