@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="quickstart",
                    help="output folder (stages already done there are skipped)")
     p.add_argument("--budget", choices=("tiny", "small", "full"), default="small",
-                   help="tiny: ~1-3 min (smoke test), small: ~9 min (default), full: larger (not yet "
+                   help="tiny: ~1-3 min (smoke test), small: ~8 min (default), full: larger (not yet "
                         "timed) - on 2 CPU cores")
     p.add_argument("--compare", action="store_true", help="also train the SFT, KD and SeqKD baselines")
     p.add_argument("--teacher", help="teacher: any causal LM with a chat template (model folder, .gguf, hub "
