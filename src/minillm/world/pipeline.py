@@ -17,7 +17,7 @@ tokenizer maps text and ids 1:1). Models are small Llama configs built here with
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -156,7 +156,3 @@ def fit(world: World, name: str, out: Path, init: Path, train_data: Path, budget
 
     api.train(train_config(world, name, out, init, train_data, budget, teacher=teacher, seed=seed, **extra))
     return Path(out) / "final"
-
-
-def budget_dict(budget: Budget) -> dict:
-    return asdict(budget)
