@@ -288,6 +288,24 @@ def test_truth_as_model_scores_zero(noise):
     assert exact["mass_outside"] < 1e-12
 
 
+def test_reference_measures_against_the_truth_and_the_model_itself(llama_world):
+    """With the truth as the reference the reference columns equal the truth columns on the same samples
+    (the model: the same process at another noise level, so every divergence is finite); with the model
+    itself as the reference both are exactly 0."""
+    world = tiny(0.1)
+    model = TruthLM(tiny(0.3))
+    out = measure(model, world, n_samples=16, seed=3, reference=TruthLM(world))
+    assert math.isfinite(out["reverse_kl"]) and out["reverse_kl"] > 0.01
+    assert abs(out["reverse_kl_ref"] - out["reverse_kl"]) < 1e-9
+    assert math.isfinite(out["forward_kl_ref"]) and out["forward_kl_ref"] > 0.01
+    _, llama = llama_world
+    own = measure(llama, world, n_samples=16, seed=3, reference=llama)
+    assert own["reverse_kl_ref"] == 0.0 and own["forward_kl_ref"] == 0.0
+    plain = measure(llama, world, n_samples=16, seed=3)
+    assert plain["forward_kl"] == own["forward_kl"]  # the reference changes no other column
+    assert "reverse_kl_ref" not in plain
+
+
 def test_exact_kls_against_manual_enumeration(llama_world):
     world, model = llama_world
     for world_ in (world, tiny(0.0)):

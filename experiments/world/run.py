@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from minillm.io import write_text
 from minillm.stages import Stages
 from minillm.world import World, WorldSpec
@@ -50,18 +52,20 @@ LENGTH_ROWS = ("minillm", "kd", "minillm_no_norm")
 SIZES = {
     "tiny": dict(
         spec=dict(vocab=8, prompts=4, modes=2, mode_mass=[0.6, 0.4], length=3, max_length=6, mode_tokens=3,
-                  branching=2, prompt_length=2, seed=0),
+                  branching=2, prompt_length=2, noise=0.01, seed=0),
         teacher=(32, 2), teacher_budget=(80, 32, 2e-2), teacher_rounds=1, teacher_target=0.5,
         students={"w8l1": (8, 1)}, init_budget=(40, 32, 1e-2), n_data=128,
         budget=(10, 16, 5e-3), rows=["kd", "minillm", "minillm_no_norm"], seeds=[0], n_measure=64,
         lengths=[3, 5], long_lengths=[], plot_top=10),
     "default": dict(
         spec=dict(vocab=48, prompts=12, modes=3, mode_mass=[0.55, 0.3, 0.15], length=8, max_length=0,
-                  mode_tokens=6, branching=2, prompt_length=4, seed=0),
+                  mode_tokens=6, branching=2, prompt_length=4, noise=0.01, seed=0),
+        # noise 0.01: p > 0 on every content sequence, so the reverse KL to the truth is finite for every
+        # student; at noise 0 it is infinite for all and its support-restricted form misleads (world_notes.md)
         # measured (2 CPU cores, 1 thread): width 64 with 2,048 truth samples per prompt at lr 3e-3 reaches
         # forward KL 0.86 / 0.73 / 0.68 / 0.59 after 1,000 / 2,000 / 3,000 / 4,000 steps (25 s per 1,000);
         # 256 samples per prompt at lr 1e-2 stopped at 1.73 after 800 steps (too few samples, too high a lr)
-        teacher=(64, 2), teacher_budget=(1000, 32, 3e-3), teacher_rounds=4, teacher_target=0.5,
+        teacher=(64, 2), teacher_budget=(1000, 32, 3e-3), teacher_rounds=8, teacher_target=0.5,
         students={"w16l1": (16, 1), "w32l2": (32, 2)}, init_budget=(300, 32, 1e-2), n_data=2048,
         budget=(100, 16, 5e-3), rows=[*METHODS, *ABLATIONS], seeds=[0, 1, 2], n_measure=128,
         rows_other=[*METHODS],  # the larger student: the Table 1 rows only (the ablations: smallest only)
@@ -106,11 +110,13 @@ def teacher_stage(world: World, root: Path, truth: Path, s: dict) -> dict:
             "reached_target": rounds[-1]["forward_kl"] < s["teacher_target"], "measure": m}
 
 
-def measure_stage(path: str, world: World, s: dict) -> dict:
+def measure_stage(path: str, world: World, s: dict, teacher: str | None = None) -> dict:
+    """The model against the truth, and (given the teacher's folder) against the teacher it learnt from."""
     from minillm.models import load_model
     from minillm.world.measures import measure
 
-    m = measure(load_model(path), world, s["n_measure"], seed=s["measure_seed"])
+    reference = load_model(teacher) if teacher else None
+    m = measure(load_model(path), world, s["n_measure"], seed=s["measure_seed"], reference=reference)
     m.pop("per_prompt")
     return m
 
@@ -141,7 +147,8 @@ def world_pipeline(stages: Stages, root: Path, prefix: str, spec: dict, students
                     world, row, home / name, Path(init), data, Budget(*s["budget"]),
                     teacher=Path(teacher["path"]), seed=seed)))
     measures = {"teacher": teacher["measure"]}  # measured by the teacher stage, same seed and size
-    measures.update({key: stages.run(f"{prefix}measure-{key}", lambda: measure_stage(path, world, s))
+    measures.update({key: stages.run(f"{prefix}measure-{key}",
+                                     lambda: measure_stage(path, world, s, teacher["path"]))
                      for key, path in models.items() if key != "teacher"})
     return {"spec": spec, "world": folder, "teacher": teacher, "models": models, "measures": measures}
 
@@ -153,10 +160,14 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, default=0, help="number of seeds (default: the size's, 3 by default)")
     p.add_argument("--long", action="store_true", help="add the slow length-128 world to the length axis")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "world.md", help="the results page")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: these models are tiny, and on a 2-core machine two "
+                        "threads contend and run several times slower than one)")
     p.add_argument("--stages", nargs="*", default=None,
                    help="run only these parts: main, lengths, report (default: all)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
     s = settings(args)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

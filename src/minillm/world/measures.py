@@ -27,6 +27,9 @@ What `measure` reports (averages over prompts of per-prompt values, also listed 
   noise == 0 p(.|prefix) is undefined once a model sample leaves the support: such a sample's errors stop
   at that position (the error of the step that left the support is kept); exacc_err_cut_share says how
   many were cut.
+* with `reference` (the teacher): reverse_kl_ref = mean over model samples of log q - log r and
+  forward_kl_ref = mean over the reference's samples of log r - log q: the sequence-level divergences to
+  the model the student was distilled from (what MiniLLM minimises is KL(q || r)), as opposed to the truth.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import torch
 from minillm.evaluation.exposure_bias import exacc_err_curve
 from minillm.world.process import EOS_ID, World
 
-_TAG_MODEL, _TAG_TRUTH = 2, 4  # seed domains (process.py uses 1 and 3)
+_TAG_MODEL, _TAG_TRUTH, _TAG_REF = 2, 4, 6  # seed domains (process.py uses 1 and 3)
 
 
 def _seed(seed: int, i: int, tag: int) -> int:
@@ -192,8 +195,8 @@ def _content_length(y: list[int]) -> int:
     return len(y) - (1 if y and y[-1] == EOS_ID else 0)
 
 
-def _prompt_measures(model, world: World, i: int, n: int, seed: int,
-                     batch_size: int) -> tuple[dict, list, list]:
+def _prompt_measures(model, world: World, i: int, n: int, seed: int, batch_size: int,
+                     reference=None) -> tuple[dict, list, list]:
     """One prompt's numbers, and the e_t arrays along model-sampled and truth-sampled prefixes."""
     ys = sample_model(model, world, i, n, seed=_seed(seed, i, _TAG_MODEL))
     xs = world.sample(i, n, np.random.default_rng(np.random.SeedSequence([seed, i, _TAG_TRUTH])))
@@ -225,7 +228,21 @@ def _prompt_measures(model, world: World, i: int, n: int, seed: int,
         "truth_sample_length": float(np.mean([_content_length(x) for x in xs])),
         "exacc_err_cut": int(sum(len(e) < len(y) for e, y in zip(kl_y, ys))),
     }
+    if reference is not None:
+        row.update(_reference_measures(model, reference, world, i, ys, logq_y, n, seed, batch_size))
     return row, kl_y, kl_x
+
+
+def _reference_measures(model, reference, world: World, i: int, ys: list, logq_y: np.ndarray, n: int,
+                        seed: int, batch_size: int) -> dict:
+    """Sequence-level reverse / forward KL of the model to a reference model r (Monte Carlo, n samples
+    each; the reference's samples depend on (seed, prompt) only, so every model meets the same ones)."""
+    logr_y = _score(reference, world, i, ys, batch_size, with_kl=False)[0]
+    rs = sample_model(reference, world, i, n, seed=_seed(seed, i, _TAG_REF))
+    logr_r = _score(reference, world, i, rs, batch_size, with_kl=False)[0]
+    logq_r = _score(model, world, i, rs, batch_size, with_kl=False)[0]
+    return {"reverse_kl_ref": float((logq_y - logr_y).mean()),
+            "forward_kl_ref": float((logr_r - logq_r).mean())}
 
 
 def _mean(values: list[float]) -> float:
@@ -236,7 +253,7 @@ def _mean(values: list[float]) -> float:
 
 
 def measure(model, world: World, n_samples: int = 64, seed: int = 0, prompts=None,
-            batch_size: int = 64) -> dict:
+            batch_size: int = 64, reference=None) -> dict:
     """The model against the truth, averaged over `prompts` (default all): see the module docstring.
 
     `n_samples` model samples and as many truth samples per prompt, seeded by (seed, prompt). Plain floats
@@ -245,12 +262,13 @@ def measure(model, world: World, n_samples: int = 64, seed: int = 0, prompts=Non
     prompts = list(range(world.spec.prompts)) if prompts is None else [int(i) for i in prompts]
     rows, student_kl, truth_kl = [], [], []
     for i in prompts:
-        row, kl_y, kl_x = _prompt_measures(model, world, i, n_samples, seed, batch_size)
+        row, kl_y, kl_x = _prompt_measures(model, world, i, n_samples, seed, batch_size, reference)
         rows.append(row)
         student_kl += [torch.from_numpy(e) for e in kl_y]
         truth_kl += [torch.from_numpy(e) for e in kl_x]
     keys = ("reverse_kl", "reverse_kl_support", "forward_kl", "precision", "outside_support", "mode_coverage",
             "mode_mass_l1", "length", "truth_sample_length")
+    keys += ("reverse_kl_ref", "forward_kl_ref") if reference is not None else ()
     out = {key: _mean([r[key] for r in rows]) for key in keys}
     curve = exacc_err_curve(student_kl, truth_kl)
     out.update({
