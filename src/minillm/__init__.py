@@ -15,7 +15,7 @@ from .config import (  # noqa: E402
     build_config,
     config_class,
 )
-from .errors import ConfigError, DataError, MiniLLMError, ModelError, TrainingError  # noqa: E402
+from .errors import ConfigError, DataError, EngineError, MiniLLMError, ModelError, TrainingError  # noqa: E402
 
 
 def train(cfg: TrainConfig):
@@ -26,6 +26,7 @@ def train(cfg: TrainConfig):
     return _train(cfg)
 
 
-__all__ = ["ConfigError", "DataError", "DistillConfig", "EvalConfig", "GenerateConfig", "MiniLLMConfig",
-           "MiniLLMError", "ModelError", "OnPolicyConfig", "SamplingConfig", "SeqKDConfig", "TeacherConfig",
-           "TrainConfig", "TrainingError", "build_config", "config_class", "train", "__version__"]
+__all__ = ["ConfigError", "DataError", "DistillConfig", "EngineError", "EvalConfig", "GenerateConfig",
+           "MiniLLMConfig", "MiniLLMError", "ModelError", "OnPolicyConfig", "SamplingConfig", "SeqKDConfig",
+           "TeacherConfig", "TrainConfig", "TrainingError", "build_config", "config_class", "train",
+           "__version__"]

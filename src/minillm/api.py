@@ -39,6 +39,8 @@ from .models import check_compatibility, load_model, load_tokenizer
 from .ownership import claim_output_dir
 from .preflight import check_context, check_disk, check_embeddings, generation_length, training_lengths
 from .resume import check_resume_config
+from .sampling.vllm_client import find_vllm_python
+from .sampling.vllm_rollout import engine_sampler
 from .trainer import Trainer
 
 logger = logging.getLogger("minillm")
@@ -66,6 +68,7 @@ def seqkd_examples(cfg: SeqKDConfig, teacher, tokenizer, examples):
     """
     path = Path(cfg.seqkd_data) if cfg.seqkd_data else Path(cfg.output_dir) / "seqkd_teacher_data.jsonl"
     sampling = SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens)
+    engine_name = cfg.rollout_engine
     if cfg.seqkd_data and not path.exists():
         raise ConfigError(f"seqkd_data={cfg.seqkd_data} does not exist (create it with `minillm generate`).")
     if not cfg.seqkd_data and path.exists():
@@ -74,7 +77,7 @@ def seqkd_examples(cfg: SeqKDConfig, teacher, tokenizer, examples):
         dataset = PromptDataset(examples, tokenizer, template=cfg.template,
                                 max_prompt_length=cfg.max_prompt_length)
         settings = job_settings(teacher, dataset, sampling, template=cfg.template, seed=cfg.seed,
-                                model_name=cfg.teacher)
+                                model_name=cfg.teacher, engine=engine_name)
         ok, reason = finished_records(path, dataset, settings)
         if not ok:
             raise ConfigError(f"{path} (this run's SeqKD teacher data) was not made by this teacher from "
@@ -83,10 +86,13 @@ def seqkd_examples(cfg: SeqKDConfig, teacher, tokenizer, examples):
                               "output_dir, or overwrite=true), or restore the teacher and data it used.")
     if not path.exists():
         logger.info("SeqKD: sampling the teacher's responses for %d prompts into %s", len(examples), path)
-        generate_file(teacher, tokenizer, examples, path, template=cfg.template,
-                      max_prompt_length=cfg.max_prompt_length, sampling=sampling,
-                      batch_size=cfg.rollout_batch_size, seed=cfg.seed, model_name=cfg.teacher,
-                      desc="seqkd data")
+        with engine_sampler(engine_name, cfg.vllm, dtype=cfg.teacher_dtype,
+                            max_model_len=cfg.max_prompt_length + sampling.max_new_tokens,
+                            log_path=str(Path(cfg.output_dir) / "vllm_seqkd.log")) as engine:
+            generate_file(teacher, tokenizer, examples, path, template=cfg.template,
+                          max_prompt_length=cfg.max_prompt_length, sampling=sampling,
+                          batch_size=cfg.rollout_batch_size, seed=cfg.seed, model_name=cfg.teacher,
+                          desc="seqkd data", engine=engine)
     out = []
     for line, rec in enumerate(read_jsonl(path), start=1):
         response = rec.get("response") if isinstance(rec, dict) else None
@@ -102,6 +108,8 @@ def seqkd_examples(cfg: SeqKDConfig, teacher, tokenizer, examples):
 def train(cfg: TrainConfig, accelerator=None) -> Path:
     """Run `cfg.method`; returns the folder of the selected model (a plain Hugging Face folder)."""
     cfg.validate()
+    if cfg.rollout_engine == "vllm":
+        find_vllm_python(cfg.vllm.python)  # a missing vLLM environment fails before any model is loaded
     check_resume_config(cfg)  # before any expensive work: a resume may not change what the run is
     with claim_output_dir(cfg, "train"):  # one run per output_dir: locked, recorded, never mixed
         return _train(cfg, accelerator)
@@ -133,15 +141,19 @@ def _train(cfg: TrainConfig, accelerator) -> Path:
 def generate(cfg: GenerateConfig) -> Path:
     """`minillm generate`: answer every prompt of `cfg.data` (a resumable JSONL, settings alongside)."""
     cfg.validate()
+    if cfg.engine == "vllm":
+        find_vllm_python(cfg.vllm.python)  # before the model is loaded
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=cfg.dtype)
     check_embeddings(model, tokenizer, "generating")
     check_context(model, "generating",
                   generation_length("max_prompt_length", cfg.max_prompt_length, cfg.sampling.max_new_tokens))
     examples = load_instructions(cfg.data, limit=cfg.limit or None, require_output=False)
-    out = generate_file(model, tokenizer, examples, cfg.output, template=cfg.template,
-                        max_prompt_length=cfg.max_prompt_length, sampling=cfg.sampling,
-                        batch_size=cfg.batch_size, seed=cfg.seed, model_name=cfg.model)
+    with engine_sampler(cfg.engine, cfg.vllm, dtype=cfg.dtype,
+                        max_model_len=cfg.max_prompt_length + cfg.sampling.max_new_tokens) as engine:
+        out = generate_file(model, tokenizer, examples, cfg.output, template=cfg.template,
+                            max_prompt_length=cfg.max_prompt_length, sampling=cfg.sampling,
+                            batch_size=cfg.batch_size, seed=cfg.seed, model_name=cfg.model, engine=engine)
     save_config(cfg, Path(cfg.output).parent, name=Path(cfg.output).stem + ".config.yaml")
     return out
 
@@ -162,6 +174,8 @@ def _model_labels(specs: list) -> dict[str, str]:
 def evaluate(cfg: EvalConfig) -> Path:
     """`minillm evaluate`: Rouge-L etc. over seeds, plus optional exposure bias / calibration."""
     cfg.validate()
+    if cfg.engine == "vllm":
+        find_vllm_python(cfg.vllm.python)  # before any model is loaded
     out = Path(cfg.output_dir)
     save_config(cfg, out)
     models = _model_labels(cfg.models)
@@ -181,7 +195,7 @@ def evaluate(cfg: EvalConfig) -> Path:
                         top_p=s.top_p, no_repeat_ngram_size=s.no_repeat_ngram_size, batch_size=cfg.batch_size,
                         limit=cfg.limit or None, template=cfg.template,
                         max_prompt_length=cfg.max_prompt_length, dtype=cfg.dtype, protocol=cfg.protocol,
-                        published=cfg.published)
+                        published=cfg.published, engine=cfg.engine, vllm=cfg.vllm)
         # the printed table: Rouge-L / exact match / length / Dist-4 per set (and the published rows)
         logger.info("evaluation results (%s):\n%s", out / "results.md", (out / "results.md").read_text())
     if teacher_label is not None:

@@ -27,6 +27,11 @@ class TrainingError(MiniLLMError, RuntimeError):
     """Training cannot continue (a NaN/inf in a loss term, a corrupt checkpoint, ...)."""
 
 
+class EngineError(MiniLLMError, RuntimeError):
+    """An external generation engine (vLLM) cannot start, or fails or dies while serving; the message quotes
+    the engine's own error and the tail of its log."""
+
+
 class TrainingInterrupted(Exception):
     """Raised after a SIGTERM / Ctrl-C once the checkpoint is safely on disk (resume with resume=true).
 

@@ -13,6 +13,7 @@ says how many records were dropped, and regenerated.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -67,17 +68,19 @@ def _resumable_records(partial: Path, ids: list, settings: dict) -> tuple[list[s
 
 
 def job_settings(model, dataset: PromptDataset, sampling: SamplingConfig, *, template: str, seed: int,
-                 model_name: str) -> dict:
+                 model_name: str, engine: str = "hf") -> dict:
     """What makes a generation file's records, recorded in each: the model (name and content fingerprint),
-    the prompts (a hash), the template, the seed and the sampling settings. A .partial is resumed, and a
-    finished file reused (`finished_records`), only when they are the same."""
+    the prompts (a hash), the template, the seed and the sampling settings, and the engine when it is not
+    minillm's own (vLLM draws other samples from the same seed). A .partial is resumed, and a finished file
+    reused (`finished_records`), only when they are the same."""
     prompts = hashlib.blake2b("\x00".join(dataset[i]["prompt"] for i in range(len(dataset))).encode(),
                               digest_size=16).hexdigest()
     return {"model": model_name, "model_fingerprint": weights_fingerprint(model), "prompts": prompts,
             "template": template, "seed": seed,
             "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
             "top_k": sampling.top_k, "top_p": sampling.top_p,
-            "no_repeat_ngram_size": sampling.no_repeat_ngram_size, "greedy": sampling.greedy}
+            "no_repeat_ngram_size": sampling.no_repeat_ngram_size, "greedy": sampling.greedy,
+            **({"engine": engine} if engine != "hf" else {})}
 
 
 def finished_records(path: Path, dataset: PromptDataset, settings: dict) -> tuple[bool, str]:
@@ -95,8 +98,11 @@ def finished_records(path: Path, dataset: PromptDataset, settings: dict) -> tupl
 @torch.no_grad()
 def generate_file(model, tokenizer, examples, output: str | os.PathLike, *, template: str = "minillm",
                   max_prompt_length: int = 256, sampling: SamplingConfig | None = None, batch_size: int = 8,
-                  seed: int = 0, model_name: str = "", desc: str = "generate") -> Path:
-    """Write one JSONL record per example: id, instruction, input, prompt, response, references, settings."""
+                  seed: int = 0, model_name: str = "", desc: str = "generate", engine=None) -> Path:
+    """Write one JSONL record per example: id, instruction, input, prompt, response, references, settings.
+
+    `engine`: a `minillm.sampling.vllm_rollout.VLLMSampler` that samples instead of minillm's own sampler
+    (it is started on `model`'s weights; each batch's rows get seeds from the batch's generator)."""
     sampling = sampling or SamplingConfig()
     out = Path(output)
     check_output_file(out, "output")  # a folder or an unwritable place: refused before any work
@@ -107,15 +113,16 @@ def generate_file(model, tokenizer, examples, output: str | os.PathLike, *, temp
                           "a writable output.") from None
     with file_lock(out.with_name(out.name + ".lock"), f"output={output}"):  # one writer per output
         return _generate_locked(model, tokenizer, examples, out, template, max_prompt_length, sampling,
-                                batch_size, seed, model_name, desc)
+                                batch_size, seed, model_name, desc, engine)
 
 
 def _generate_locked(model, tokenizer, examples, out: Path, template: str, max_prompt_length: int,
                      sampling: SamplingConfig, batch_size: int, seed: int, model_name: str,
-                     desc: str) -> Path:
+                     desc: str, engine) -> Path:
     partial = out.with_name(out.name + ".partial")
     dataset = PromptDataset(examples, tokenizer, template=template, max_prompt_length=max_prompt_length)
-    settings = job_settings(model, dataset, sampling, template=template, seed=seed, model_name=model_name)
+    settings = job_settings(model, dataset, sampling, template=template, seed=seed, model_name=model_name,
+                            engine="vllm" if engine is not None else "hf")
     done = 0
     if partial.exists():
         ids = [dataset[i]["id"] for i in range(len(dataset))]
@@ -127,16 +134,18 @@ def _generate_locked(model, tokenizer, examples, out: Path, template: str, max_p
         write_text(partial, "".join(ln + "\n" for ln in lines[:done]))
         logger.info("resuming %s after %d records", out, done)
     device = next(model.parameters()).device
+    # the engine keeps the tokens; log q is only re-scored where a policy gradient needs it (training)
+    sample = generate_rollouts if engine is None else functools.partial(engine.rollouts, rescore=False)
     n = len(dataset)
     progress = tqdm(total=n, initial=done, desc=desc, unit="prompt", dynamic_ncols=True)
     with open(partial, "a") as f, progress as bar:
         for start in range(done, n, batch_size):
             items = [dataset[i] for i in range(start, min(n, start + batch_size))]
             batch = collate_prompts(items, tokenizer.pad_token_id)
-            r = generate_rollouts(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                  config=sampling, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id,
-                                  generator=batch_generator(seed, start // batch_size))
+            r = sample(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                       config=sampling, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id,
+                       generator=batch_generator(seed, start // batch_size))
             texts = response_texts(tokenizer, r)
             last = r.response_ids.gather(1, (r.lengths - 1).clamp(min=0)[:, None])[:, 0]
             eos = torch.tensor(tokenizer.eos_token_id).reshape(-1)

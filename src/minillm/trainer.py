@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .algorithms.base import Algorithm, LossOutput, TrainingContext
+from .algorithms.common import rollout_engine
 from .checkpoint import Checkpoints, PerProcessState
 from .distributed import (
     Placement,
@@ -107,6 +108,7 @@ class Trainer:
             reduce_sum=(lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None,
             sampling_scope=self.placement.sampling_scope,
             teacher_scope=self.placement.teacher_scope,
+            rollout_engine=rollout_engine(cfg, acc.num_processes),  # vLLM (started on first use) or None
         )
         with self.placement.sampling_scope():
             algorithm.setup(self.ctx)
@@ -233,6 +235,8 @@ class Trainer:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             self._close_logs()
+            if self.ctx.rollout_engine is not None:
+                self.ctx.rollout_engine.close()
 
     def _loop(self) -> None:
         cfg, alg = self.cfg, self.algorithm

@@ -42,6 +42,9 @@ class TrainingContext:
     sampling_scope     () -> context manager to decode and score in (FSDP: the student gathered whole, a
                        sharded teacher in lockstep); every process enters it together
     teacher_scope      () -> context manager around a teacher forward (`teacher_hidden` enters it)
+    rollout_engine     where the student's samples come from: None for minillm's own sampler, or a
+                       `minillm.sampling.vllm_rollout.VLLMSampler` (rollout_engine=vllm), kept at the
+                       student's weights of the current `step`
     """
 
     tokenizer: Any
@@ -59,6 +62,7 @@ class TrainingContext:
     step: int = 0
     sampling_scope: Callable[[], AbstractContextManager] = nullcontext
     teacher_scope: Callable[[], AbstractContextManager] = nullcontext
+    rollout_engine: Any = None
 
     @torch.no_grad()
     def teacher_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

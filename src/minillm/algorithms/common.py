@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..data import collate_prompts
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..evaluation.metrics import rouge_l
 from ..sampling import Rollout, generate_rollouts, response_texts
 
@@ -104,16 +105,51 @@ def steps_for(num_batches_per_epoch: int, cfg) -> int:
     return int(math.ceil(cfg.epochs * num_batches_per_epoch / cfg.gradient_accumulation_steps))
 
 
+def rollout_engine(cfg, num_processes: int):
+    """The vLLM sampler of a run with rollout_engine=vllm (None with hf); it starts on its first rollout,
+    with the student's weights of then, and runs in the engine's dtype of the run's precision."""
+    if getattr(cfg, "rollout_engine", "hf") != "vllm":
+        return None
+    if num_processes > 1:
+        raise ConfigError(f"rollout_engine=vllm runs one vLLM engine beside one training process; this run "
+                          f"has {num_processes} processes: launch one process, or use rollout_engine=hf.")
+    from ..sampling.vllm_rollout import VLLMSampler  # the client only; vLLM itself runs in its own process
+
+    return VLLMSampler(cfg.vllm, dtype="bfloat16" if cfg.precision == "bf16" else "float32",
+                       max_model_len=cfg.max_prompt_length + cfg.sampling.max_new_tokens,
+                       log_path=str(Path(cfg.output_dir) / "vllm_engine.log"))
+
+
 def sample_responses(ctx, sampling, items: list, generator: torch.Generator, **kwargs) -> Rollout:
     """The student's responses to `PromptDataset` items (the teacher, if any, scores them; `kwargs` go to
-    `generate_rollouts`, e.g. teacher_mix_alpha, return_teacher_hidden)."""
+    `generate_rollouts`, e.g. teacher_mix_alpha, return_teacher_hidden). With a vLLM rollout engine
+    (`ctx.rollout_engine`) the engine samples, at the student's weights of `ctx.step`."""
     batch = collate_prompts(items, ctx.tokenizer.pad_token_id)
     ids, mask = batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device)
     with ctx.sampling_scope():
+        if ctx.rollout_engine is not None:
+            return _engine_responses(ctx, sampling, ids, mask, generator, **kwargs)
         return generate_rollouts(ctx.student, ids, mask, config=sampling,
                                  eos_token_id=ctx.tokenizer.eos_token_id,
                                  pad_token_id=ctx.tokenizer.pad_token_id, teacher=ctx.teacher,
                                  shared_vocab_size=ctx.shared_vocab_size, generator=generator, **kwargs)
+
+
+def _engine_responses(ctx, sampling, ids, mask, generator, *, teacher_mix_alpha: float = 0.0, stats=None,
+                      **kwargs) -> Rollout:
+    """`sample_responses` through the vLLM engine: student samples re-scored by our forward, then the
+    teacher's log-probs (the engine's log-prob differences are logged as vllm/*). `stats` (the speculative
+    sampler's counts) has nothing to count here."""
+    if teacher_mix_alpha > 0:  # refused when the config is validated; a direct caller gets the same rule
+        raise ConfigError(f"rollout_engine=vllm cannot sample the teacher mixture (teacher_mix_alpha = "
+                          f"{teacher_mix_alpha}); use rollout_engine=hf.")
+    engine = ctx.rollout_engine
+    tok = ctx.tokenizer
+    rollout = engine.rollouts(ctx.student, ids, mask, config=sampling, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id, generator=generator, version=ctx.step,
+                              teacher=ctx.teacher, shared_vocab_size=ctx.shared_vocab_size, **kwargs)
+    ctx.log(engine.stats.metrics())
+    return rollout
 
 
 @torch.no_grad()

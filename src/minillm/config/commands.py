@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from ..evaluation.protocol import PROTOCOLS, PUBLISHED_CHOICES, check_settings
+from .engine import ENGINE_HELP, ENGINES, VLLMConfig, validate_engine_sampling
 from .options import Options, group, option
 from .paths import check_output_dir, check_output_file
 from .sampling import SamplingConfig, validate_plain_sampling
@@ -104,12 +105,15 @@ class GenerateConfig(Options):
     seed: int = option(0, "Sampling seed.")
     limit: int = option(0, "Only the first N examples (0 = all).", min=0)
     dtype: str = option("float32", "Model dtype.", choices=_DTYPES)
+    engine: str = option("hf", "Engine that generates. " + ENGINE_HELP, choices=ENGINES)
+    vllm: VLLMConfig = group(VLLMConfig, "The vLLM engine (engine=vllm): its python, memory and timeouts.")
 
     def validate(self) -> None:
         for key in ("model", "data", "output"):
             if not getattr(self, key):
                 raise ConfigError(f"`{key}` is required (set {key}=...).")
         super().validate()
+        validate_engine_sampling(self.engine, self.sampling, "engine")
         check_output_file(self.output, "output")  # before the model is loaded and anything generated
 
 
@@ -134,6 +138,9 @@ class EvalConfig(Options):
     template: str = option("minillm", "Prompt format: minillm, chat or raw.", choices=_TEMPLATES)
     max_prompt_length: int = option(256, "Prompts longer than this are dropped.", min=1)
     dtype: str = option("float32", "Model dtype.", choices=_DTYPES)
+    engine: str = option("hf", "Engine of the evaluation's generations (exposure_bias always samples with "
+                               "hf). " + ENGINE_HELP, choices=ENGINES)
+    vllm: VLLMConfig = group(VLLMConfig, "The vLLM engine (engine=vllm): its python, memory and timeouts.")
     teacher: str = option("", "Teacher, needed by exposure_bias and sequence_kl.")
     sequence_kl: bool = option(False, "Also sequence-level reverse / forward KL of each model to the "
                                       "teacher, scored on the generations (the teacher is evaluated too, as "
@@ -176,6 +183,7 @@ class EvalConfig(Options):
                 raise ConfigError("sequence_kl=true needs teacher=... and data=...")
             validate_plain_sampling(self.sampling, "sequence_kl=true")
         super().validate()
+        validate_engine_sampling(self.engine, self.sampling, "engine")
         self._check_protocol()
         check_output_dir(self.output_dir, "output_dir")  # before any model is loaded
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
+from .engine import ENGINE_HELP, ENGINES, VLLMConfig, validate_engine_mixing, validate_engine_sampling
 from .options import Options, group, option
 from .paths import check_output_dir
 from .sampling import SamplingConfig, validate_teacher_mix_alpha, validate_untruncated_sampling
@@ -116,6 +117,12 @@ class TrainConfig(Options):
                                                      "only) for seqkd's teacher samples.")
     rollout_batch_size: int = option(16, "Prompts decoded together per generation call (validation, minillm "
                                          "rollouts, seqkd's teacher samples).", min=1)
+    rollout_engine: str = option("hf", "Engine of the samples where one model samples alone: minillm "
+                                       "with teacher_mix_alpha=0 and onpolicy rollouts, generation-based "
+                                       "validation, seqkd's teacher samples. " + ENGINE_HELP,
+                                 choices=ENGINES)
+    vllm: VLLMConfig = group(VLLMConfig, "The vLLM engine (rollout_engine=vllm): its python, memory and "
+                                         "timeouts.")
 
     # Checkpoints and logging
     save_every: int = option(0, "Write a resumable checkpoint every N optimiser steps (0 = only at the end).",
@@ -173,6 +180,7 @@ class TrainConfig(Options):
             raise ConfigError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                               f"({self.max_length}) so that responses have room.")
         super().validate()
+        validate_engine_sampling(self.rollout_engine, self.sampling, "rollout_engine")
         check_trackers(self.report_to)
         # a file in the way is refused before any model is loaded; whether the folder is writable is checked
         # when the run starts (`minillm plan` reads configs written for another machine)
@@ -315,6 +323,7 @@ class MiniLLMConfig(TeacherConfig):
         super().validate()
         validate_teacher_mix_alpha(self.teacher_mix_alpha)
         validate_untruncated_sampling(self.sampling, "method=minillm")
+        validate_engine_mixing(self.rollout_engine, self.teacher_mix_alpha)
         if self.num_rollouts < self.batch_size:
             raise ConfigError(f"num_rollouts ({self.num_rollouts}) must be at least batch_size "
                               f"({self.batch_size}).")

@@ -29,6 +29,7 @@ after batch, so a (seed, batch_size) pair reproduces the same generations on the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -41,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minillm.config.commands import model_labels
+from minillm.config.engine import VLLMConfig, validate_engine_sampling
 from minillm.data import PromptDataset, collate_prompts, load_instructions
 from minillm.errors import ConfigError, DataError
 from minillm.evaluation.metrics import distinct_n, exact_match, mean_and_std, rouge_l
@@ -62,6 +64,7 @@ from minillm.models.fingerprint import source_fingerprint, weights_fingerprint
 from minillm.ownership import file_lock
 from minillm.preflight import check_context, check_embeddings, generation_length
 from minillm.sampling import SamplingConfig, generate_rollouts, response_texts
+from minillm.sampling.vllm_rollout import engine_sampler
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -171,9 +174,12 @@ def _response_texts(rollout, tokenizer, eos_ids: set[int]) -> tuple[list[str], l
 
 
 @torch.no_grad()
-def _generate_job(job: _Job, model, tokenizer, sampling: SamplingConfig, batch_size: int, bar: tqdm) -> None:
-    """Sample, score and atomically write the generation file of one (model, set, seed)."""
+def _generate_job(job: _Job, model, tokenizer, sampling: SamplingConfig, batch_size: int, bar: tqdm,
+                  engine=None) -> None:
+    """Sample (minillm's sampler, or the vLLM `engine`), score and atomically write the generation file of
+    one (model, set, seed)."""
     device = next(model.parameters()).device
+    sample = generate_rollouts if engine is None else functools.partial(engine.rollouts, rescore=False)
     generator = torch.Generator(device=device).manual_seed(job.seed)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -181,8 +187,8 @@ def _generate_job(job: _Job, model, tokenizer, sampling: SamplingConfig, batch_s
     for start in range(0, len(job.dataset), batch_size):
         items = [job.dataset[i] for i in range(start, min(len(job.dataset), start + batch_size))]
         batch = collate_prompts(items, pad)
-        rollout = generate_rollouts(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                    config=sampling, eos_token_id=eos, pad_token_id=pad, generator=generator)
+        rollout = sample(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                         config=sampling, eos_token_id=eos, pad_token_id=pad, generator=generator)
         texts, lengths, sampled = _response_texts(rollout, tokenizer, {eos})
         for item, text, length, ids in zip(items, texts, lengths, sampled):
             refs = list(item["references"])
@@ -220,8 +226,10 @@ def _aggregate(per_seed: dict[int, list[dict]], num_dropped: int) -> dict:
 
 
 def _run_jobs(jobs: dict[str, list[_Job]], models: dict, tokenizers: dict, sampling: SamplingConfig,
-              batch_size: int, dtype: str, device: str) -> dict[tuple[str, str, int], list[dict]]:
+              batch_size: int, dtype: str, device: str, engine: str = "hf",
+              vllm: VLLMConfig | None = None) -> dict[tuple[str, str, int], list[dict]]:
     """Generate every unfinished job, one model in memory at a time; (model, set, seed) -> its records.
+    With engine="vllm" each model gets a vLLM engine for its jobs (the model itself stays on the CPU).
 
     One progress bar (batches, with ETA) over all jobs; finished files found on a resume count as its
     starting point, so the rate and ETA reflect only the batches generated now.
@@ -242,15 +250,18 @@ def _run_jobs(jobs: dict[str, list[_Job]], models: dict, tokenizers: dict, sampl
     with tqdm(total=total, initial=done_batches, unit="batch", desc="evaluate", dynamic_ncols=True) as bar:
         for name, todo in pending.items():
             spec = models[name]
-            model = spec[0] if isinstance(spec, tuple) else load_model(str(spec), dtype=dtype).to(device)
+            where = "cpu" if engine == "vllm" else device
+            model = spec[0] if isinstance(spec, tuple) else load_model(str(spec), dtype=dtype).to(where)
             check_embeddings(model, tokenizers[name], f"evaluated ({name})")
             prompt = max(len(item["prompt_ids"]) for job, _ in todo for item in job.dataset.items)
             check_context(model, f"evaluated ({name})",
                           generation_length("the longest prompt", prompt, sampling.max_new_tokens))
-            for job, ids in todo:
-                bar.set_description(f"{name}/{job.set_name}/seed{job.seed}")
-                _generate_job(job, model, tokenizers[name], sampling, batch_size, bar)
-                records[name, job.set_name, job.seed] = _read_complete(job.path, ids)
+            with engine_sampler(engine, vllm, dtype=dtype, max_model_len=prompt + sampling.max_new_tokens) \
+                    as sampler:
+                for job, ids in todo:
+                    bar.set_description(f"{name}/{job.set_name}/seed{job.seed}")
+                    _generate_job(job, model, tokenizers[name], sampling, batch_size, bar, sampler)
+                    records[name, job.set_name, job.seed] = _read_complete(job.path, ids)
             del model
     return records
 
@@ -260,7 +271,8 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                     no_repeat_ngram_size: int = 0, batch_size: int = 8, limit: int | None = None,
                     template: str = "minillm", max_prompt_length: int = 256, dtype: str = "float32",
-                    device: str | None = None, protocol: str = "none", published: str = "auto") -> dict:
+                    device: str | None = None, protocol: str = "none", published: str = "auto",
+                    engine: str = "hf", vllm: VLLMConfig | None = None) -> dict:
     """Evaluate every model on every data file for every seed; write generations and aggregates.
 
     Args:
@@ -280,6 +292,8 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
             beside ours. "none": any settings and data.
         published: under protocol="minillm", which published Table 1 block to show: "auto" (the student
             size nearest to the smallest model evaluated), "none", or a key of `published.PAIRS`.
+        engine: "hf" (minillm's sampler) or "vllm" (a vLLM engine per model, options `vllm`; the same files,
+            other samples for the same seeds, so "engine" is pinned in the settings).
 
     Returns the content of results.json: {"settings": ..., "protocol": {"name", ...}, "published": the
     Table 1 block or None, "results": {model: {set: {"n", "n_dropped", "seeds", "rougeL", "exact_match",
@@ -301,18 +315,20 @@ def evaluate_models(models: dict[str, ModelSpec], data_files: list[str], out_dir
         info["sets"] = dict(sets)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                               top_p=top_p, no_repeat_ngram_size=no_repeat_ngram_size)
+    validate_engine_sampling(engine, sampling, "engine")
     # Everything that changes generations; pinned against the files already in out_dir.
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                 "no_repeat_ngram_size": no_repeat_ngram_size, "batch_size": batch_size,
                 "limit": limit or None, "template": template, "max_prompt_length": max_prompt_length,
                 "dtype": dtype,
                 # the prompts themselves: generations of an edited data file are not reused
-                "data": {name: file_hash(source) or str(source) for name, source in sets.items()}}
+                "data": {name: file_hash(source) or str(source) for name, source in sets.items()},
+                **({"engine": engine} if engine != "hf" else {})}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / ".minillm.lock", f"output_dir={out}"):  # one evaluation per output folder
         return _evaluate_locked(models, sets, out, seeds, settings, sampling, limit, template,
-                                max_prompt_length, batch_size, dtype, device, info, block)
+                                max_prompt_length, batch_size, dtype, device, info, block, (engine, vllm))
 
 
 def _protocol(models: dict, protocol: str, published: str, values: dict) -> tuple[dict | None, dict | None]:
@@ -335,7 +351,8 @@ def _protocol(models: dict, protocol: str, published: str, values: dict) -> tupl
 
 def _evaluate_locked(models: dict, sets: dict[str, str], out: Path, seeds: list[int], settings: dict,
                      sampling: SamplingConfig, limit, template: str, max_prompt_length: int, batch_size: int,
-                     dtype: str, device: str | None, info: dict | None, block: dict | None) -> dict:
+                     dtype: str, device: str | None, info: dict | None, block: dict | None,
+                     engine: tuple[str, VLLMConfig | None] = ("hf", None)) -> dict:
     sources = {name: {"source": "<in-memory model>", "fingerprint": weights_fingerprint(spec[0])}
                if isinstance(spec, tuple) else {"source": str(spec), "fingerprint": source_fingerprint(spec)}
                for name, spec in models.items()}
@@ -365,7 +382,7 @@ def _evaluate_locked(models: dict, sets: dict[str, str], out: Path, seeds: list[
             jobs[name] += [_Job(set_name, seed, out / name / set_name / f"seed{seed}.jsonl", dataset, batches)
                            for seed in seeds]
 
-    records = _run_jobs(jobs, models, tokenizers, sampling, batch_size, dtype, device)
+    records = _run_jobs(jobs, models, tokenizers, sampling, batch_size, dtype, device, *engine)
     results = {name: {set_name: _aggregate({s: records[name, set_name, s] for s in seeds},
                                            dropped[name, set_name])
                       for set_name in sets}

@@ -13,6 +13,11 @@ The method: Gu et al., MiniLLM, arXiv 2306.08543, Eq. 4-5 (teacher-mixed samplin
                  exact samples of p~ with one teacher forward per drafted block
     teacher.py   teacher-forced scoring: `response_hidden`, `teacher_forced_logprobs` (the one scorer),
                  `score_with_teacher`
+    vllm_rollout.py  the vLLM engine as a sampler (`VLLMSampler`): a model's weights in (synced by version,
+                 LoRA adapters by vLLM's LoRA path), the same `Rollout` out, log q re-scored by our forward
+    vllm_client.py   `VLLMEngine`: the engine's worker process in the vLLM environment (found by
+                 `find_vllm_python`), its protocol, timeouts and errors; never imports vLLM
+    vllm_worker.py   the worker script that environment's python runs (standard library + vLLM only)
 """
 
 from minillm.config import SamplingConfig
@@ -28,6 +33,7 @@ from minillm.sampling.rollout import (
 )
 from minillm.sampling.speculative import SpeculativeStats, decode_speculative
 from minillm.sampling.teacher import response_hidden, score_with_teacher, teacher_forced_logprobs
+from minillm.sampling.vllm_rollout import VLLMSampler, VLLMStats
 
 __all__ = [
     "CausalLMAdapter",
@@ -37,6 +43,8 @@ __all__ = [
     "Rollout",
     "SamplingConfig",
     "SpeculativeStats",
+    "VLLMSampler",
+    "VLLMStats",
     "build_processors",
     "check_teacher_sampling",
     "decode_speculative",

@@ -55,19 +55,25 @@ def _response_hidden(adapter: CausalLMAdapter, prompt_ids: Tensor, prompt_mask: 
     return hidden.gather(1, index)
 
 
-def _token_logprobs(logits: Tensor, targets: Tensor, vocab_size: int | None, temperature: float) -> Tensor:
-    """log softmax(logits[:, :vocab_size] / temperature)[target] as fp32, computed in fp32 or wider."""
+def _token_logprobs(logits: Tensor, targets: Tensor, vocab_size: int | None, temperature: float,
+                    processors: list | None = None) -> Tensor:
+    """log softmax(logits[:, :vocab_size] / temperature)[target] as fp32, computed in fp32 or wider; with
+    `processors` (temperature / top-k / top-p warpers, `draw.build_processors`) they replace the division."""
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if temperature != 1.0:
+    if processors:
+        for processor in processors:  # the warpers act row by row and ignore the token history
+            logits = processor(None, logits)
+    elif temperature != 1.0:
         logits = logits / temperature
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0].float()
 
 
 @torch.no_grad()
 def teacher_forced_logprobs(model, rollout, *, vocab_size: int | None = None, temperature: float = 1.0,
-                            chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+                            chunk_size: int | None = None,
+                            processors: list | None = None) -> tuple[Tensor, Tensor]:
     """(log model(y_t | y_<t, x) [B, T] fp32 on CPU, hidden states [B, T, H] on the model's device).
 
     `rollout` needs prompt_ids / prompt_mask (left padded) and response_ids / response_mask (a `Rollout`, or
@@ -78,7 +84,9 @@ def teacher_forced_logprobs(model, rollout, *, vocab_size: int | None = None, te
     per head call (`chunk_size=None`, the rollout engine's grouping) or `chunk_size` positions of the
     flattened valid tokens per call (the evaluation's grouping). Both give the same numbers up to float
     round-off of the head matmul; each caller keeps the grouping its recorded numbers were made with.
-    Runs without gradients; the caller sets the model's mode (see `score_with_teacher`).
+    Runs without gradients; the caller sets the model's mode (see `score_with_teacher`). `processors`:
+    logits warpers (temperature, top-k, top-p; `minillm.sampling.build_processors`) applied instead of the
+    plain temperature, for log-probs under a truncated sampling distribution (the vLLM engine's re-scoring).
     """
     adapter = CausalLMAdapter(model)
     weight = adapter.head.weight
@@ -93,12 +101,12 @@ def teacher_forced_logprobs(model, rollout, *, vocab_size: int | None = None, te
             valid = keep[row]
             logits = adapter.head(hidden[row][valid.to(adapter.device)])
             targets = rollout.response_ids[row][valid].to(adapter.device)
-            logprobs[row, valid] = _token_logprobs(logits, targets, vocab_size, temperature).cpu()
+            logprobs[row, valid] = _token_logprobs(logits, targets, vocab_size, temperature, processors).cpu()
         return logprobs, hidden
     valid = keep.to(adapter.device)
     flat, targets = hidden[valid], rollout.response_ids.to(adapter.device)[valid]
     pieces = [_token_logprobs(adapter.head(flat[start:start + chunk_size]), targets[start:start + chunk_size],
-                              vocab_size, temperature)
+                              vocab_size, temperature, processors)
               for start in range(0, max(flat.shape[0], 1), chunk_size)]
     logprobs[valid.cpu()] = torch.cat(pieces).cpu()
     return logprobs, hidden
