@@ -235,6 +235,53 @@ def test_minillm_training_with_a_lora_student_samples_through_vllm(tmp_path, tok
     assert (tmp_path / "run" / "vllm_engine.log").stat().st_size > 0  # the engine's log is kept with the run
 
 
+DDP_DRIVER = """
+import json, sys, torch
+torch.set_num_threads(1)
+from minillm import api
+from minillm.config import TrainConfig, build_config
+from minillm.config.engine import VLLMConfig
+args = json.loads(open(sys.argv[1]).read())
+args["vllm"] = VLLMConfig(**args["vllm"])
+api.train(build_config(TrainConfig, None, args))
+"""
+
+
+def test_ddp_training_gives_each_process_its_own_engine(tmp_path, tok):
+    """torchrun, 2 processes (DDP on gloo), minillm at alpha = 0 with a full-weight student: each process
+    starts its own engine (its own log) and keeps it in step with the shared weights after every round."""
+    import subprocess
+    import sys
+
+    for name, seed in (("student", 0), ("teacher", 1)):
+        _model(tok, seed=seed, scale=3.0).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    data = write_jsonl(tmp_path / "train.jsonl", make_instructions(24))
+    run = tmp_path / "run"
+    args = dict(method="minillm", student=str(tmp_path / "student"), teacher=str(tmp_path / "teacher"),
+                train_data=str(data), output_dir=str(run), template="raw", max_prompt_length=48,
+                max_length=64, max_new_tokens=8, teacher_mix_alpha=0.0, num_rollouts=4, batch_size=2,
+                rollout_batch_size=4, ppo_epochs=1, max_steps=4, learning_rate=0.05, eval_num_prompts=2,
+                report_to=["none"], rollout_engine="vllm",
+                vllm={"python": OPTIONS.python, "cpu_kv_cache_gb": 1, "start_timeout": 300,
+                      "request_timeout": 300})
+    (tmp_path / "args.json").write_text(json.dumps(args))
+    (tmp_path / "driver.py").write_text(DDP_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           "2", str(tmp_path / "driver.py"), str(tmp_path / "args.json")],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        log = run / f"vllm_engine.rank{rank}.log"
+        assert log.is_file() and log.stat().st_size > 0, f"rank {rank} started no engine of its own"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    engine = [r for r in records if "vllm/syncs" in r]
+    assert engine and max(r["vllm/syncs"] for r in engine) >= 1
+    assert all(r["vllm/logprob_max_abs_diff"] < LOGPROB_TOL for r in engine)
+    assert (run / "final" / "config.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------- (d) files
 def test_generate_file_through_the_engine(served, tok, tmp_path):
     model, sampler = served
@@ -281,24 +328,12 @@ def test_evaluate_with_vllm_writes_the_files_hf_writes(tmp_path, tok):
 
 
 # ---------------------------------------------------------------------------------------------- (e) errors
-def test_unsupported_architecture_is_named(tmp_path, tok):
-    folder = tmp_path / "odd"
-    _model(tok).save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["architectures"] = ["MiniLLMToyForCausalLM"]
-    (folder / "config.json").write_text(json.dumps(config))
-
-    class Odd:  # a model object whose export is that folder
-        def save_pretrained(self, where):
-            import shutil
-            shutil.copytree(folder, where, dirs_exist_ok=True)
-
-        def parameters(self):
-            return iter([torch.zeros(1)])
-
+def test_unsupported_architecture_is_named(tok):
+    model = _model(tok)  # exported with its config as it is: an architecture vLLM has never heard of
+    model.config.architectures = ["MiniLLMToyForCausalLM"]
     with pytest.raises(ModelError, match="MiniLLMToyForCausalLM.*Use the hf engine"):
         with VLLMSampler(OPTIONS, max_model_len=64) as sampler:
-            sampler.start(Odd())
+            sampler.start(model)
 
 
 def test_kv_cache_too_small_names_the_setting_and_quotes_vllm(tmp_path):

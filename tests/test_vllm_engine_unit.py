@@ -60,10 +60,25 @@ def test_vllm_options_are_checked_and_reachable_by_flat_and_dotted_names():
         _train(rollout_engine="sglang")
 
 
-def test_several_training_processes_are_refused():
-    with pytest.raises(ConfigError, match="2 processes"):
-        rollout_engine(_train(), 2)
-    assert rollout_engine(_train(rollout_engine="hf"), 2) is None
+def test_sharded_training_processes_are_refused():
+    with pytest.raises(ConfigError, match="2 processes.*fsdp"):
+        rollout_engine(_train(), 2, sharded=True)
+    assert rollout_engine(_train(rollout_engine="hf"), 2, sharded=True) is None
+
+
+def test_engine_environment_drops_the_launcher_and_pins_the_gpu(monkeypatch):
+    from minillm.sampling.vllm_client import _worker_env
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    env = _worker_env(0, torch.device("cuda", 1))
+    assert "RANK" not in env and "MASTER_PORT" not in env and "TORCHELASTIC_RUN_ID" not in env
+    assert env["CUDA_VISIBLE_DEVICES"] == "5"  # this process's cuda:1 is physical GPU 5
+    assert _worker_env(0, torch.device("cpu"))["CUDA_VISIBLE_DEVICES"] == "4,5,6"  # a CPU engine: unchanged
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _worker_env(0, torch.device("cuda", 3))["CUDA_VISIBLE_DEVICES"] == "3"
 
 
 # ---------------------------------------------------------------------------------------------- mapping

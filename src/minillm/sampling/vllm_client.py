@@ -72,10 +72,32 @@ def find_vllm_python(configured: str = "") -> str:
                       f"{ENV_VAR} is not set and there is no ./.venv-vllm. {INSTALL_HINT}")
 
 
-def _worker_env(cpu_kv_cache_gb: int) -> dict[str, str]:
+# set by torchrun / Accelerate for the training processes; an engine started from one of them is not a rank
+# of that job (vLLM would read them as its own distributed setup)
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _visible_device(device) -> str | None:
+    """CUDA_VISIBLE_DEVICES for an engine on `device` (one CUDA device of this process's view), else None."""
+    if device is None or getattr(device, "type", str(device)) != "cuda":
+        return None
+    index = device.index or 0
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[index] if index < len(visible) else str(index)
+
+
+def _worker_env(cpu_kv_cache_gb: int, device=None) -> dict[str, str]:
     env = dict(os.environ)
     for key in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP"):  # the vLLM env's own packages
         env.pop(key, None)
+    for key in _LAUNCHER_VARS:
+        env.pop(key, None)
+    for key in [k for k in env if k.startswith("TORCHELASTIC_")]:
+        env.pop(key)
+    visible = _visible_device(device)
+    if visible is not None:  # the engine of one training process runs on that process's GPU
+        env["CUDA_VISIBLE_DEVICES"] = visible
     if cpu_kv_cache_gb:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(int(cpu_kv_cache_gb))
     env.setdefault("VLLM_CONFIGURE_LOGGING", "1")
@@ -118,11 +140,13 @@ class VLLMEngine:
         cpu_kv_cache_gb: CPU backend only: the KV cache's size (VLLM_CPU_KVCACHE_SPACE); 0 = vLLM's default.
         start_timeout, request_timeout: seconds to wait for the engine to start / for one request.
         log_path: where the worker's stdout and stderr go (quoted in errors).
+        device: the torch device of the process the engine serves; a CUDA device pins the engine to that GPU
+            (CUDA_VISIBLE_DEVICES), so each process of a multi-GPU run gets an engine on its own GPU.
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, python: str, engine: dict,
                  log_path: str | os.PathLike, cpu_kv_cache_gb: int = 0, start_timeout: float = 600.0,
-                 request_timeout: float = 3600.0):
+                 request_timeout: float = 3600.0, device=None):
         self.python, self.log_path = python, Path(log_path)
         self.request_timeout = request_timeout
         self.options = {"model": str(model_dir), **engine}
@@ -131,7 +155,7 @@ class VLLMEngine:
             self.proc = subprocess.Popen([python, str(WORKER), str(child.fileno())],
                                          pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT,
-                                         env=_worker_env(cpu_kv_cache_gb), start_new_session=True)
+                                         env=_worker_env(cpu_kv_cache_gb, device), start_new_session=True)
         child.close()
         self.conn = parent
         self._finalizer = weakref.finalize(self, _stop, self.proc, parent, 10.0)

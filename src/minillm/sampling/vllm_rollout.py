@@ -113,14 +113,14 @@ def _workdir(model) -> Path:
 
 
 def _export_base(model, folder: Path) -> None:
-    """The model as a Hugging Face folder vLLM loads: save_pretrained, or for a PEFT model its base weights
-    (adapters left out, `base_layer` names restored) with the base config."""
-    if not _is_peft(model):
-        model.save_pretrained(str(folder))
-        return
+    """The model as a Hugging Face folder vLLM loads (config.json + model.safetensors), written by this
+    process whatever its rank (transformers' save_pretrained writes on rank 0 only once torch.distributed is
+    up, and every process of a DDP run feeds its own engine). For a PEFT model: its base weights (adapters
+    left out, `base_layer` names restored) with the base config. A tied weight is written once (vLLM ties
+    it from the config)."""
     from safetensors.torch import save_file
 
-    inner = model.get_base_model()
+    inner = model.get_base_model() if _is_peft(model) else model
     state, seen = {}, set()
     for name, tensor in inner.state_dict().items():
         if "lora_" in name:
@@ -143,13 +143,14 @@ class VLLMSampler:
         dtype: the engine's dtype ("float32", "bfloat16", "float16").
         max_model_len: the longest prompt + response to serve, unless options.max_model_len is set.
         log_path: where the engine's log goes (default: inside the private folder, removed on close).
+        device: the device of the process the engine serves (a CUDA device pins the engine to that GPU).
     """
 
     def __init__(self, options: VLLMConfig | None = None, *, dtype: str = "float32", max_model_len: int,
-                 log_path: str | None = None):
+                 log_path: str | None = None, device=None):
         self.options = options or VLLMConfig()
         self.python = find_vllm_python(self.options.python)  # a missing vLLM fails before any work
-        self.dtype, self.log_path = dtype, log_path
+        self.dtype, self.log_path, self.device = dtype, log_path, device
         self.max_model_len = self.options.max_model_len or int(max_model_len)
         self.engine: VLLMEngine | None = None
         self.version = None
@@ -181,7 +182,7 @@ class VLLMSampler:
             self.engine = VLLMEngine(folder, python=self.python, engine=engine, log_path=log,
                                      cpu_kv_cache_gb=self.options.cpu_kv_cache_gb,
                                      start_timeout=self.options.start_timeout,
-                                     request_timeout=self.options.request_timeout)
+                                     request_timeout=self.options.request_timeout, device=self.device)
         except BaseException:
             self._remove_workdir()
             raise
@@ -202,7 +203,7 @@ class VLLMSampler:
         else:
             folder = self.workdir / "update"
             shutil.rmtree(folder, ignore_errors=True)  # no shard of an earlier save left behind
-            model.save_pretrained(str(folder))
+            _export_base(model, folder)
             self.engine.load_weights(folder)
         self.version = version
         self.stats.syncs += 1
