@@ -61,9 +61,18 @@ def test_vllm_options_are_checked_and_reachable_by_flat_and_dotted_names():
 
 
 def test_sharded_training_processes_are_refused():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    two = SimpleNamespace(num_processes=2, process_index=1, device=torch.device("cpu"),
+                          distributed_type=DistributedType.MULTI_CPU)
     with pytest.raises(ConfigError, match="2 processes.*fsdp"):
-        rollout_engine(_train(), 2, sharded=True)
-    assert rollout_engine(_train(rollout_engine="hf"), 2, sharded=True) is None
+        rollout_engine(_train(), two, sharded=True)
+    deepspeed = SimpleNamespace(**{**vars(two), "distributed_type": DistributedType.DEEPSPEED})
+    with pytest.raises(ConfigError, match="2 processes.*DeepSpeed"):
+        rollout_engine(_train(), deepspeed)
+    assert rollout_engine(_train(rollout_engine="hf"), two, sharded=True) is None
 
 
 def test_engine_environment_drops_the_launcher_and_pins_the_gpu(monkeypatch):

@@ -108,9 +108,7 @@ class Trainer:
             reduce_sum=(lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None,
             sampling_scope=self.placement.sampling_scope,
             teacher_scope=self.placement.teacher_scope,
-            rollout_engine=rollout_engine(  # vLLM (started on first use) or None
-                cfg, acc.num_processes, process_index=acc.process_index, device=acc.device,
-                sharded=self.fsdp or acc.distributed_type == DistributedType.DEEPSPEED),
+            rollout_engine=rollout_engine(cfg, acc, sharded=self.fsdp),  # vLLM (started on first use) or None
         )
         with self.placement.sampling_scope():
             algorithm.setup(self.ctx)

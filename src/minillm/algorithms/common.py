@@ -105,12 +105,17 @@ def steps_for(num_batches_per_epoch: int, cfg) -> int:
     return int(math.ceil(cfg.epochs * num_batches_per_epoch / cfg.gradient_accumulation_steps))
 
 
-def rollout_engine(cfg, num_processes: int, *, process_index: int = 0, device=None, sharded: bool = False):
-    """The vLLM sampler of a run with rollout_engine=vllm (None with hf); it starts on its first rollout,
-    with the student's weights of then, and runs in the engine's dtype of the run's precision. With several
-    processes (DDP) each process gets its own engine, on its own GPU, fed its own (identical) weights."""
+def rollout_engine(cfg, accelerator, *, sharded: bool = False):
+    """The vLLM sampler of this process in a run with rollout_engine=vllm (None with hf); it starts on its
+    first rollout, with the student's weights of then, and runs in the engine's dtype of the run's precision.
+    With several processes (DDP) each process gets its own engine, on its own GPU (`accelerator.device`), fed
+    its own (identical) weights; a sharded run (`sharded`: FSDP, or Accelerate's DeepSpeed) is refused."""
     if getattr(cfg, "rollout_engine", "hf") != "vllm":
         return None
+    num_processes, process_index = accelerator.num_processes, accelerator.process_index
+    from accelerate.utils import DistributedType
+
+    sharded = sharded or getattr(accelerator, "distributed_type", None) == DistributedType.DEEPSPEED
     if num_processes > 1 and sharded:
         raise ConfigError(f"rollout_engine=vllm gives each of the {num_processes} processes an engine fed "
                           "with the whole student, which a sharded run (fsdp / DeepSpeed) does not hold on "
@@ -120,7 +125,7 @@ def rollout_engine(cfg, num_processes: int, *, process_index: int = 0, device=No
     log = "vllm_engine.log" if num_processes == 1 else f"vllm_engine.rank{process_index}.log"
     return VLLMSampler(cfg.vllm, dtype="bfloat16" if cfg.precision == "bf16" else "float32",
                        max_model_len=cfg.max_prompt_length + cfg.sampling.max_new_tokens,
-                       log_path=str(Path(cfg.output_dir) / log), device=device)
+                       log_path=str(Path(cfg.output_dir) / log), device=accelerator.device)
 
 
 def sample_responses(ctx, sampling, items: list, generator: torch.Generator, **kwargs) -> Rollout:
