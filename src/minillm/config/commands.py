@@ -7,7 +7,7 @@ from pathlib import PurePath
 from typing import ClassVar
 
 from ..errors import ConfigError
-from ..evaluation.protocol import PROTOCOLS, PUBLISHED_CHOICES, check_settings
+from ..evaluation.protocol import PROTOCOLS, PUBLISHED_CHOICES, check_published, check_settings
 from .engine import ENGINE_HELP, ENGINES, VLLMConfig, validate_engine_sampling
 from .options import Options, group, option
 from .paths import check_output_dir, check_output_file
@@ -15,7 +15,6 @@ from .sampling import SamplingConfig, validate_plain_sampling
 
 _TEMPLATES = ("minillm", "chat", "raw")
 _DTYPES = ("float32", "bfloat16", "float16")
-
 
 
 def _path_parts(path: str) -> list[str]:
@@ -189,10 +188,8 @@ class EvalConfig(Options):
 
     def _check_protocol(self) -> None:
         """protocol=minillm: refuse every option that contradicts the paper's evaluation, by its name."""
+        check_published(self.protocol, self.published)
         if self.protocol == "none":
-            if self.published not in ("auto", "none"):
-                raise ConfigError(f"published={self.published} needs protocol=minillm: the paper's numbers "
-                                  "are only comparable with an evaluation run by the paper's protocol.")
             return
         if not self.data:
             raise ConfigError("protocol=minillm needs data=... (one or more of the paper's test sets: dolly, "

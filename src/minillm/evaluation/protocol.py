@@ -88,6 +88,13 @@ def _normalise_value(key: str, value):
     return value
 
 
+def check_published(protocol: str, published: str) -> None:
+    """A published Table 1 block is shown only beside an evaluation run by the paper's protocol."""
+    if protocol == "none" and published not in ("auto", "none"):
+        raise ConfigError(f"published={published} needs protocol=minillm: the paper's numbers are only "
+                          "comparable with an evaluation run by the paper's protocol.")
+
+
 def check_settings(values: dict[str, object], names: dict[str, str] | None = None) -> None:
     """Refuse every value of `values` (canonical keys of SETTINGS) that differs from the paper's.
 

@@ -52,6 +52,7 @@ from minillm.evaluation.protocol import (
     PROTOCOLS,
     PUBLISHED_CHOICES,
     SETTINGS,
+    check_published,
     check_settings,
     choose_published,
     data_notes,
@@ -338,10 +339,8 @@ def _protocol(models: dict, protocol: str, published: str, values: dict) -> tupl
         raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     if published not in PUBLISHED_CHOICES:
         raise ConfigError(f"published must be one of {', '.join(PUBLISHED_CHOICES)}, got {published!r}")
+    check_published(protocol, published)
     if protocol == "none":
-        if published not in ("auto", "none"):
-            raise ConfigError(f"published={published} needs protocol=minillm: the paper's numbers are only "
-                              "comparable with an evaluation run by the paper's protocol")
         return None, None
     check_settings(values)
     info = {"name": protocol, "description": DESCRIPTION, "notes": [],

@@ -84,8 +84,10 @@ def check_teacher_sampling(config: SamplingConfig, *, teacher_mix_alpha: float, 
         validate_untruncated_sampling(config, "sampling with a teacher")
 
 
-def _check_rollout_args(config: SamplingConfig, prompt_ids: Tensor, prompt_mask: Tensor, teacher,
-                        teacher_mix_alpha: float, return_teacher_hidden: bool) -> None:
+def check_rollout_args(config: SamplingConfig, prompt_ids: Tensor, prompt_mask: Tensor, teacher,
+                       teacher_mix_alpha: float, return_teacher_hidden: bool) -> None:
+    """What every sampler (this one, the vLLM engine's) refuses: unsafe teacher sampling, hidden states
+    without a teacher, mismatched shapes, an empty prompt."""
     check_teacher_sampling(config, teacher_mix_alpha=teacher_mix_alpha, with_teacher=teacher is not None)
     if return_teacher_hidden and teacher is None:
         raise ConfigError("return_teacher_hidden=True needs a teacher model.")
@@ -146,7 +148,7 @@ def generate_rollouts(
     Greedy decoding takes the argmax of p~ (of the processed student logits when alpha = 0, as
     `generate(do_sample=False)` does); the recorded log-probs are still those of the processed distributions.
     """
-    _check_rollout_args(config, prompt_ids, prompt_mask, teacher, teacher_mix_alpha, return_teacher_hidden)
+    check_rollout_args(config, prompt_ids, prompt_mask, teacher, teacher_mix_alpha, return_teacher_hidden)
     alpha = float(teacher_mix_alpha)
     if teacher is not None and alpha == 0.0 and config.no_repeat_ngram_size == 0:
         # The teacher does not shape the samples: decode the student alone, then score the whole batch

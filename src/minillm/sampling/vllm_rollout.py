@@ -37,7 +37,7 @@ from minillm.config.engine import VLLMConfig
 from minillm.errors import ConfigError, EngineError
 from minillm.sampling.adapter import EvalMode
 from minillm.sampling.draw import build_processors
-from minillm.sampling.rollout import Rollout
+from minillm.sampling.rollout import Rollout, check_rollout_args
 from minillm.sampling.teacher import score_with_teacher, teacher_forced_logprobs
 from minillm.sampling.vllm_client import VLLMEngine, find_vllm_python
 
@@ -251,16 +251,12 @@ class VLLMSampler:
         `rescore` replaces the engine's log q by our own forward's (the difference goes to `self.stats`);
         without it the engine's values stay (generation and evaluation, which keep only the tokens).
         """
-        if return_teacher_hidden and teacher is None:
-            raise ConfigError("return_teacher_hidden=True needs a teacher model.")
+        check_rollout_args(config, prompt_ids, prompt_mask, teacher, 0.0, return_teacher_hidden)
         self.sync(model, version)
         eos = [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
         width = model.get_output_embeddings().weight.shape[0]
         stop = [i for i in eos if 0 <= i < width]  # an id outside the logits is never drawn (vLLM refuses it)
         prompts = [ids[mask != 0].tolist() for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
-        if any(not p for p in prompts):
-            raise ConfigError("A prompt in the batch is empty (its attention mask is all 0); every prompt "
-                              "needs at least one token to condition on.")
         params = sampling_params(config, stop, row_seeds(len(prompts), generator))
         start = time.perf_counter()
         outputs = self.engine.generate(prompts, params, lora=self._lora)
