@@ -33,14 +33,14 @@ def _sync(device) -> None:
 
 def timed_rollout(student, prompt_ids, prompt_mask, *, max_new_tokens, teacher=None, alpha=0.0, vocab=None,
                   hidden=False, eos_token_id=-1, pad_token_id=0, seed=0, autocast=None, draft_length=None,
-                  stats=None):
+                  draft_adaptive=None, stats=None):
     """(rollout, seconds). eos_token_id=-1 (no token matches) makes every row decode exactly
-    max_new_tokens. draft_length: the speculative sampler's (0 = lockstep; None = the config default)."""
+    max_new_tokens. draft_length / draft_adaptive: the speculative sampler's (draft_length 0 = lockstep;
+    None = the config default)."""
     device = prompt_ids.device
     gen = torch.Generator().manual_seed(seed)
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens)
-    if draft_length is not None:
-        cfg = SamplingConfig(max_new_tokens=max_new_tokens, draft_length=draft_length)
+    given = {"draft_length": draft_length, "draft_adaptive": draft_adaptive}
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, **{k: v for k, v in given.items() if v is not None})
     ctx = torch.autocast(torch.device(device).type, dtype=autocast) if autocast else nullcontext()
     _sync(device)
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ from transformers import NoRepeatNGramLogitsProcessor
 
 from minillm.models import final_hidden
 from minillm.sampling import SamplingConfig, generate_rollouts
-from minillm.sampling.speculative import SpeculativeStats, _append_ragged
+from minillm.sampling.speculative import PRIOR_TOKENS, SpeculativeStats, _append_ragged, adaptive_draft_length
 from minillm.testing import tiny_gpt2, tiny_llama, tiny_tokenizer
 from test_sampling import PROMPTS, chi2_pvalue, left_pad, reference_logprobs
 
@@ -78,10 +78,10 @@ def exact_responses(student, teacher, alpha: float, temperature: float, ngram: i
 
 
 def sample_responses(student, teacher, n: int, *, alpha: float, draft: int, temperature: float,
-                     ngram: int = 0, seed: int = 0, stats=None):
+                     ngram: int = 0, seed: int = 0, stats=None, adaptive: bool = False):
     ids = torch.tensor([PROMPT]).expand(n, -1).contiguous()
     config = SamplingConfig(max_new_tokens=MAX_NEW, temperature=temperature, draft_length=draft,
-                            no_repeat_ngram_size=ngram)
+                            no_repeat_ngram_size=ngram, draft_adaptive=adaptive)
     return generate_rollouts(student, ids, torch.ones_like(ids), config=config, eos_token_id=EOS,
                              pad_token_id=PAD, teacher=teacher, teacher_mix_alpha=alpha,
                              generator=torch.Generator().manual_seed(seed), stats=stats)
@@ -95,21 +95,24 @@ def _counts(rollout, support: list[tuple]) -> torch.Tensor:
     return counts
 
 
-@pytest.mark.parametrize("alpha, draft, temperature, ngram", [
-    (0.2, 1, 1.0, 0),   # the paper's alpha, the shortest draft
-    (0.5, 3, 1.0, 0),   # a draft as long as the response budget allows: rejection at every index, bonus
-    (0.5, 2, 0.7, 0),   # temperature applied to both models
-    (0.5, 2, 1.0, 2),   # the n-gram ban applied to both models at each drafted prefix
-    (0.0, 3, 1.0, 2),   # alpha = 0 with the n-gram ban (the speculative path; every draft is kept)
+@pytest.mark.parametrize("alpha, draft, temperature, ngram, adaptive", [
+    (0.2, 1, 1.0, 0, False),   # the paper's alpha, the shortest draft
+    (0.5, 3, 1.0, 0, False),   # as long as the budget allows: rejection at every index, bonus
+    (0.5, 2, 0.7, 0, False),   # temperature applied to both models
+    (0.5, 2, 1.0, 2, False),   # the n-gram ban applied to both models at each drafted prefix
+    (0.0, 3, 1.0, 2, False),   # alpha = 0 with the n-gram ban (the speculative path; every draft is kept)
+    (0.5, 3, 1.0, 0, True),    # the adaptive length: 2 from the prior, then 1 at the measured acceptance
 ])
-def test_whole_responses_follow_the_exact_mixture(small_models, alpha, draft, temperature, ngram):
+def test_whole_responses_follow_the_exact_mixture(small_models, alpha, draft, temperature, ngram, adaptive):
     student, teacher = small_models
     exact = exact_responses(student, teacher, alpha, temperature, ngram)
     support = list(exact)
     probs = torch.tensor([exact[r] for r in support])
     stats = SpeculativeStats()
     rollout = sample_responses(student, teacher, 30_000, alpha=alpha, draft=draft, temperature=temperature,
-                               ngram=ngram, stats=stats)
+                               ngram=ngram, stats=stats, adaptive=adaptive)
+    if adaptive:
+        assert len(set(stats.draft_lengths)) > 1, stats.draft_lengths  # the length did change between rounds
     counts = _counts(rollout, support)
     assert chi2_pvalue(counts, probs) > 1e-3
     # each token given its prefix: the second token after the most frequent first token
@@ -132,6 +135,26 @@ def test_whole_responses_follow_the_exact_mixture(small_models, alpha, draft, te
         # every number of kept drafted tokens occurred: rejection at the first and at the last drafted
         # token, and whole drafts kept (the bonus token)
         assert all(c > 0 for c in stats.kept_counts[:max(stats.draft_lengths) + 1])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5])
+@pytest.mark.parametrize("cost_ratio", [0.5, 2.0, 5.0])
+def test_adaptive_draft_length_maximises_tokens_per_cost(alpha, cost_ratio):
+    """Against brute force: expected tokens per round = sum over i <= k of a^i (a row keeps drafted token i
+    only after keeping tokens 0..i-1, and always gains one more token), cost k + 1 + cost_ratio."""
+    for accepted, rejected in [(0, 0), (10, 90), (80, 20), (400, 100), (990, 10), (10_000, 0)]:
+        a = (accepted + PRIOR_TOKENS * (1 - alpha / 2)) / (accepted + rejected + PRIOR_TOKENS)
+        values = [sum(a ** i for i in range(k + 1)) / (k + 1 + cost_ratio) for k in range(1, 9)]
+        best = max(values)
+        k = adaptive_draft_length(accepted, rejected, alpha=alpha, max_length=8, cost_ratio=cost_ratio)
+        assert values[k - 1] >= best * (1 - 1e-12)
+        assert all(v < best * (1 - 1e-12) for v in values[:k - 1])  # ties go to the shorter draft
+    # more acceptance never shortens the draft; a sure acceptance drafts the most allowed
+    lengths = [adaptive_draft_length(n, 1000 - n, alpha=0.2, max_length=12, cost_ratio=cost_ratio)
+               for n in range(0, 1001, 50)]
+    assert lengths == sorted(lengths)
+    assert adaptive_draft_length(0, 0, alpha=0.0, max_length=7, cost_ratio=cost_ratio) == 7
+    assert adaptive_draft_length(0, 10_000, alpha=0.5, max_length=7, cost_ratio=cost_ratio) == 1
 
 
 def test_the_chi_square_test_has_power(small_models):

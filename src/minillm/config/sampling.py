@@ -25,10 +25,14 @@ class SamplingConfig:
     no_repeat_ngram_size: int = option(0, "Ban any n-gram of this size (prompt included) from repeating; "
                                           "0 disables.")
     greedy: bool = option(False, "Take the argmax of the sampling distribution instead of sampling.")
-    draft_length: int = option(4, "Teacher-mixed sampling (minillm rollouts) by speculative decoding: the "
-                                  "student drafts this many tokens, one teacher forward verifies them; the "
-                                  "samples follow p~ = a*p + (1-a)*q exactly. 0 steps the teacher token by "
-                                  "token (lockstep).")
+    draft_length: int = option(6, "Teacher-mixed sampling (minillm rollouts) by speculative decoding: the "
+                                  "student drafts up to this many tokens, one teacher forward verifies them; "
+                                  "the samples follow p~ = a*p + (1-a)*q exactly. 0 steps the teacher token "
+                                  "by token (lockstep).")
+    draft_adaptive: bool = option(True, "Each round drafts the length (at most draft_length) that gives the "
+                                        "most tokens per unit of cost at the acceptance rate measured so far "
+                                        "in the rollout; false: always draft_length. The samples' "
+                                        "distribution is the same either way.")
 
     def __post_init__(self) -> None:
         checks = {

@@ -171,7 +171,7 @@ def generate_rollouts(
                 student_dec, teacher_dec, prompt_ids, prompt_mask, config=config, eos_token_id=eos_token_id,
                 pad_token_id=pad_token_id, alpha=alpha, shared_vocab_size=shared_vocab_size,
                 generator=generator, return_teacher_hidden=return_teacher_hidden, compact=compact,
-                draft_length=config.draft_length, stats=stats)
+                draft_length=config.draft_length, adaptive=config.draft_adaptive, stats=stats)
             return _assemble_rollout(columns, prompt_ids, prompt_mask, alpha=alpha, with_teacher=True,
                                      with_hidden=return_teacher_hidden)
         steps = decode_lockstep(student_dec, teacher_dec, prompt_ids, prompt_mask, config=config,

@@ -41,9 +41,30 @@ from minillm.sampling import draw
 from minillm.sampling.adapter import GrowingLayer
 from minillm.sampling.decoder import Decoder
 
-__all__ = ["SpeculativeStats", "decode_speculative", "supports_speculative"]
+__all__ = ["SpeculativeStats", "adaptive_draft_length", "decode_speculative", "supports_speculative"]
 
 NO_TOKEN = torch.iinfo(torch.long).max  # the n-gram history's left padding: an id no token can match
+# The adaptive draft length prices a round at k + 1 student decode steps plus a verification forward worth
+# DRAFT_COST_RATIO of them, and starts from PRIOR_TOKENS pseudo-observations at acceptance 1 - alpha / 2.
+# A verification forward measured ~2.6-3.7 student steps here (CPU) and on an H200; with the batch's rounds
+# set by its slowest row, ratio 2 chose a length within 3 % of the best in the cost model's Monte Carlo at
+# every acceptance from 0.8 to 0.98 (benchmarks/speculative_model.py, docs/benchmarks.md section 8).
+DRAFT_COST_RATIO = 2.0
+PRIOR_TOKENS = 8
+
+
+def adaptive_draft_length(accepted: int, rejected: int, *, alpha: float, max_length: int,
+                          cost_ratio: float = DRAFT_COST_RATIO) -> int:
+    """The draft length k in 1..max_length that maximises the tokens a row expects per round,
+    (1 - a^(k+1)) / (1 - a) at per-token acceptance a, per round cost k + 1 + cost_ratio; a is estimated from
+    the drafted tokens accepted and the rejections so far. Ties go to the shorter draft."""
+    a = (accepted + PRIOR_TOKENS * (1.0 - alpha / 2)) / (accepted + rejected + PRIOR_TOKENS)
+
+    def value(k: int) -> float:
+        gain = k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+        return gain / (k + 1 + cost_ratio)
+
+    return max(range(1, max_length + 1), key=value)
 
 
 @dataclass
@@ -52,6 +73,7 @@ class SpeculativeStats:
 
     drafted: int = 0
     accepted: int = 0
+    rejected: int = 0  # row-rounds that ended at a rejected drafted token
     teacher_forwards: int = 0
     teacher_row_forwards: int = 0  # rows decoded in each teacher forward, summed (a row's verifications)
     student_forwards: int = 0
@@ -70,8 +92,8 @@ class SpeculativeStats:
         return self.tokens / self.teacher_row_forwards if self.teacher_row_forwards else float("nan")
 
     def add(self, other: SpeculativeStats) -> None:
-        for name in ("drafted", "accepted", "teacher_forwards", "teacher_row_forwards", "student_forwards",
-                     "tokens", "rounds"):
+        for name in ("drafted", "accepted", "rejected", "teacher_forwards", "teacher_row_forwards",
+                     "student_forwards", "tokens", "rounds"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.draft_lengths += other.draft_lengths
         self.add_kept(other.kept_counts)
@@ -151,8 +173,9 @@ def decode_speculative(student_dec: Decoder, teacher_dec: Decoder, prompt_ids: T
                        config: SamplingConfig, eos_token_id: int | Sequence[int], pad_token_id: int,
                        alpha: float, shared_vocab_size: int | None, generator: torch.Generator | None,
                        return_teacher_hidden: bool, compact: bool, draft_length: int,
-                       stats: SpeculativeStats | None = None) -> list[Tensor]:
-    """Decode by draft-and-verify until every row has drawn an EOS or `max_new_tokens`.
+                       adaptive: bool = False, stats: SpeculativeStats | None = None) -> list[Tensor]:
+    """Decode by draft-and-verify until every row has drawn an EOS or `max_new_tokens`; `adaptive`: each
+    round drafts `adaptive_draft_length` (at most `draft_length`) from this decode's counts so far.
 
     Returns the columns [B, T] of the rollout (tokens, active, log q, log p, log p~[, teacher hidden]) as
     `decode_lockstep` records them, T = the longest response.
@@ -163,7 +186,8 @@ def decode_speculative(student_dec: Decoder, teacher_dec: Decoder, prompt_ids: T
     while not run.done():
         if compact:
             run.compact()
-        run.round(draft_length)
+        run.round(adaptive_draft_length(run.accepted, run.rejected, alpha=alpha, max_length=draft_length)
+                  if adaptive else draft_length)
     return run.out.columns(int(run.out.count.max()), with_teacher=True)
 
 
@@ -183,6 +207,7 @@ class _SpeculativeRun:
         self.with_history = config.no_repeat_ngram_size > 0  # the only processor that reads the history
         self.in_step = lockstep_group()  # a sharded teacher: every process makes the same teacher calls
         self.rows: Tensor | None = None  # decoded rows -> original rows (None: all)
+        self.accepted = self.rejected = 0  # this decode: drafted tokens kept / row-rounds with a rejection
 
     # ------------------------------------------------------------------ set-up and the first token
     def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, shared_vocab_size: int | None) -> None:
@@ -354,10 +379,13 @@ class _SpeculativeRun:
 
     def _count(self, k: int, n_kept: Tensor, active: Tensor, n_new: Tensor) -> None:
         stats, n_active = self.stats, int(active.sum())
+        accepted, rejected = int(n_kept[active].sum()), int((n_kept[active] < k).sum())
+        self.accepted, self.rejected = self.accepted + accepted, self.rejected + rejected
         stats.rounds += 1
+        stats.rejected += rejected
         stats.teacher_row_forwards += n_active
         stats.drafted += k * n_active
-        stats.accepted += int(n_kept[active].sum())
+        stats.accepted += accepted
         stats.tokens += int(n_new.sum())
         stats.draft_lengths.append(k)
         stats.add_kept(torch.bincount(n_kept[active], minlength=k + 1).tolist())
