@@ -49,6 +49,7 @@ def test_misspelled_key_gets_a_hint(tmp_path):
     ({"method": "minilm"}, "Did you mean 'minillm'"),
     ({"batch_size": "four"}, "expects int"),
     ({"method": "minillm", "teacher": "t", "single_step": "maybe"}, "expects bool"),
+    ({"output_dir": False}, "expects str, got False. YAML reads an unquoted yes / no"),  # not "False/"
     ({"max_prompt_length": 600}, "must be smaller than max_length"),
     ({"method": "kd"}, "needs a teacher"),
     ({"method": "minillm", "teacher": "t", "top_k": 50}, "cannot be used when the teacher is stepped"),

@@ -321,16 +321,20 @@ def _last(argv: list[str], key: str) -> str | None:
     return value
 
 
-def run_cli(world: World, name: str, argv: list[str], work: Path, *, protected: tuple[Path, ...] = ()) -> int:
+LOCATION_KEYS = {"generate": "output", "prune": "out", "plan": None, "evaluate": "output_dir"}
+
+
+def run_cli(world: World, name: str, argv: list[str], work: Path, *, protected: tuple[Path, ...] = (),
+            config_location: str | None = None) -> int:
     """Run `minillm argv` in-process with cwd=`work`; assert exit 0/2, no traceback, nothing touched outside
-    the output location (and none of `protected`, a user's files, touched at all)."""
+    the output location (and none of `protected`, a user's files, touched at all). `config_location`: the
+    output location a --config file sets, used when the command line sets none."""
     CASES[name] += 1
     command = argv[0]
-    key = {"generate": "output", "prune": "out", "plan": None, "evaluate": "output_dir"}.get(
-        command, "output_dir"
-    )
+    key = LOCATION_KEYS.get(command, "output_dir")
     default = {"evaluate": "runs/eval", "sft": "runs/minillm", "distill": "runs/minillm"}.get(command)
     raw = _last(argv, key) if key else None
+    raw = config_location if raw is None else raw
     raw = default if raw is None else raw
     locations = [] if raw is None else [Path(os.path.abspath(work / Path(raw).expanduser()))]
     before = _snapshot(world.root)
@@ -558,11 +562,14 @@ def yaml_cases(draw, world: World, work: Path):
     if kind == "mapping":
         keys = _keys(command) if command != "plan" else _keys("minillm")
         mapping = {}
+        location_key = LOCATION_KEYS.get(command, "output_dir")
         for _ in range(draw(st.integers(1, 4))):
             key = draw(st.one_of(st.sampled_from(keys), st.sampled_from(UNKNOWN_KEYS)))
             mapping[key] = (
                 draw(st.sampled_from(REFUSED_VALUES + SMALL_VALUES))
                 if _costly(key)
+                else draw(st.one_of(st.sampled_from(output_choices(work)), YAML_VALUES))
+                if key == location_key
                 else draw(YAML_VALUES)
             )
         path.write_text(yaml.safe_dump(mapping, allow_unicode=draw(st.booleans())))
@@ -603,7 +610,21 @@ def yaml_cases(draw, world: World, work: Path):
 def test_generated_yaml_configs_exit_cleanly(world, data):
     with work_dir(world) as work:
         command, argv = data.draw(yaml_cases(world, work), label="case")
-        run_cli(world, "yaml", argv, work, protected=protected_files(work, argv))
+        run_cli(world, "yaml", argv, work, protected=protected_files(work, argv),
+                config_location=yaml_location(work / "config.yaml", LOCATION_KEYS.get(command, "output_dir")))
+
+
+def yaml_location(path: Path, key: str | None) -> str | None:
+    """The output location a YAML config sets as the CLI reads it (a scalar as its text; None, a boolean,
+    a list or a mapping are refused, so they set none)."""
+    try:
+        mapping = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError):
+        return None
+    if not key or not isinstance(mapping, dict):
+        return None
+    value = mapping.get(key)
+    return None if value is None or isinstance(value, (bool, list, dict)) else str(value)
 
 
 # ------------------------------------------------------------------------------------ instruction data files

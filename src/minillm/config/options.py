@@ -166,7 +166,7 @@ def _to_list(value: Any) -> list:
 
 
 def _to_str(value: Any) -> str:
-    if isinstance(value, (dict, list)):
+    if isinstance(value, (dict, list, bool)):  # a bool: YAML's unquoted yes/no/on/off/true/false
         raise ValueError
     return "" if value is None else str(value)
 
@@ -179,7 +179,9 @@ def _convert(cls, f: dataclasses.Field, value: Any, where: str, name: str):
     try:
         return _CONVERTERS[tp](value) if tp in _CONVERTERS else value
     except (TypeError, ValueError, OverflowError):  # OverflowError: int("1e999"), int(inf)
-        raise ConfigError(f"{where}: `{name}` expects {tp.__name__}, got {value!r}.") from None
+        hint = (" YAML reads an unquoted yes / no / on / off / true / false as a boolean: quote the value."
+                if isinstance(value, bool) and tp is str else "")
+        raise ConfigError(f"{where}: `{name}` expects {tp.__name__}, got {value!r}.{hint}") from None
 
 
 def _non_finite(value: Any) -> bool:

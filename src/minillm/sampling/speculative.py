@@ -44,11 +44,9 @@ from minillm.sampling.decoder import Decoder
 __all__ = ["SpeculativeStats", "adaptive_draft_length", "decode_speculative", "supports_speculative"]
 
 NO_TOKEN = torch.iinfo(torch.long).max  # the n-gram history's left padding: an id no token can match
-# The adaptive draft length prices a round at k + 1 student decode steps plus a verification forward worth
-# DRAFT_COST_RATIO of them, and starts from PRIOR_TOKENS pseudo-observations at acceptance 1 - alpha / 2.
-# A verification forward measured ~2.6-3.7 student steps here (CPU) and on an H200; with the batch's rounds
-# set by its slowest row, ratio 2 chose a length within 3 % of the best in the cost model's Monte Carlo at
-# every acceptance from 0.8 to 0.98 (benchmarks/speculative_model.py, docs/benchmarks.md section 8).
+# The adaptive draft length prices a round at k + 1 student steps plus a verification worth DRAFT_COST_RATIO
+# of them (measured 3.7-3.8, but a batch waits on its slowest row: 2 came within 3 % of the best k <= 12 at
+# every acceptance from 0.8 to 0.98, docs/benchmarks.md section 8); prior: PRIOR_TOKENS tokens at 1 - alpha/2.
 DRAFT_COST_RATIO = 2.0
 PRIOR_TOKENS = 8
 
