@@ -33,6 +33,10 @@ OUR_SETTINGS = {
                                 "full MiniLLM, lockstep sampling, bf16 teacher + bf16 autocast update"),
     "ours_full_tbf16_lockstep": ({"teacher_mix_alpha": 0.2, "teacher_dtype": "bfloat16", "draft_length": 0},
                                  "full MiniLLM, lockstep sampling, bf16 teacher, fp32 update"),
+    # the speculative sampler's fixed draft length of 2026-12-05 (the default adapts the length since)
+    "ours_full_tbf16_k4": ({"teacher_mix_alpha": 0.2, "teacher_dtype": "bfloat16", "draft_length": 4,
+                            "draft_adaptive": "false"},
+                           "full MiniLLM, speculative k = 4 fixed, bf16 teacher, fp32 update"),
 }
 
 COMMON = {"method": "minillm", "template": "chat", "num_rollouts": 8, "batch_size": 8,

@@ -22,7 +22,7 @@ from peer import run_ours, run_trl  # noqa: E402
 from run import ENV  # noqa: E402
 
 ORDER = ["ours_a0_bf16", "ours_full_bf16_lockstep", "trl", "ours_full_bf16", "ours_a0_tbf16",
-         "ours_full_tbf16_lockstep", "ours_full_tbf16"]
+         "ours_full_tbf16_lockstep", "ours_full_tbf16", "ours_full_tbf16_k4"]
 
 
 def main() -> None:

@@ -147,7 +147,9 @@ def test_single_forward_scoring_without_padding_matches_lockstep(tok, monkeypatc
     # small to matter, with the scripted draw, records log p(y_t) and the teacher's hidden states as at alpha
     # = 0.
     eos_scripted_sampler(monkeypatch, script)
-    lockstep = generate_rollouts(student, prompt_ids, prompt_mask, teacher_mix_alpha=1e-9, **kwargs)
+    lockstep_config = SamplingConfig(max_new_tokens=steps, temperature=0.7, draft_length=0)  # not speculative
+    lockstep = generate_rollouts(student, prompt_ids, prompt_mask, teacher_mix_alpha=1e-9,
+                                 **{**kwargs, "config": lockstep_config})
     assert torch.equal(lockstep.response_ids, single.response_ids)
     assert torch.equal(lockstep.response_mask, single.response_mask)
     torch.testing.assert_close(single.student_logprobs, lockstep.student_logprobs, atol=0, rtol=0)
