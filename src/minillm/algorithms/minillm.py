@@ -247,6 +247,7 @@ class MiniLLM(Algorithm):
         if stats.rounds:  # the speculative sampler ran: how much of each draft the teacher kept
             metrics["rollout/acceptance_rate"] = stats.acceptance_rate
             metrics["rollout/tokens_per_teacher_forward"] = stats.tokens_per_teacher_forward
+            metrics["rollout/draft_length"] = sum(stats.draft_lengths) / len(stats.draft_lengths)
         self.ctx.log(metrics)
         return r
 
