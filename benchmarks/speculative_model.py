@@ -3,7 +3,7 @@ how close to its floor (student decode alone + one teacher forward) can draft-an
 length and acceptance rate, here and on the H200 of docs/benchmarks.md section 6.
 
 usage: PYTHONPATH=src python benchmarks/speculative_model.py [--reps 3] [--drafts 2,3,4,6] [--threads 2]
-       [--alpha 0.2] [--max-new 128] [--batch 8] [--sims 400]
+       [--alpha 0.2] [--max-new 128] [--batch 8] [--sims 400] [--device cpu|cuda]
        [--out benchmarks/results/speculative_model.json]
 
 1. Per-call costs, same models and prompts as benchmarks/speculative.py (SmolLM2-135M-Instruct teacher in
@@ -56,22 +56,31 @@ def call_costs(student, teacher, ids, mask, *, cols=range(1, 9), context=64, rep
     from minillm.models import position_ids_from_mask
     from minillm.sampling.decoder import Decoder, prefill_groups
 
+    dev = ids.device
+
+    def clock() -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
     def start(model, extra: int) -> tuple[Decoder, torch.Tensor, torch.Tensor, float]:
         dec = Decoder(model, max_new_tokens=context + extra)
         m = mask.clone()
-        t0 = time.perf_counter()
+        t0 = clock()
         dec.prefill(ids, m, position_ids_from_mask(m), prefill_groups(m.sum(dim=1).tolist(), m.shape[1]))
-        prefill = time.perf_counter() - t0
+        prefill = clock() - t0
         pos = m.sum(dim=1)
-        m = torch.cat([m, torch.ones((m.shape[0], context), dtype=m.dtype)], dim=1)
-        dec.feed(torch.full((m.shape[0], context), 100), m, pos[:, None] + torch.arange(context))
+        m = torch.cat([m, torch.ones((m.shape[0], context), dtype=m.dtype, device=dev)], dim=1)
+        dec.feed(torch.full((m.shape[0], context), 100, device=dev), m,
+                 pos[:, None] + torch.arange(context, device=dev))
         return dec, m, pos + context, prefill
 
     def feed(dec, m, pos, width: int) -> tuple[float, torch.Tensor, torch.Tensor]:
-        m = torch.cat([m, torch.ones((m.shape[0], width), dtype=m.dtype)], dim=1)
-        t0 = time.perf_counter()
-        dec.feed(torch.full((m.shape[0], width), 100), m, pos[:, None] + torch.arange(width))
-        return time.perf_counter() - t0, m, pos + width
+        m = torch.cat([m, torch.ones((m.shape[0], width), dtype=m.dtype, device=dev)], dim=1)
+        t0 = clock()
+        dec.feed(torch.full((m.shape[0], width), 100, device=dev), m,
+                 pos[:, None] + torch.arange(width, device=dev))
+        return clock() - t0, m, pos + width
 
     with torch.no_grad():
         dec, m, pos, student_prefill = start(student, 2 * reps + 2)
@@ -139,6 +148,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--drafts", default="2,3,4,6")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the 'here' columns are then this GPU's)")
     ap.add_argument("--alpha", type=float, default=0.2)
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
@@ -154,13 +164,13 @@ def main() -> None:
 
     teacher_dir, student_dir = prepare_models()
     tok = load_tokenizer(student_dir)
-    student = load_model(student_dir, dtype="float32").requires_grad_(False).eval()
-    teacher = load_model(teacher_dir, dtype="bfloat16").requires_grad_(False).eval()
+    student = load_model(student_dir, dtype="float32").requires_grad_(False).eval().to(a.device)
+    teacher = load_model(teacher_dir, dtype="bfloat16").requires_grad_(False).eval().to(a.device)
     vocab = check_compatibility(load_tokenizer(teacher_dir), tok, teacher, student)
     prompts = PromptDataset(load_instructions(str(DOLLY), limit=4 * a.batch), tok, template="chat",
                             max_prompt_length=256)
     batch = collate_prompts([prompts[i] for i in range(a.batch)], tok.pad_token_id)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ids, mask = batch["input_ids"].to(a.device), batch["attention_mask"].to(a.device)
     variants = {f"k{k}": (k, False) for k in (int(k) for k in a.drafts.split(","))}
     variants["adaptive"] = (6, True)
     kw = dict(max_new_tokens=a.max_new, vocab=vocab, pad_token_id=tok.pad_token_id, alpha=a.alpha,
@@ -179,6 +189,8 @@ def main() -> None:
         with torch.no_grad():
             score_with_teacher(r, student, teacher, temperature=1.0, shared_vocab_size=vocab,
                                return_teacher_hidden=True)
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
         seconds["teacher_forward"].append(time.perf_counter() - t0)
         for name, (k, adaptive) in variants.items():
             run = SpeculativeStats()
@@ -206,7 +218,7 @@ def main() -> None:
         acc = acc_tokens / (acc_tokens + sum(c["rejections"] for c in reps))
         model = statistics.median(c["model_seconds"] for c in reps)
         sim = simulate(k, acc, student_step=cost["student_step"], v0=cost["v0"], v1=cost["v1"], batch=a.batch,
-                       max_new=a.max_new, sims=a.sims // 4, alpha=a.alpha if adaptive else None)
+                       max_new=a.max_new, sims=max(1, a.sims // 4), alpha=a.alpha if adaptive else None)
         lengths = [d for c in reps for d in c["draft_lengths"]]
         label = f"adaptive (at most {k}; mean k {statistics.mean(lengths):.2f})" if adaptive else str(k)
         measured[name] = {"seconds": med[name], "rounds": rounds, "per_token_acceptance": acc,
@@ -230,9 +242,9 @@ def main() -> None:
     rows, bests = [], {}
     for acc in sorted({round(acc_measured, 3), 0.9, 0.95, 0.98}):
         here = model_ratios(acc, cost, floor, cost["prefill"], a.alpha, batch=a.batch, max_new=a.max_new,
-                            sims=a.sims // 8)
+                            sims=max(1, a.sims // 8))
         h200 = model_ratios(acc, gpu, 0.71 + H200["teacher_forward"], 0.0, a.alpha, batch=32, max_new=128,
-                            sims=a.sims // 16)
+                            sims=max(1, a.sims // 16))
         bests[acc] = {"here": here, "h200": h200}
         rows.append(f"| {acc:.3f} | {here['best_k']}: {here['best']:.2f} | {here['k4']:.2f} | "
                     f"{here['adaptive']:.2f} | {h200['best_k']}: {h200['best']:.2f} | {h200['k4']:.2f} | "
