@@ -102,6 +102,11 @@ def call_costs(student, teacher, ids, mask, *, cols=range(1, 9), context=64, rep
             "prefill": student_prefill + teacher_prefill}
 
 
+def round_seconds(k: int, student_step: float, v0: float, v1: float) -> float:
+    """A round's model calls: k + 1 student steps and one teacher feed of k + 1 tokens per row."""
+    return (k + 1) * student_step + v0 + v1 * k
+
+
 def simulate(k: int, a: float, *, student_step: float, v0: float, v1: float, batch: int, max_new: int,
              sims: int, seed: int = 0, alpha: float | None = None) -> dict:
     """Mean rounds and model seconds (prefill excluded) of speculative decoding with draft length k when each
@@ -118,7 +123,7 @@ def simulate(k: int, a: float, *, student_step: float, v0: float, v1: float, bat
             kk = k if alpha is None else adaptive_draft_length(accepted, rejected, alpha=alpha, max_length=k)
             kk = max(0, min(kk, max(left) - 1))
             rounds += 1
-            secs += (kk + 1) * student_step + v0 + v1 * kk
+            secs += round_seconds(kk, student_step, v0, v1)
             for i in range(batch):
                 if left[i] > 0:
                     kept = 0
@@ -200,7 +205,7 @@ def main() -> None:
             counts[name].append({"rounds": run.rounds, "accepted": run.accepted, "drafted": run.drafted,
                                  "rejections": run.rejected, "draft_lengths": run.draft_lengths,
                                  "model_seconds": costs["prefill"] + sum(
-                                     (d + 1) * costs["student_step"] + costs["v0"] + costs["v1"] * d
+                                     round_seconds(d, costs["student_step"], costs["v0"], costs["v1"])
                                      for d in run.draft_lengths)})
         print("rep", rep, f"student step {1000 * costs['student_step']:.1f} ms, teacher feed "
               f"{1000 * costs['v0']:.1f} + {1000 * costs['v1']:.1f} * (c - 1) ms;",

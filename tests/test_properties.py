@@ -321,7 +321,10 @@ def _last(argv: list[str], key: str) -> str | None:
     return value
 
 
-LOCATION_KEYS = {"generate": "output", "prune": "out", "plan": None, "evaluate": "output_dir"}
+def location_key(command: str) -> str | None:
+    """The option that names where `command` writes (None: it writes nothing)."""
+    keys = {"generate": "output", "prune": "out", "plan": None, "evaluate": "output_dir"}
+    return keys.get(command, "output_dir")
 
 
 def run_cli(world: World, name: str, argv: list[str], work: Path, *, protected: tuple[Path, ...] = (),
@@ -331,7 +334,7 @@ def run_cli(world: World, name: str, argv: list[str], work: Path, *, protected: 
     output location a --config file sets, used when the command line sets none."""
     CASES[name] += 1
     command = argv[0]
-    key = LOCATION_KEYS.get(command, "output_dir")
+    key = location_key(command)
     default = {"evaluate": "runs/eval", "sft": "runs/minillm", "distill": "runs/minillm"}.get(command)
     raw = _last(argv, key) if key else None
     raw = config_location if raw is None else raw
@@ -562,14 +565,14 @@ def yaml_cases(draw, world: World, work: Path):
     if kind == "mapping":
         keys = _keys(command) if command != "plan" else _keys("minillm")
         mapping = {}
-        location_key = LOCATION_KEYS.get(command, "output_dir")
+        where = location_key(command)
         for _ in range(draw(st.integers(1, 4))):
             key = draw(st.one_of(st.sampled_from(keys), st.sampled_from(UNKNOWN_KEYS)))
             mapping[key] = (
                 draw(st.sampled_from(REFUSED_VALUES + SMALL_VALUES))
                 if _costly(key)
                 else draw(st.one_of(st.sampled_from(output_choices(work)), YAML_VALUES))
-                if key == location_key
+                if key == where
                 else draw(YAML_VALUES)
             )
         path.write_text(yaml.safe_dump(mapping, allow_unicode=draw(st.booleans())))
@@ -611,7 +614,7 @@ def test_generated_yaml_configs_exit_cleanly(world, data):
     with work_dir(world) as work:
         command, argv = data.draw(yaml_cases(world, work), label="case")
         run_cli(world, "yaml", argv, work, protected=protected_files(work, argv),
-                config_location=yaml_location(work / "config.yaml", LOCATION_KEYS.get(command, "output_dir")))
+                config_location=yaml_location(work / "config.yaml", location_key(command)))
 
 
 def yaml_location(path: Path, key: str | None) -> str | None:
